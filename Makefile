@@ -1,0 +1,24 @@
+# The two commands of the README, each doing its own set-up in ./.venv:
+#   make bench   the main job: benchmarks/bench_loss.py on this machine
+#   make test    the test suite, plus the ahead-of-time GPU compile checks
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# the CUDA toolkit prefix; torch's own guess (from the nvcc on PATH) can miss the libraries
+export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
+
+.PHONY: bench test setup
+setup: $(STAMP)
+
+$(STAMP): requirements-test.txt pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade -r requirements-test.txt
+	$(VENV)/bin/pip install --quiet --no-build-isolation -e .
+	touch $@
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_loss.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(ARGS)

@@ -1,0 +1,54 @@
+"""The public entry point."""
+from __future__ import annotations
+
+import torch
+
+from .backends import check_backend_name, select_backend
+from .spec import LossOptions, as_frames, reduce_frames
+
+
+def cross_frame_align_loss(
+    proj: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    tau: float = 1.0,
+    neighbors: int = 1,
+    neighbor_mode: str = "adjacent",
+    normalize_weights: bool = False,
+    reduction: str = "mean",
+    num_frames: int | None = None,
+    eps: float = 1e-12,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """CREPA cross-frame representation alignment loss (arXiv 2506.09229).
+
+    Args:
+        proj: projected DiT hidden states h_phi(h_t), [B, F, N, D] or frame-major [B, F*N, D].
+        target: pretrained encoder features, same layout rules as ``proj``; gradients flow to it if it requires grad.
+        tau: temperature of the neighbour weights w(|k - f|) = exp(-|k - f| / tau); > 0.
+        neighbors: d >= 0. 0 is REPA* (frame-wise alignment only).
+        neighbor_mode: "adjacent", K(f) = {f - d, f + d} (the paper), or "cumulative", K(f) = {k: 1 <= |k - f| <= d}.
+            Frames outside [0, F) are dropped.
+        normalize_weights: divide each frame's weighted similarity by Z_f = 1 + sum of its neighbour weights.
+        reduction: "mean" over batch and frames, "frame_sum" (sum over frames, mean over batch) or "none" ([B, F]).
+        num_frames: F, required when an input is 3-D.
+        eps: norms are clamped to at least eps, as in torch.nn.functional.normalize.
+        backend: "auto", "reference", "triton", "cpu" or "cuda". The environment variable CREPA_KERNELS_BACKEND
+            overrides "auto".
+
+    Returns:
+        The loss, fp32 (fp64 when an input is fp64): a scalar, or [B, F] for reduction="none".
+    """
+    options = LossOptions(
+        tau=tau,
+        neighbors=neighbors,
+        neighbor_mode=neighbor_mode,
+        normalize_weights=normalize_weights,
+        reduction=reduction,
+        eps=eps,
+    )
+    check_backend_name(backend)
+    proj_frames, target_frames = as_frames(proj, target, num_frames)
+    implementation = select_backend(backend, proj_frames.device)
+    per_frame = implementation.per_frame_loss(proj_frames, target_frames, options)
+    return reduce_frames(per_frame, options.reduction)

@@ -1,0 +1,93 @@
+"""Backend registry and selection.
+
+A backend is a module with two functions:
+    unavailable_reason(device: torch.device) -> str | None   # None when it can run on that device
+    per_frame_loss(proj, target, options) -> Tensor [B, F]    # autograd-aware, inputs as spec.as_frames gives them
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKEND_MODULES = {
+    "reference": "crepa_kernels.reference_backend",
+    "triton": "crepa_kernels.ops.triton_loss",
+    "cpu": "crepa_kernels.ops.extension",
+    "cuda": "crepa_kernels.ops.extension",
+}
+BACKEND_NAMES = tuple(BACKEND_MODULES)
+ENV_OVERRIDE = "CREPA_KERNELS_BACKEND"
+
+# "auto" tries these in order, per device type. On CUDA the C++ kernel comes first: it reads each token column
+# once with 16-byte loads and needs no JIT, while the Triton kernels move the same bytes (see docs/design.md).
+AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+
+def _load(name: str):
+    return importlib.import_module(BACKEND_MODULES[name])
+
+
+@functools.lru_cache(maxsize=None)
+def _unavailable_reason(name: str, device_type: str, device_index: int | None) -> str | None:
+    try:
+        module = _load(name)
+    except Exception as error:  # an import failure is a reason, not a crash
+        return f"cannot import {BACKEND_MODULES[name]}: {type(error).__name__}: {error}"
+    return module.unavailable_reason(torch.device(device_type, device_index))
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    return _unavailable_reason(name, device.type, device.index)
+
+
+def available_backends(device: torch.device | str | None = None) -> dict[str, bool | str]:
+    """Each backend name -> True, or the reason it cannot run on ``device`` (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return {name: unavailable_reason(name, device) or True for name in BACKEND_NAMES}
+
+
+def _check_name(name, source: str) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"{source}: expected a str, one of {('auto',) + BACKEND_NAMES}, got {type(name).__name__}")
+    if name != "auto" and name not in BACKEND_MODULES:
+        raise ValueError(f"{source}: expected one of {('auto',) + BACKEND_NAMES}, got {name!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(name: str, reason: str) -> None:
+    warnings.warn(f"crepa_kernels: backend {name!r} is not usable, falling back: {reason}", RuntimeWarning, stacklevel=4)
+
+
+def check_backend_name(backend) -> None:
+    _check_name(backend, "backend")
+
+
+def select_backend(backend: str, device: torch.device):
+    """Returns the backend module to run for tensors on ``device``; raises if a named backend cannot run."""
+    _check_name(backend, "backend")
+    source = "backend"
+    if backend == "auto" and os.environ.get(ENV_OVERRIDE):
+        backend = os.environ[ENV_OVERRIDE]
+        source = f"environment variable {ENV_OVERRIDE}"
+        _check_name(backend, source)
+    if backend != "auto":
+        reason = unavailable_reason(backend, device)
+        if reason is not None:
+            raise RuntimeError(f"{source}={backend!r} cannot run on {device}: {reason}")
+        return _load(backend)
+    for name in AUTO_ORDER.get(device.type, ("reference",)):
+        reason = unavailable_reason(name, device)
+        if reason is None:
+            return _load(name)
+        if name != "reference":
+            _warn_fallback(name, reason)
+    raise RuntimeError(f"no crepa_kernels backend can run on {device}")

@@ -1,0 +1,43 @@
+"""The readable pure-PyTorch reference: the executable specification and the fallback backend.
+
+    cos(a, b) = a.b / (max(|a|, eps) * max(|b|, eps))            (torch.nn.functional.normalize's convention)
+    w(delta)  = exp(-delta / tau)
+    L[b, f]   = -(1/N) sum_n [ cos(p[b,f,n], y[b,f,n]) + sum_{k in K(f)} w(|k-f|) cos(p[b,f,n], y[b,k,n]) ] / Z_f
+
+Autograd differentiates it; it keeps normalised fp32 (or fp64) copies of both inputs alive for the backward,
+which is the memory the fused backends avoid.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .spec import LossOptions, compute_dtype
+
+
+def _mean_token_cosine(p_hat: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+    """[B, F', N, D] unit vectors -> [B, F'] mean over tokens of the per-token cosine."""
+    return (p_hat * y_hat).sum(dim=-1).mean(dim=-1)
+
+
+def per_frame_loss(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:
+    """[B, F, N, D] x 2 -> L of shape [B, F]."""
+    dtype = compute_dtype(proj, target)
+    p_hat = F.normalize(proj.to(dtype), dim=-1, eps=options.eps)
+    y_hat = F.normalize(target.to(dtype), dim=-1, eps=options.eps)
+    num_frames = proj.shape[1]
+
+    similarity = _mean_token_cosine(p_hat, y_hat)
+    weight_sum = torch.ones(num_frames, dtype=dtype, device=proj.device)
+    for offset in options.offsets(num_frames):
+        # frames f whose neighbour f + offset exists: f in [first, last)
+        first, last = max(0, -offset), min(num_frames, num_frames - offset)
+        pad = (first, num_frames - last)
+        w = options.weight(offset)
+        neighbour = _mean_token_cosine(p_hat[:, first:last], y_hat[:, first + offset : last + offset])
+        similarity = similarity + F.pad(w * neighbour, pad)
+        weight_sum = weight_sum + F.pad(torch.full((last - first,), w, dtype=dtype, device=proj.device), pad)
+
+    if options.normalize_weights:
+        similarity = similarity / weight_sum
+    return -similarity

@@ -1,0 +1,10 @@
+"""The reference as a backend: runs anywhere torch does."""
+from __future__ import annotations
+
+import torch
+
+from .reference import per_frame_loss  # noqa: F401  (the backend entry point)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    return None

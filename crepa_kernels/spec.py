@@ -1,0 +1,157 @@
+"""What the CREPA alignment loss is: argument checks, input shapes and the frame-neighbour structure.
+
+Every backend receives inputs that passed through here, so it can rely on:
+  * ``proj`` and ``target`` shaped [B, F, N, D] (views; possibly non-contiguous), same shape and device,
+    floating dtypes (possibly different from each other), no empty dimension;
+  * a validated, hashable :class:`LossOptions`.
+
+A backend returns the per-frame loss L[b, f] of shape [B, F]; the reduction is applied by the API.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+NEIGHBOR_MODES = ("adjacent", "cumulative")
+REDUCTIONS = ("mean", "frame_sum", "none")
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    tau: float = 1.0
+    neighbors: int = 1
+    neighbor_mode: str = "adjacent"
+    normalize_weights: bool = False
+    reduction: str = "mean"
+    eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+    def offsets(self, num_frames: int) -> tuple[int, ...]:
+        """Non-zero frame offsets k - f that can land inside [0, num_frames), in increasing order."""
+        d = self.neighbors
+        if self.neighbor_mode == "adjacent":
+            return (-d, d) if 0 < d < num_frames else ()
+        d = min(d, num_frames - 1)
+        return tuple(range(-d, 0)) + tuple(range(1, d + 1))
+
+    def weight(self, offset: int) -> float:
+        """w(|k - f|) = exp(-|k - f| / tau)."""
+        return math.exp(-abs(offset) / self.tau)
+
+    def frame_coefficients(self, num_frames: int) -> list[list[float]]:
+        """C[f][k]: how much cos(p_f, y_k) counts in L[f] (before the -1/N token mean).
+
+        C[f][f] = 1 / Z_f and C[f][k] = w(|k - f|) / Z_f for k in K(f); zero elsewhere.
+        """
+        coefficients = []
+        for f in range(num_frames):
+            row = [0.0] * num_frames
+            row[f] = 1.0
+            for offset in self.offsets(num_frames):
+                if 0 <= f + offset < num_frames:
+                    row[f + offset] = self.weight(offset)
+            z = sum(row) if self.normalize_weights else 1.0
+            coefficients.append([c / z for c in row])
+        return coefficients
+
+
+def _is_real_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_options(options: LossOptions) -> None:
+    if not _is_real_number(options.tau):
+        raise TypeError(f"tau: expected a positive finite number, got {type(options.tau).__name__} {options.tau!r}")
+    if not (math.isfinite(options.tau) and options.tau > 0):
+        raise ValueError(f"tau: expected a positive finite number, got {options.tau!r}")
+    if not isinstance(options.neighbors, int) or isinstance(options.neighbors, bool):
+        raise TypeError(
+            f"neighbors: expected a non-negative int, got {type(options.neighbors).__name__} {options.neighbors!r}"
+        )
+    if options.neighbors < 0:
+        raise ValueError(f"neighbors: expected a non-negative int, got {options.neighbors}")
+    if options.neighbor_mode not in NEIGHBOR_MODES:
+        raise ValueError(f"neighbor_mode: expected one of {NEIGHBOR_MODES}, got {options.neighbor_mode!r}")
+    if not isinstance(options.normalize_weights, bool):
+        raise TypeError(
+            f"normalize_weights: expected a bool, got {type(options.normalize_weights).__name__} "
+            f"{options.normalize_weights!r}"
+        )
+    if options.reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {options.reduction!r}")
+    if not _is_real_number(options.eps):
+        raise TypeError(f"eps: expected a positive finite number, got {type(options.eps).__name__} {options.eps!r}")
+    if not (math.isfinite(options.eps) and options.eps > 0):
+        raise ValueError(f"eps: expected a positive finite number, got {options.eps!r}")
+
+
+def _as_frames(name: str, x, num_frames: int | None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating-point dtype, got {x.dtype}")
+    if x.dim() == 4:
+        if num_frames is not None and x.shape[1] != num_frames:
+            raise ValueError(
+                f"{name}: num_frames={num_frames} disagrees with the frame dimension of shape {tuple(x.shape)} "
+                "[B, F, N, D]"
+            )
+        frames = x
+    elif x.dim() == 3:
+        if num_frames is None:
+            raise ValueError(
+                f"{name}: a 3-D input [B, F*N, D] needs num_frames=F, got shape {tuple(x.shape)} and num_frames=None"
+            )
+        if x.shape[1] % num_frames != 0:
+            raise ValueError(
+                f"{name}: num_frames={num_frames} does not divide the token count {x.shape[1]} "
+                f"of shape {tuple(x.shape)}"
+            )
+        frames = x.unflatten(1, (num_frames, x.shape[1] // num_frames))
+    else:
+        raise ValueError(
+            f"{name}: expected a 4-D [B, F, N, D] or 3-D [B, F*N, D] tensor, got {x.dim()}-D shape {tuple(x.shape)}"
+        )
+    if frames.numel() == 0:
+        raise ValueError(f"{name}: expected no empty dimension, got shape {tuple(x.shape)}")
+    return frames
+
+
+def as_frames(proj, target, num_frames: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks and reshapes both inputs to [B, F, N, D] views."""
+    if num_frames is not None:
+        if not isinstance(num_frames, int) or isinstance(num_frames, bool):
+            raise TypeError(f"num_frames: expected a positive int or None, got {type(num_frames).__name__}")
+        if num_frames <= 0:
+            raise ValueError(f"num_frames: expected a positive int or None, got {num_frames}")
+    proj_frames = _as_frames("proj", proj, num_frames)
+    target_frames = _as_frames("target", target, num_frames)
+    if proj_frames.shape != target_frames.shape:
+        raise ValueError(
+            "proj and target: expected the same [B, F, N, D] shape, got "
+            f"{tuple(proj_frames.shape)} and {tuple(target_frames.shape)}"
+        )
+    if proj_frames.device != target_frames.device:
+        raise ValueError(
+            f"proj and target: expected the same device, got {proj_frames.device} and {target_frames.device}"
+        )
+    return proj_frames, target_frames
+
+
+def compute_dtype(proj: torch.Tensor, target: torch.Tensor) -> torch.dtype:
+    """fp64 when either input is fp64 (so gradcheck applies), else fp32."""
+    if proj.dtype == torch.float64 or target.dtype == torch.float64:
+        return torch.float64
+    return torch.float32
+
+
+def reduce_frames(per_frame: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_frame.mean()
+    if reduction == "frame_sum":
+        return per_frame.sum(dim=1).mean()
+    return per_frame

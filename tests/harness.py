@@ -1,0 +1,87 @@
+"""Shared by the backend tests: random inputs, the option grid, per-dtype tolerances and the comparison
+of any backend against the reference computed in float64 on the same input values."""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from crepa_kernels import cross_frame_align_loss
+
+# (rtol, atol) for a result of this dtype, compared with a float64 reference on the same input values.
+# atol is relative to the largest expected magnitude, since gradients scale with 1 / (B F N).
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (1e-2, 1e-2),
+    torch.float16: (1e-2, 1e-3),
+}
+
+# Odd, non-power-of-two shapes [B, F, N, D], plus the edge cases F=1, N=1, D=1.
+SHAPES = [(2, 5, 3, 7), (1, 1, 4, 5), (3, 4, 1, 1), (1, 3, 2, 769), (2, 6, 5, 33)]
+
+OPTION_GRID = [
+    dict(neighbors=d, neighbor_mode=mode, normalize_weights=norm, reduction=red, tau=tau)
+    for (d, mode, norm), red, tau in itertools.product(
+        [(0, "adjacent", False), (1, "adjacent", False), (2, "adjacent", True), (3, "cumulative", False),
+         (2, "cumulative", True), (9, "adjacent", False), (9, "cumulative", True)],
+        ["mean", "frame_sum", "none"],
+        [1.0, 0.3],
+    )
+]
+EXTREME_TAUS = [1e-4, 1e4]
+
+
+def random_pair(shape, proj_dtype=torch.float32, target_dtype=None, *, seed=0, device="cpu",
+                target_requires_grad=True):
+    generator = torch.Generator().manual_seed(seed)
+    target_dtype = target_dtype or proj_dtype
+    proj = torch.randn(shape, generator=generator, dtype=torch.float64)
+    # correlate target with proj so that cosines are far from 0 and errors are not hidden by cancellation
+    target = 0.7 * proj + torch.randn(shape, generator=generator, dtype=torch.float64)
+    proj = proj.to(device=device, dtype=proj_dtype).requires_grad_(True)
+    target = target.to(device=device, dtype=target_dtype).requires_grad_(target_requires_grad)
+    return proj, target
+
+
+def random_grad_output(loss: torch.Tensor, seed=1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(loss.shape, generator=generator, dtype=torch.float64) * 2.5 - 0.5).to(loss.dtype).to(
+        loss.device
+    )
+
+
+def assert_close_and_finite(actual: torch.Tensor, expected: torch.Tensor, what: str, dtype=None):
+    rtol, atol = TOLERANCES[dtype or actual.dtype]
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values {actual}"
+    atol = atol * max(expected.abs().max().item(), 1e-30)
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol, msg=what)
+
+
+def loss_and_grads(proj, target, backend, grad_seed=1, **options):
+    proj = proj.detach().requires_grad_(True)
+    target = target.detach().requires_grad_(target.requires_grad)
+    loss = cross_frame_align_loss(proj, target, backend=backend, **options)
+    grad_output = random_grad_output(loss, grad_seed)
+    inputs = [proj, target] if target.requires_grad else [proj]
+    grads = torch.autograd.grad(loss, inputs, grad_output)
+    return loss, grads, grad_output
+
+
+def assert_backend_matches_reference(backend, proj, target, **options):
+    """Loss and gradients of ``backend`` against the reference in float64 on the same input values."""
+    loss, grads, grad_output = loss_and_grads(proj, target, backend, **options)
+    ref_proj = proj.detach().cpu().double().requires_grad_(True)
+    ref_target = target.detach().cpu().double().requires_grad_(target.requires_grad)
+    expected = cross_frame_align_loss(ref_proj, ref_target, backend="reference", **options)
+    inputs = [ref_proj, ref_target] if target.requires_grad else [ref_proj]
+    expected_grads = torch.autograd.grad(expected, inputs, grad_output.double().cpu())
+
+    wide = torch.float64 if torch.float64 in (proj.dtype, target.dtype) else torch.float32
+    assert loss.dtype == wide, f"loss dtype {loss.dtype}, expected {wide}"
+    assert loss.shape == expected.shape
+    assert_close_and_finite(loss, expected, f"{backend} loss {options}")
+    for name, grad, expected_grad, source in zip(("proj", "target"), grads, expected_grads, (proj, target)):
+        assert grad.dtype == source.dtype, f"grad {name} dtype {grad.dtype}, expected {source.dtype}"
+        assert grad.shape == source.shape
+        assert_close_and_finite(grad, expected_grad, f"{backend} grad {name} {options}")

@@ -1,0 +1,53 @@
+"""A deliberately naive second implementation of the loss: explicit loops over b, f and k, in float64.
+
+It shares no code with the package, so that the reference is checked against something written separately.
+"""
+import math
+
+import torch
+
+
+def _clamped_cosine(a, b, eps):
+    # a, b: [N, D] -> [N]
+    # vector_norm has the zero subgradient at 0, where sqrt would give inf * 0
+    norm_a = torch.clamp(torch.linalg.vector_norm(a, dim=-1), min=eps)
+    norm_b = torch.clamp(torch.linalg.vector_norm(b, dim=-1), min=eps)
+    return (a * b).sum(-1) / (norm_a * norm_b)
+
+
+def _neighbour_frames(f, num_frames, neighbors, mode):
+    frames = []
+    for k in range(num_frames):
+        distance = abs(k - f)
+        if mode == "adjacent" and neighbors > 0 and distance == neighbors:
+            frames.append(k)
+        if mode == "cumulative" and 1 <= distance <= neighbors:
+            frames.append(k)
+    return frames
+
+
+def naive_loss(proj, target, tau=1.0, neighbors=1, neighbor_mode="adjacent", normalize_weights=False,
+               reduction="mean", eps=1e-12):
+    p = proj.double()
+    y = target.double()
+    batch, num_frames, num_tokens, _ = p.shape
+    rows = []
+    for b in range(batch):
+        row = []
+        for f in range(num_frames):
+            total = _clamped_cosine(p[b, f], y[b, f], eps).sum()
+            z = 1.0
+            for k in _neighbour_frames(f, num_frames, neighbors, neighbor_mode):
+                w = math.exp(-abs(k - f) / tau)
+                total = total + w * _clamped_cosine(p[b, f], y[b, k], eps).sum()
+                z += w
+            if not normalize_weights:
+                z = 1.0
+            row.append(-total / num_tokens / z)
+        rows.append(torch.stack(row))
+    per_frame = torch.stack(rows)
+    if reduction == "mean":
+        return per_frame.sum() / (batch * num_frames)
+    if reduction == "frame_sum":
+        return per_frame.sum() / batch
+    return per_frame

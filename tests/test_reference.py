@@ -1,0 +1,75 @@
+"""The reference against the naive loop implementation, and gradcheck in float64."""
+import pytest
+import torch
+
+from crepa_kernels import cross_frame_align_loss
+from harness import EXTREME_TAUS, OPTION_GRID, SHAPES, random_grad_output, random_pair
+from naive import naive_loss
+
+
+def _compare_with_naive(proj, target, **options):
+    loss = cross_frame_align_loss(proj, target, backend="reference", **options)
+    expected = naive_loss(proj, target, **options)
+    grad_output = random_grad_output(loss)
+    inputs = [proj, target] if target.requires_grad else [proj]
+    grads = torch.autograd.grad(loss, inputs, grad_output)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_output.double())
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-10, atol=1e-12)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert torch.isfinite(grad).all()
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-9, atol=1e-12)
+
+
+# D=769 runs once per option set (tau=1 only), to keep the loops fast
+CASES = [(shape, options) for shape in SHAPES for options in OPTION_GRID if shape[3] != 769 or options["tau"] == 1.0]
+
+
+@pytest.mark.parametrize("shape,options", CASES, ids=str)
+def test_reference_matches_naive_loops(shape, options):
+    proj, target = random_pair(shape, torch.float64, seed=hash((shape, str(options))) % 1000)
+    _compare_with_naive(proj, target, **options)
+
+
+@pytest.mark.parametrize("tau", EXTREME_TAUS)
+@pytest.mark.parametrize("mode", ["adjacent", "cumulative"])
+def test_extreme_tau(tau, mode):
+    proj, target = random_pair((2, 5, 3, 6), torch.float64, seed=3)
+    _compare_with_naive(proj, target, tau=tau, neighbors=2, neighbor_mode=mode, normalize_weights=True)
+    _compare_with_naive(proj, target, tau=tau, neighbors=2, neighbor_mode=mode, normalize_weights=False)
+
+
+def test_target_without_grad():
+    proj, target = random_pair((2, 4, 3, 5), torch.float64, target_requires_grad=False)
+    _compare_with_naive(proj, target, neighbors=1)
+
+
+@pytest.mark.parametrize("proj_dtype,target_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                     (torch.float16, torch.float16), (torch.float32, torch.float64)])
+def test_mixed_dtypes(proj_dtype, target_dtype):
+    proj, target = random_pair((2, 5, 3, 17), proj_dtype, target_dtype)
+    loss = cross_frame_align_loss(proj, target, neighbors=2, neighbor_mode="cumulative", backend="reference")
+    wide = torch.float64 if torch.float64 in (proj_dtype, target_dtype) else torch.float32
+    assert loss.dtype == wide
+    loss.backward()
+    assert proj.grad.dtype == proj_dtype and target.grad.dtype == target_dtype
+    expected = naive_loss(proj.detach(), target.detach(), neighbors=2, neighbor_mode="cumulative")
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [dict(neighbors=0), dict(neighbors=1), dict(neighbors=2, normalize_weights=True),
+                                     dict(neighbors=2, neighbor_mode="cumulative", reduction="none", tau=0.5),
+                                     dict(neighbors=4, neighbor_mode="cumulative", reduction="frame_sum")])
+def test_reference_gradcheck(options):
+    proj, target = random_pair((2, 4, 3, 5), torch.float64, seed=7)
+    assert torch.autograd.gradcheck(
+        lambda p, t: cross_frame_align_loss(p, t, backend="reference", **options), (proj, target)
+    )
+
+
+def test_zero_vectors_give_finite_values_and_grads():
+    proj, target = random_pair((1, 3, 4, 5), torch.float64)
+    with torch.no_grad():
+        proj[0, 1, 2] = 0
+        target[0, 0, 1] = 0
+        target[0, 2, 3] = 1e-14
+    _compare_with_naive(proj, target, neighbors=1)
