@@ -1,0 +1,1 @@
+"""Fused backends: Triton kernels and the C++/CUDA extension."""
