@@ -71,9 +71,14 @@ def check_backend_name(backend) -> None:
     _check_name(backend, "backend")
 
 
-def select_backend(backend: str, device: torch.device):
-    """Returns the backend module to run for tensors on ``device``; raises if a named backend cannot run."""
+@torch.compiler.assume_constant_result  # resolved once while torch.compile traces: no graph break
+def resolve_backend_name(backend: str, device_type: str, device_index: int | None) -> str:
+    """The backend that runs for ``backend`` on this device; raises if a named backend cannot run.
+
+    Under torch.compile this, and so CREPA_KERNELS_BACKEND, is read when the graph is traced.
+    """
     _check_name(backend, "backend")
+    device = torch.device(device_type, device_index)
     source = "backend"
     if backend == "auto" and os.environ.get(ENV_OVERRIDE):
         backend = os.environ[ENV_OVERRIDE]
@@ -83,11 +88,21 @@ def select_backend(backend: str, device: torch.device):
         reason = unavailable_reason(backend, device)
         if reason is not None:
             raise RuntimeError(f"{source}={backend!r} cannot run on {device}: {reason}")
-        return _load(backend)
+        _LOADED[backend] = _load(backend)
+        return backend
     for name in AUTO_ORDER.get(device.type, ("reference",)):
         reason = unavailable_reason(name, device)
         if reason is None:
-            return _load(name)
+            _LOADED[name] = _load(name)
+            return name
         if name != "reference":
             _warn_fallback(name, reason)
     raise RuntimeError(f"no crepa_kernels backend can run on {device}")
+
+
+_LOADED: dict = {}
+
+
+def select_backend(backend: str, device: torch.device):
+    """The backend module to run for tensors on ``device``."""
+    return _LOADED[resolve_backend_name(backend, device.type, device.index)]
