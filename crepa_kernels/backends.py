@@ -20,6 +20,8 @@ BACKEND_MODULES = {
     "cuda": "crepa_kernels.ops.extension",
 }
 BACKEND_NAMES = tuple(BACKEND_MODULES)
+# device types a backend can ever run on; the module's unavailable_reason decides the rest
+BACKEND_DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",)}
 ENV_OVERRIDE = "CREPA_KERNELS_BACKEND"
 
 # "auto" tries these in order, per device type. On CUDA the C++ kernel comes first: it reads each token column
@@ -36,6 +38,9 @@ def _load(name: str):
 
 @functools.lru_cache(maxsize=None)
 def _unavailable_reason(name: str, device_type: str, device_index: int | None) -> str | None:
+    device_types = BACKEND_DEVICE_TYPES.get(name)
+    if device_types is not None and device_type not in device_types:
+        return f"the {name!r} backend runs on {' or '.join(device_types)} tensors, not {device_type}"
     try:
         module = _load(name)
     except Exception as error:  # an import failure is a reason, not a crash

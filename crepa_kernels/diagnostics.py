@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .spec import LossOptions, _as_frames, as_frames
+from .spec import LossOptions, as_frames, frames_view
 
 # Elements per fp64 working block when chunk_size is None: 2**22 elements = 32 MiB.
 BLOCK_ELEMENTS = 1 << 22
@@ -64,10 +64,6 @@ def _check_cknna_inputs(a, b, topk, chunk_size) -> int:
     return n
 
 
-def _frames_of(name: str, states, num_frames) -> torch.Tensor:
-    if num_frames is not None:
-        _check_int("num_frames", num_frames, 1)
-    return _as_frames(name, states, num_frames)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,7 +246,7 @@ def temporal_smoothness(states: torch.Tensor, *, num_frames: int | None = None) 
 
     states: [B, F, N, D], or [B, F*N, D] with num_frames (e.g. projected DiT states or encoder features).
     """
-    frames = _frames_of("states", states, num_frames)
+    frames = frames_view("states", states, num_frames)
     if frames.shape[1] < 2:
         raise ValueError(f"states: temporal smoothness needs at least 2 frames, got shape {tuple(frames.shape)}")
     pooled = F.normalize(frames.mean(dim=2, dtype=torch.float64), dim=-1, eps=POOLED_NORM_EPS)

@@ -89,7 +89,18 @@ def check_options(options: LossOptions) -> None:
         raise ValueError(f"eps: expected a positive finite number, got {options.eps!r}")
 
 
-def _as_frames(name: str, x, num_frames: int | None) -> torch.Tensor:
+def _check_num_frames(num_frames) -> None:
+    if num_frames is None:
+        return
+    if not isinstance(num_frames, int) or isinstance(num_frames, bool):
+        raise TypeError(f"num_frames: expected a positive int or None, got {type(num_frames).__name__}")
+    if num_frames <= 0:
+        raise ValueError(f"num_frames: expected a positive int or None, got {num_frames}")
+
+
+def frames_view(name: str, x, num_frames: int | None) -> torch.Tensor:
+    """Checks one input named ``name`` and views it as [B, F, N, D]."""
+    _check_num_frames(num_frames)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
@@ -123,13 +134,8 @@ def _as_frames(name: str, x, num_frames: int | None) -> torch.Tensor:
 
 def as_frames(proj, target, num_frames: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks and reshapes both inputs to [B, F, N, D] views."""
-    if num_frames is not None:
-        if not isinstance(num_frames, int) or isinstance(num_frames, bool):
-            raise TypeError(f"num_frames: expected a positive int or None, got {type(num_frames).__name__}")
-        if num_frames <= 0:
-            raise ValueError(f"num_frames: expected a positive int or None, got {num_frames}")
-    proj_frames = _as_frames("proj", proj, num_frames)
-    target_frames = _as_frames("target", target, num_frames)
+    proj_frames = frames_view("proj", proj, num_frames)
+    target_frames = frames_view("target", target, num_frames)
     if proj_frames.shape != target_frames.shape:
         raise ValueError(
             "proj and target: expected the same [B, F, N, D] shape, got "
