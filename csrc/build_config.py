@@ -1,0 +1,41 @@
+"""How the extension is compiled: shared by setup.py (ahead of time) and crepa_kernels/ops/extension.py (JIT).
+
+Plain Python with no torch import, shipped next to the sources so both paths use the same files and flags.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parent
+CPU_SOURCES = ("crepa_ops.cpp", "crepa_cpu.cpp")
+CUDA_SOURCES = ("crepa_cuda.cu",)
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+# -O3 vectorises the kernels' fixed-lane loops at the baseline ISA (SSE2 on x86-64); no -march=native, so a built
+# wheel runs on any x86-64 CPU. -fopenmp makes at::parallel_for parallel (torch's own builds use OpenMP).
+CXX_FLAGS = ["-O3", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
+# No --use_fast_math: the kernels must match the fp32 reference to ~1e-5, with IEEE sqrt and division.
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+CUDA_DEFINE = "-DCREPA_WITH_CUDA"
+
+
+def sources(with_cuda: bool, csrc: Path = CSRC) -> list[str]:
+    names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
+    return [str(csrc / name) for name in names]
+
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit: $CUDA_HOME (or $CUDA_PATH), else /usr/local/cuda when it is a complete toolkit, else None.
+
+    torch's own guess derives the toolkit from the nvcc on PATH, which can be a wrapper script outside it
+    (then linking fails on -lcudart); callers fall back to that guess only when this returns None.
+    """
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(variable):
+            return os.environ[variable]
+    default = Path("/usr/local/cuda")
+    if (default / "bin" / "nvcc").exists() and (default / "lib64" / "libcudart.so").exists():
+        return str(default)
+    return None

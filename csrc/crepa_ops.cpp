@@ -1,0 +1,101 @@
+// Op schemas, shared argument checks, and the Python module (build information and the test-only poison switch).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <limits>
+
+#include "crepa_ops.h"
+
+namespace crepa {
+
+namespace {
+std::atomic<bool> poison_buffers{false};
+}
+
+void set_poison_buffers(bool enabled) { poison_buffers.store(enabled); }
+
+at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor buffer = at::empty(sizes, options);
+  if (poison_buffers.load()) buffer.fill_(std::numeric_limits<double>::quiet_NaN());
+  return buffer;
+}
+
+at::ScalarType accumulate_type(const at::Tensor& proj, const at::Tensor& target) {
+  const bool wide = proj.scalar_type() == at::kDouble || target.scalar_type() == at::kDouble;
+  return wide ? at::kDouble : at::kFloat;
+}
+
+static void check_floating(const at::Tensor& x, const char* name) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, name,
+              ": expected float32, float64, bfloat16 or float16, got ", t);
+}
+
+void check_inputs(const at::Tensor& proj, const at::Tensor& target, int64_t neighbors, double tau, double eps) {
+  TORCH_CHECK(proj.dim() == 4, "proj: expected [B, F, N, D], got ", proj.sizes());
+  TORCH_CHECK(proj.sizes() == target.sizes(), "proj and target: expected the same shape, got ", proj.sizes(),
+              " and ", target.sizes());
+  TORCH_CHECK(proj.device() == target.device(), "proj and target: expected the same device");
+  TORCH_CHECK(proj.numel() > 0, "proj: expected no empty dimension, got ", proj.sizes());
+  check_floating(proj, "proj");
+  check_floating(target, "target");
+  TORCH_CHECK(neighbors >= 0, "neighbors: expected >= 0, got ", neighbors);
+  TORCH_CHECK(tau > 0 && eps > 0, "tau and eps: expected > 0, got ", tau, " and ", eps);
+}
+
+void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& proj, const at::Tensor& target,
+                           const at::Tensor& stats, const Band& band) {
+  const int64_t B = proj.size(0), F = proj.size(1), N = proj.size(2);
+  const auto acc = accumulate_type(proj, target);
+  TORCH_CHECK(grad_loss.sizes() == at::IntArrayRef({B, F}), "grad_loss: expected [B, F] = [", B, ", ", F, "], got ",
+              grad_loss.sizes());
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({B, N, F, band.stats_per_frame()}),
+              "stats: expected the [B, N, F, S] tensor align_forward returned, got ", stats.sizes());
+  TORCH_CHECK(stats.scalar_type() == acc && stats.is_contiguous(), "stats: expected a contiguous ", acc,
+              " tensor, got ", stats.scalar_type());
+  TORCH_CHECK(grad_loss.device() == proj.device() && stats.device() == proj.device(),
+              "grad_loss and stats: expected the inputs' device");
+}
+
+}  // namespace crepa
+
+TORCH_LIBRARY(crepa_kernels, m) {
+  m.def(
+      "align_forward(Tensor proj, Tensor target, int neighbors, bool cumulative, float tau, "
+      "bool normalize_weights, float eps) -> (Tensor per_frame_loss, Tensor stats)");
+  m.def(
+      "align_backward(Tensor grad_loss, Tensor proj, Tensor target, Tensor stats, int neighbors, bool cumulative, "
+      "float tau, bool normalize_weights, float eps, bool needs_target_grad) -> (Tensor grad_proj, Tensor grad_target)");
+}
+
+TORCH_LIBRARY_IMPL(crepa_kernels, CPU, m) {
+  m.impl("align_forward", &crepa::align_forward_cpu);
+  m.impl("align_backward", &crepa::align_backward_cpu);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def(
+      "build_info",
+      [] {
+        pybind11::dict info;
+#ifdef CREPA_WITH_CUDA
+        info["cuda"] = true;
+#else
+        info["cuda"] = false;
+#endif
+#ifdef _OPENMP
+        info["openmp"] = true;
+#else
+        info["openmp"] = false;
+#endif
+        info["torch"] = TORCH_VERSION;
+        return info;
+      },
+      "How this extension was compiled: {'cuda': bool, 'openmp': bool, 'torch': version}.");
+  m.def(
+      "new_buffer_for_test", [](std::vector<int64_t> sizes) { return crepa::new_buffer(sizes, at::kFloat); },
+      "An fp32 buffer as the kernels allocate theirs (all NaN while poisoning is on).");
+  m.def("set_poison_buffers", &crepa::set_poison_buffers,
+        "Test switch: fill every buffer the kernels allocate with NaN before they write it.");
+}

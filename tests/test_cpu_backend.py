@@ -1,0 +1,356 @@
+"""The C++ extension's "cpu" backend (and, on a GPU machine, its "cuda" backend) against the reference."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from crepa_kernels import cross_frame_align_loss
+from crepa_kernels.ops import extension
+from crepa_kernels.reference import per_frame_loss as reference_per_frame_loss
+from crepa_kernels.spec import LossOptions
+from harness import (
+    EXTREME_TAUS,
+    OPTION_GRID,
+    SHAPES,
+    TOLERANCES,
+    assert_backend_matches_reference,
+    random_grad_output,
+    random_pair,
+)
+
+reason = extension.unavailable_reason(torch.device("cpu"))
+pytestmark = pytest.mark.skipif(reason is not None, reason=f"C++ extension unavailable: {reason}")
+
+# D = 1 makes every cosine +-1 and every gradient exactly 0: relative comparisons there compare rounding noise,
+# so those shapes get their own test with an absolute bound.
+SHAPES_WITH_DIRECTIONS = [shape for shape in SHAPES if shape[3] > 1]
+MIXED_DTYPES = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+                (torch.float64, torch.float32)]
+
+
+def ops_args(options: LossOptions):
+    return (options.neighbors, options.neighbor_mode == "cumulative", float(options.tau), options.normalize_weights,
+            float(options.eps))
+
+
+@pytest.mark.parametrize("options", OPTION_GRID, ids=str)
+@pytest.mark.parametrize("shape", SHAPES_WITH_DIRECTIONS, ids=str)
+def test_float32_matches_reference(shape, options):
+    proj, target = random_pair(shape, torch.float32, seed=sum(shape))
+    assert_backend_matches_reference("cpu", proj, target, **options)
+
+
+@pytest.mark.parametrize("options", OPTION_GRID[::4], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES_WITH_DIRECTIONS, ids=str)
+def test_other_dtypes_match_reference(shape, dtype, options):
+    proj, target = random_pair(shape, dtype, seed=3)
+    assert_backend_matches_reference("cpu", proj, target, **options)
+
+
+@pytest.mark.parametrize("options", OPTION_GRID[1::6], ids=str)
+@pytest.mark.parametrize("proj_dtype,target_dtype", MIXED_DTYPES, ids=str)
+def test_mixed_dtypes_match_reference(proj_dtype, target_dtype, options):
+    proj, target = random_pair((2, 6, 5, 33), proj_dtype, target_dtype, seed=5)
+    assert_backend_matches_reference("cpu", proj, target, **options)
+
+
+@pytest.mark.parametrize("tau", EXTREME_TAUS)
+@pytest.mark.parametrize("mode", ["adjacent", "cumulative"])
+def test_extreme_temperatures(tau, mode):
+    proj, target = random_pair((2, 5, 3, 7), torch.float32, seed=7)
+    assert_backend_matches_reference("cpu", proj, target, tau=tau, neighbors=2, neighbor_mode=mode,
+                                     normalize_weights=True, reduction="none")
+
+
+@pytest.mark.parametrize("options", OPTION_GRID[::5], ids=str)
+def test_target_without_grad(options):
+    proj, target = random_pair((2, 5, 3, 7), torch.float32, seed=11, target_requires_grad=False)
+    assert_backend_matches_reference("cpu", proj, target, **options)
+
+
+def test_only_target_requires_grad():
+    proj, target = random_pair((2, 5, 3, 7), torch.float32, seed=12)
+    proj.requires_grad_(False)
+    loss = cross_frame_align_loss(proj, target, backend="cpu", neighbors=1)
+    (grad,) = torch.autograd.grad(loss, [target])
+    ref_target = target.detach().double().requires_grad_(True)
+    expected = cross_frame_align_loss(proj.double(), ref_target, backend="reference", neighbors=1)
+    (expected_grad,) = torch.autograd.grad(expected, [ref_target])
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-7)
+
+
+def non_contiguous_views(proj: torch.Tensor, target: torch.Tensor):
+    """The same values behind other layouts: permuted [B, N, F, D] storage, and D strided by 2 with an offset."""
+    permuted = proj.detach().permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    widened = torch.zeros(*target.shape[:-1], 2 * target.shape[-1] + 1, dtype=target.dtype)
+    widened[..., 1::2] = target.detach()
+    strided = widened[..., 1::2]
+    assert not permuted.is_contiguous() and strided.stride(-1) == 2
+    return permuted.requires_grad_(True), strided.requires_grad_(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", OPTION_GRID[2::7], ids=str)
+def test_non_contiguous_inputs(dtype, options):
+    proj, target = non_contiguous_views(*random_pair((2, 6, 5, 33), dtype, seed=13))
+    assert_backend_matches_reference("cpu", proj, target, **options)
+
+
+def test_frame_major_3d_input():
+    proj, target = random_pair((2, 4, 5, 9), torch.float32, seed=14)
+    flat_loss = cross_frame_align_loss(proj.flatten(1, 2), target.flatten(1, 2), num_frames=4, backend="cpu",
+                                       reduction="none", neighbors=1)
+    loss = cross_frame_align_loss(proj, target, backend="cpu", reduction="none", neighbors=1)
+    assert torch.equal(flat_loss, loss)
+
+
+@pytest.mark.parametrize("shape", [shape for shape in SHAPES if shape[3] == 1] + [(2, 3, 4, 1)], ids=str)
+def test_one_dimensional_features(shape):
+    """D = 1: cosines are +-1, the loss is exact and the gradients are 0 up to rounding."""
+    proj, target = random_pair(shape, torch.float32, seed=15)
+    loss = cross_frame_align_loss(proj, target, backend="cpu", neighbors=1, reduction="none")
+    expected = cross_frame_align_loss(proj.double(), target.double(), backend="reference", neighbors=1,
+                                      reduction="none")
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6)
+    grads = torch.autograd.grad(loss, [proj, target], random_grad_output(loss))
+    scale = 1.0 / (shape[2] * proj.detach().abs().min().item())
+    for grad in grads:
+        assert torch.isfinite(grad).all()
+        assert grad.abs().max().item() <= 1e-5 * scale
+
+
+def test_zero_vectors_follow_the_clamped_norm():
+    """|x| < eps: the norm is the constant eps, so the self term of the gradient vanishes (as in the reference)."""
+    proj, target = random_pair((1, 3, 4, 6), torch.float64, seed=16)
+    with torch.no_grad():
+        proj[0, 1, 2] = 0.0
+        target[0, 2, 1] = 0.0
+    assert_backend_matches_reference("cpu", proj, target, neighbors=1, reduction="none")
+
+
+@pytest.mark.parametrize("options", [OPTION_GRID[2], OPTION_GRID[20], OPTION_GRID[-1]], ids=str)
+def test_gradcheck_float64(options):
+    proj, target = random_pair((2, 4, 3, 5), torch.float64, seed=17)
+    options = {key: value for key, value in options.items()}
+
+    def loss_of(p, y):
+        return cross_frame_align_loss(p, y, backend="cpu", **options)
+
+    assert torch.autograd.gradcheck(loss_of, (proj, target), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def run_everything(proj, target, **options):
+    loss = cross_frame_align_loss(proj, target, backend="cpu", reduction="none", **options)
+    grads = torch.autograd.grad(loss, [proj, target], random_grad_output(loss))
+    _, stats = torch.ops.crepa_kernels.align_forward(proj, target, *ops_args(LossOptions(**options)))
+    return (loss, stats, *grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bitwise_deterministic_across_runs_and_thread_counts(dtype):
+    # 50 tokens: several fixed token blocks, so the loss really is a multi-block reduction
+    proj, target = random_pair((2, 7, 50, 37), dtype, seed=18)
+    options = dict(neighbors=2, neighbor_mode="cumulative", normalize_weights=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run_everything(proj, target, **options)
+        torch.set_num_threads(2)
+        first = run_everything(proj, target, **options)
+        second = run_everything(proj, target, **options)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(single, first, second):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+@pytest.fixture
+def poisoned_buffers():
+    extension.set_poison_buffers(True)
+    try:
+        yield
+    finally:
+        extension.set_poison_buffers(False)
+
+
+def test_poisoning_really_fills_buffers(poisoned_buffers):
+    assert torch.isnan(extension._load().new_buffer_for_test([3, 5])).all()
+
+
+@pytest.mark.parametrize("options", [OPTION_GRID[0], OPTION_GRID[6], OPTION_GRID[19], OPTION_GRID[-1]], ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 19, 7), (1, 1, 4, 5), (1, 3, 2, 769)], ids=str)
+def test_every_output_element_is_written(poisoned_buffers, shape, options):
+    """Outputs, stats and partial sums start as NaN: any element a kernel skips poisons a result."""
+    proj, target = random_pair(shape, torch.float32, seed=19)
+    assert_backend_matches_reference("cpu", proj, target, **options)
+    _, stats = torch.ops.crepa_kernels.align_forward(proj, target, *ops_args(LossOptions(**options)))
+    assert torch.isfinite(stats).all()
+
+
+def test_stats_layout():
+    """stats[b, n, f] = [|p_f|, |y_f|, p_f . y_{f+o} for each band slot (0 where f + o is off the range)]."""
+    proj, target = random_pair((1, 4, 3, 6), torch.float64, seed=20)
+    _, stats = torch.ops.crepa_kernels.align_forward(proj, target, 1, True, 1.0, False, 1e-12)
+    p, y = proj.detach()[0].transpose(0, 1), target.detach()[0].transpose(0, 1)  # [N, F, D]
+    assert stats.shape == (1, 3, 4, 2 + 3)
+    torch.testing.assert_close(stats[0, :, :, 0], p.norm(dim=-1))
+    torch.testing.assert_close(stats[0, :, :, 1], y.norm(dim=-1))
+    for slot, offset in enumerate([0, -1, 1]):
+        for f in range(4):
+            k = f + offset
+            expected = (p[:, f] * y[:, k]).sum(-1) if 0 <= k < 4 else torch.zeros(3, dtype=torch.float64)
+            torch.testing.assert_close(stats[0, :, f, 2 + slot], expected)
+
+
+@pytest.mark.parametrize("neighbors,cumulative", [(0, False), (2, False), (9, False), (2, True), (9, True)])
+def test_opcheck(neighbors, cumulative):
+    proj, target = random_pair((2, 5, 3, 7), torch.float32, seed=21)
+    args = (neighbors, cumulative, 0.7, True, 1e-12)
+    torch.library.opcheck(torch.ops.crepa_kernels.align_forward.default, (proj, target, *args))
+    loss, stats = torch.ops.crepa_kernels.align_forward(proj, target, *args)
+    grad_loss = random_grad_output(loss)
+    for needs_target_grad in (True, False):
+        torch.library.opcheck(torch.ops.crepa_kernels.align_backward.default,
+                              (grad_loss, proj.detach(), target.detach(), stats, *args, needs_target_grad))
+
+
+def test_band_width_matches_the_kernel():
+    for frames, neighbors, cumulative in itertools.product([1, 2, 5], [0, 1, 3, 9], [False, True]):
+        options = LossOptions(neighbors=neighbors, neighbor_mode="cumulative" if cumulative else "adjacent")
+        assert extension.band_width(frames, neighbors, cumulative) == 1 + len(options.offsets(frames))
+
+
+def test_torch_compile_fullgraph():
+    proj, target = random_pair((2, 5, 3, 7), torch.float32, seed=22)
+
+    def step(p, y):
+        return cross_frame_align_loss(p, y, backend="cpu", neighbors=2, neighbor_mode="cumulative", tau=0.5)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(proj, target)
+    grads = torch.autograd.grad(loss, [proj, target])
+    expected = step(proj, target)
+    expected_grads = torch.autograd.grad(expected, [proj, target])
+    assert torch.equal(loss, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert torch.equal(grad, expected_grad)
+
+
+def test_unavailable_reasons():
+    assert extension.unavailable_reason(torch.device("cpu")) is None
+    assert "not meta" in extension.unavailable_reason(torch.device("meta"))
+    cuda_reason = extension.unavailable_reason(torch.device("cuda"))
+    assert (cuda_reason is None) == (extension.build_info()["cuda"] and torch.cuda.is_available())
+
+
+# --- beyond 2^31 elements per input -------------------------------------------------------------------------
+
+# [B, F, N, D] bf16 with ~1.05 * 2^31 elements per input. Values tile a random block of PERIOD tokens (PERIOD does
+# not divide 2^31 or F * N), so every token column is one of PERIOD kinds per batch element and a 32-bit offset
+# anywhere would read a column of another kind. target is the same storage shifted by SHIFT tokens: one 4.5 GB
+# buffer for both inputs plus 4.5 GB for grad_proj (target needs no grad).
+BIG_B, BIG_F, BIG_D, PERIOD, SHIFT = 2, 5, 96, 7, 3
+BIG_N = math.ceil(1.05 * 2**31 / (BIG_B * BIG_F * BIG_D))
+
+
+def token_kinds(b: int, n: int) -> list[int]:
+    """The pattern token each frame of column (b, n) holds: flat token index modulo PERIOD."""
+    return [((b * BIG_F + f) * BIG_N + n) % PERIOD for f in range(BIG_F)]
+
+
+@pytest.mark.slow
+def test_inputs_beyond_two_to_the_31_elements():
+    assert BIG_B * BIG_F * BIG_N * BIG_D > 2**31 and 2**31 % PERIOD and (BIG_F * BIG_N) % PERIOD
+    generator = torch.Generator().manual_seed(23)
+    pattern = torch.randn(PERIOD, BIG_D, generator=generator, dtype=torch.float64).to(torch.bfloat16)
+    tokens = BIG_B * BIG_F * BIG_N
+    rows = math.ceil((tokens + SHIFT) / PERIOD) * PERIOD
+    storage = pattern.repeat(rows // PERIOD, 1)  # [rows, D]
+    proj = storage[:tokens].view(BIG_B, BIG_F, BIG_N, BIG_D).requires_grad_(True)
+    target = storage[SHIFT:SHIFT + tokens].view(BIG_B, BIG_F, BIG_N, BIG_D)
+    options = dict(neighbors=2, neighbor_mode="cumulative", normalize_weights=True, reduction="none")
+
+    loss = cross_frame_align_loss(proj, target, backend="cpu", **options)
+    grad_output = random_grad_output(loss)
+    (grad_proj,) = torch.autograd.grad(loss, [proj], grad_output)
+
+    pattern64 = pattern.double()
+    counts = [len(range(m, BIG_N, PERIOD)) for m in range(PERIOD)]
+    for b in range(BIG_B):
+        # L[b] = sum over the PERIOD column kinds of (their count / N) x the one-token loss of that kind
+        expected = torch.zeros(BIG_F, dtype=torch.float64)
+        for m in range(PERIOD):
+            p = pattern64[token_kinds(b, m)].view(1, BIG_F, 1, BIG_D)
+            y = pattern64[[(k + SHIFT) % PERIOD for k in token_kinds(b, m)]].view(1, BIG_F, 1, BIG_D)
+            expected += counts[m] / BIG_N * reference_per_frame_loss(p, y, LossOptions(**options))[0]
+        torch.testing.assert_close(loss[b].double(), expected, rtol=1e-4, atol=1e-6)
+
+    # gradient columns at the very end of the tensor, beyond 2^31: each is 1/N times a one-token gradient
+    b = BIG_B - 1
+    for n in (BIG_N - 1, BIG_N - 2, BIG_N - 5):
+        p = pattern64[token_kinds(b, n)].view(1, BIG_F, 1, BIG_D).requires_grad_(True)
+        y = pattern64[[(k + SHIFT) % PERIOD for k in token_kinds(b, n)]].view(1, BIG_F, 1, BIG_D)
+        one_token = reference_per_frame_loss(p, y, LossOptions(**options))
+        (expected_grad,) = torch.autograd.grad(one_token, [p], grad_output[b:b + 1].double())
+        actual = grad_proj[b, :, n].double()
+        expected_grad = expected_grad[0, :, 0] / BIG_N
+        rtol, atol = TOLERANCES[torch.bfloat16]
+        torch.testing.assert_close(actual, expected_grad, rtol=rtol, atol=atol * expected_grad.abs().max().item())
+
+
+# --- CUDA (skipped without a GPU) -------------------------------------------------------------------------------
+
+cuda_reason = extension.unavailable_reason(torch.device("cuda"))
+needs_cuda = pytest.mark.skipif(cuda_reason is not None, reason=f"CUDA kernel unavailable: {cuda_reason}")
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", OPTION_GRID[::3], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES_WITH_DIRECTIONS + [(2, 13, 40, 768)], ids=str)
+def test_cuda_matches_reference(shape, dtype, options):
+    proj, target = random_pair(shape, dtype, seed=24, device="cuda")
+    assert_backend_matches_reference("cuda", proj, target, **options)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_strided_and_mixed_inputs(dtype):
+    proj, target = non_contiguous_views(*random_pair((2, 6, 5, 40), dtype, seed=25))
+    assert_backend_matches_reference("cuda", proj.cuda(), target.cuda(), neighbors=1)
+    proj, target = random_pair((2, 6, 5, 40), torch.float32, torch.bfloat16, seed=26, device="cuda")
+    assert_backend_matches_reference("cuda", proj, target, neighbors=2, neighbor_mode="cumulative")
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_deterministic_and_fully_written(poisoned_buffers):
+    proj, target = random_pair((2, 13, 300, 768), torch.bfloat16, seed=27, device="cuda")
+    first = run_everything(proj, target, neighbors=1)
+    second = run_everything(proj, target, neighbors=1)
+    for a, b in zip(first, second):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_agrees_with_triton():
+    from crepa_kernels.backends import unavailable_reason
+
+    triton_reason = unavailable_reason("triton", torch.device("cuda"))
+    if triton_reason is not None:
+        pytest.skip(f"triton backend unavailable: {triton_reason}")
+    proj, target = random_pair((2, 13, 100, 768), torch.bfloat16, seed=28, device="cuda")
+    results = {}
+    for backend in ("cuda", "triton"):
+        loss = cross_frame_align_loss(proj, target, backend=backend, neighbors=2, reduction="none")
+        results[backend] = (loss, *torch.autograd.grad(loss, [proj, target], random_grad_output(loss)))
+    for ours, theirs in zip(results["cuda"], results["triton"]):
+        rtol, atol = TOLERANCES[ours.dtype]
+        torch.testing.assert_close(ours.double(), theirs.double(), rtol=rtol, atol=atol * theirs.abs().max().item())

@@ -1,0 +1,54 @@
+"""The C++ extension's build: it loads (prebuilt or JIT), says how it was compiled, and ships its sources."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from crepa_kernels.ops import extension
+
+ROOT = Path(__file__).resolve().parent.parent
+reason = extension.unavailable_reason(torch.device("cpu"))
+pytestmark = pytest.mark.skipif(reason is not None, reason=f"C++ extension unavailable: {reason}")
+
+
+def test_build_info():
+    info = extension.build_info()
+    assert set(info) == {"cuda", "openmp", "torch"}
+    assert info["openmp"], "without -fopenmp at::parallel_for runs on one thread"
+    assert info["torch"] == torch.__version__.split("+")[0]
+
+
+def test_sources_for_the_jit_fallback_are_found():
+    csrc = extension._csrc_dir()
+    assert csrc is not None
+    config = extension._build_config(csrc)
+    for source in config.sources(with_cuda=True, csrc=csrc):
+        assert Path(source).exists(), source
+    assert (csrc / "crepa_math.h").exists() and (csrc / "crepa_ops.h").exists()
+
+
+def _installed_cuda_archs() -> set[str]:
+    spec = importlib.util.find_spec("crepa_kernels._C")
+    if spec is None or not extension.build_info()["cuda"]:
+        return set()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import check_cuda_build
+    finally:
+        sys.path.pop(0)
+    return {arch for arch, _, _ in check_cuda_build.resource_usage(check_cuda_build.find_cuobjdump(), Path(spec.origin))}
+
+
+def test_cuda_build_has_no_local_memory():
+    archs = _installed_cuda_archs()
+    if not archs >= {"sm_80", "sm_90"}:
+        pytest.skip("no installed sm_80 + sm_90 build to inspect; building one takes minutes: "
+                    "run `python benchmarks/check_cuda_build.py` (CI does, from .ci/run)")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_cuda_build.py")], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
