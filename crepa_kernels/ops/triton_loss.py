@@ -1,0 +1,585 @@
+"""Triton backend: one fused forward kernel and one fused backward kernel per call, registered as torch.library
+triton ops (crepa_kernels::triton_forward / triton_backward) so that ``torch.compile(fullgraph=True)`` sees the
+kernels; under the Triton interpreter they are opaque custom ops instead (see _define_op).
+
+Design (docs/triton.md has the long version and the byte counts):
+
+* A program owns BLOCK_N token columns (b, n) and a window of FRAMES frames (a power of two >= 16, so that
+  tl.dot accepts it). It sweeps D in BLOCK_D chunks; each chunk of proj and target is loaded once as a
+  [BLOCK_N, FRAMES, BLOCK_D] tile.
+* Forward: per token, the frame Gram matrix G[f, k] = p_f . y_k is accumulated with a batched tl.dot over the
+  chunk, and the squared norms with a sum of squares. Every (f, k) pair of any neighbour mode and any d is in
+  G, so the kernel has a single code path; the coefficients C[f, k] are applied once after the sweep. The
+  per-token cosines of the band |k - f| in the option's offsets are saved (a few floats per token and frame)
+  with the clamped norms; the per-(b, f) token sum is written as partial sums [B, F, token blocks] and reduced
+  by torch.sum in a fixed order. No atomics anywhere.
+* Backward: with alpha[f, k] = -grad_L[f] C[f, k] / N and A = alpha / (|p_f| |y_k|) (clamped norms), per token
+      grad_P = A Y - diag(s_p / |p|^2) P,        s_p[f] = sum_k alpha[f, k] cos[f, k]
+      grad_Y = A^T P - diag(s_y / |y|^2) Y,      s_y[k] = sum_f alpha[f, k] cos[f, k]
+  (the diagonal terms vanish where a norm is clamped). s_p and s_y come from the saved band, so one sweep over
+  D suffices: read P and Y once, write the gradients once. grad_Y gathers from every frame that sees frame k
+  (the A^T product), so there are no atomics.
+* F <= 32 fits one window: every element is read exactly once. Longer videos are cut into frame tiles whose
+  window adds `halo` = max |offset| frames on each side; halo frames are read but not written, so reads grow by
+  FRAMES / (FRAMES - 2 halo) (1.07x for F > 32, d = 1).
+
+Precision: 16-bit inputs of one dtype enter the forward tl.dot as they are (their products are exact in the
+fp32 accumulator). Other inputs are upcast to the compute dtype (fp32, or fp64 if an input is fp64) and use
+input_precision="ieee" (never tf32). In the backward, A is fp32; for bf16 inputs it is split as A = hi + lo
+(two bf16 matrices, ~16 mantissa bits, rel. error ~1e-5, far below the bf16 rounding of the gradient itself)
+so the products stay on tensor cores; fp16 inputs use the fp32 path because A (~1e-6 for N ~ 1e3) is below
+fp16's normal range.
+
+Runs on CUDA, and on CPU tensors under the Triton interpreter when TRITON_INTERPRET=1 was set before this module
+was imported.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..spec import LossOptions, compute_dtype
+
+try:
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR = None
+except Exception as error:  # pragma: no cover - exercised only without triton
+    triton = None
+    _IMPORT_ERROR = f"{type(error).__name__}: {error}"
+
+# The interpreter is chosen when @triton.jit runs, i.e. when this module is imported.
+INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
+
+# The interpreter multiplies bf16 tl.dot operands as raw uint16 bit patterns (triton-lang/triton#11584, "not
+# supported yet"), so under it bf16 tiles are upcast to fp32 before tl.dot. Read at launch time so that the tests
+# can patch the interpreter and exercise the bf16 tensor-core paths too.
+BF16_DOT = not INTERPRETED
+
+# One window covers up to this many frames; longer videos are tiled (see module docstring).
+MAX_SINGLE_WINDOW_FRAMES = 32
+# Largest window a program holds: G alone is FRAMES^2 floats per token.
+MAX_WINDOW_FRAMES = 128
+# Smallest window, and smallest BLOCK_D: tl.dot needs every non-batch dimension >= 16.
+MIN_DOT_DIM = 16
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if triton is None:
+        return f"triton is not importable ({_IMPORT_ERROR})"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if INTERPRETED:
+            return None
+        return (
+            "the Triton backend runs on CPU tensors only under the Triton interpreter; set TRITON_INTERPRET=1 "
+            "before crepa_kernels.ops.triton_loss (and triton) are imported"
+        )
+    return f"the Triton backend supports CUDA devices (and CPU under TRITON_INTERPRET=1), not {device.type}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configuration
+
+
+@dataclass(frozen=True)
+class FrameTiling:
+    frames: int  # FRAMES: the window size (constexpr)
+    rows_per_tile: int  # frames each program writes
+    halo: int  # extra frames read on each side of the written rows
+    num_tiles: int
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+def max_offset(options: LossOptions, num_frames: int) -> int:
+    offsets = options.offsets(num_frames)
+    return max(offsets) if offsets else 0
+
+
+def frame_tiling(num_frames: int, halo: int) -> FrameTiling:
+    """One window when F <= 32; otherwise the smallest window that writes >= 16 rows per tile."""
+    if num_frames <= MAX_SINGLE_WINDOW_FRAMES:
+        frames = max(MIN_DOT_DIM, triton.next_power_of_2(num_frames))
+        return FrameTiling(frames, num_frames, 0, 1)
+    frames = MAX_SINGLE_WINDOW_FRAMES
+    while frames - 2 * halo < 16:
+        frames *= 2
+    if frames > MAX_WINDOW_FRAMES:
+        raise NotImplementedError(
+            f"triton backend: a neighbour offset of {halo} frames with F={num_frames} needs a frame window of "
+            f"{frames} > {MAX_WINDOW_FRAMES} frames; use the cuda or reference backend"
+        )
+    rows = frames - 2 * halo
+    return FrameTiling(frames, rows, halo, triton.cdiv(num_frames, rows))
+
+
+def launch_config(kernel: str, dim: int, frames: int, dtype: torch.dtype) -> LaunchConfig:
+    """Tile sizes for ``kernel`` ("forward" or "backward") from D, the window size and the tl.dot dtype.
+
+    * A program's tile is BLOCK_N x FRAMES x BLOCK_D per input: ~2-4K elements per tile with 4 warps keeps each
+      input tile at <= 32 registers per thread; BLOCK_D = 64 bf16 = 128 bytes keeps each row load on a full line.
+    * The forward also holds G, BLOCK_N * FRAMES^2 accumulators in the mma layout: BLOCK_N = 4 at FRAMES = 16,
+      one token column per program from FRAMES = 32 up (BLOCK_N = 2 spilled on sm_90).
+    * The backward holds A (BLOCK_N * FRAMES^2, as bf16 hi/lo dot operands) and two output tiles, so it takes
+      half the forward's BLOCK_D and can afford BLOCK_N = 2 at FRAMES = 32.
+    * fp32 inputs run tl.dot on FMA units (input_precision="ieee"), whose operand layouts cost more registers:
+      the forward's BLOCK_D drops to 16 (32 spilled on sm_80 and sm_90), the backward's too. fp64 (gradcheck,
+      not speed) also halves the forward's BLOCK_N at FRAMES = 16 (4 spilled on sm_90).
+    * BLOCK_D never exceeds next_power_of_2(D) (D = 1 or 5 must not load 64 masked lanes per frame) and never
+      drops below 16 (tl.dot).
+    * num_stages = 2: the D loop is a plain streaming loop; one tile in flight hides the latency, more stages
+      only cost shared memory (each stage holds both input tiles).
+    Checked with benchmarks/compile_triton.py: no spills on sm_80 / sm_90 for D in {768, 1024, 1152, 1536}.
+    """
+    if kernel == "forward":
+        block_n = (2 if dtype == torch.float64 else 4) if frames <= 16 else 1
+        block_d = {torch.float64: 16, torch.float32: 16}.get(dtype, 64)
+    else:
+        block_n = max(1, 64 // frames)
+        block_d = {torch.float64: 16, torch.float32: 16}.get(dtype, 32)
+    block_d = max(MIN_DOT_DIM, min(block_d, triton.next_power_of_2(dim)))
+    # the 16-bit forward keeps G and both operand tiles in mma layouts; 4 warps spilled on sm_90
+    num_warps = 8 if kernel == "forward" and torch.finfo(dtype).bits == 16 else 4
+    return LaunchConfig(block_n=block_n, block_d=block_d, num_warps=num_warps, num_stages=2)
+
+
+def dot_dtype(kernel: str, proj_dtype: torch.dtype, target_dtype: torch.dtype) -> torch.dtype:
+    """The dtype tl.dot runs in, which sets the register budget: the inputs' own 16-bit dtype when both share it
+    (the backward: bf16 only, as hi/lo), else the compute dtype (fp32, fp64 if an input is fp64)."""
+    if proj_dtype == target_dtype:
+        if proj_dtype == torch.bfloat16 and BF16_DOT:
+            return proj_dtype
+        if proj_dtype == torch.float16 and kernel == "forward":
+            return proj_dtype
+    return torch.float64 if torch.float64 in (proj_dtype, target_dtype) else torch.float32
+
+
+def band_slots(options: LossOptions, num_frames: int) -> tuple[int, int, int]:
+    """(first offset, offset step, slot count) of the saved cosine band: slot s holds cos(p_f, y_{f + first + s*step})."""
+    offsets = options.offsets(num_frames)
+    if not offsets:
+        return 0, 1, 1
+    if options.neighbor_mode == "adjacent":
+        return -options.neighbors, options.neighbors, 3
+    return offsets[0], 1, 2 * offsets[-1] + 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _unsplit(hi, lo, COMPUTE: tl.constexpr):
+        return tl.cast(hi, COMPUTE) + tl.cast(lo, COMPUTE)
+
+    @triton.jit
+    def _to_element(x, ptr):
+        """x in ptr's element type; 16-bit outputs round through fp32 (the interpreter's direct fp64 -> bf16
+        cast is wrong; fp64 -> fp32 -> bf16 double rounding differs from direct rounding by <= 1 ulp, rarely)."""
+        if ptr.dtype.element_ty.primitive_bitwidth == 16:
+            x = x.to(tl.float32)
+        return x.to(ptr.dtype.element_ty)
+
+    @triton.jit
+    def _coefficients(frames, num_frames, near, far, z_far, inv_tau, COMPUTE: tl.constexpr):
+        """(C[f, k], is_term[f, k]) for the window frames f (rows) and k (columns), both [FRAMES, FRAMES].
+
+        is_term marks the pairs that enter L[f] (k = f or a neighbour, both inside [0, F)); C is zero elsewhere.
+
+        Neighbours are the frames at distance near..far (adjacent: d..d, cumulative: 1..d, none: 1..0); Z_f sums
+        the weights of distances near..z_far (z_far = near - 1, an empty range, without normalize_weights). Z_f is
+        summed over all of f's neighbours, not the window's: halo rows have neighbours outside the window.
+        """
+        delta = frames[None, :] - frames[:, None]
+        distance = tl.abs(delta)
+        is_neighbour = (distance >= near) & (distance <= far)
+        inside = (frames >= 0) & (frames < num_frames)
+        weight = tl.exp(-distance.to(COMPUTE) * inv_tau)
+        is_term = ((delta == 0) | is_neighbour) & inside[:, None] & inside[None, :]
+        coefficient = tl.where(is_term, tl.where(delta == 0, 1.0, weight), 0.0).to(COMPUTE)
+        z = tl.full(frames.shape, 1.0, COMPUTE)
+        for offset in range(near, z_far + 1):
+            w = tl.exp(-(offset * inv_tau))
+            z += tl.where(frames - offset >= 0, w, 0.0) + tl.where(frames + offset < num_frames, w, 0.0)
+        return coefficient / z[:, None], is_term
+
+    @triton.jit
+    def _crepa_forward_kernel(
+        proj_ptr, target_ptr, p_norm_ptr, y_norm_ptr, band_ptr, partial_ptr,
+        num_frames, num_tokens, dim,
+        sp_b, sp_f, sp_n, sp_d, sy_b, sy_f, sy_n, sy_d,
+        rows_per_tile, halo, num_token_blocks,
+        near, far, z_far, inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
+        slot_first, slot_step, num_slots,
+        FP64: tl.constexpr, NATIVE_DOT: tl.constexpr,
+        FRAMES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        COMPUTE: tl.constexpr = tl.float64 if FP64 else tl.float32
+        inv_tau = _unsplit(inv_tau_hi, inv_tau_lo, COMPUTE)
+        eps = _unsplit(eps_hi, eps_lo, COMPUTE)
+        batch = tl.program_id(0).to(tl.int64)
+        token_block = tl.program_id(1).to(tl.int64)
+        first_row = tl.program_id(2).to(tl.int64) * rows_per_tile
+        frames = first_row - halo + tl.arange(0, FRAMES).to(tl.int64)  # the window
+        tokens = token_block * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        frame_ok = (frames >= 0) & (frames < num_frames)
+        token_ok = tokens < num_tokens
+        dims = tl.arange(0, BLOCK_D).to(tl.int64)
+
+        p_row = proj_ptr + batch * sp_b + tokens[:, None, None] * sp_n + frames[None, :, None] * sp_f
+        y_row = target_ptr + batch * sy_b + tokens[:, None, None] * sy_n + frames[None, :, None] * sy_f
+        row_ok = token_ok[:, None, None] & frame_ok[None, :, None]
+
+        gram = tl.zeros((BLOCK_N, FRAMES, FRAMES), COMPUTE)
+        p_squares = tl.zeros((BLOCK_N, FRAMES), COMPUTE)
+        y_squares = tl.zeros((BLOCK_N, FRAMES), COMPUTE)
+        for d0 in range(0, dim, BLOCK_D):
+            d = d0 + dims
+            mask = row_ok & (d < dim)[None, None, :]
+            p = tl.load(p_row + d[None, None, :] * sp_d, mask=mask, other=0.0)
+            y = tl.load(y_row + d[None, None, :] * sy_d, mask=mask, other=0.0)
+            p_wide = p.to(COMPUTE)
+            y_wide = y.to(COMPUTE)
+            p_squares += tl.sum(p_wide * p_wide, axis=2)
+            y_squares += tl.sum(y_wide * y_wide, axis=2)
+            if NATIVE_DOT:
+                gram = tl.dot(p, tl.trans(y, (0, 2, 1)), gram, out_dtype=COMPUTE)
+            else:
+                gram = tl.dot(p_wide, tl.trans(y_wide, (0, 2, 1)), gram, input_precision="ieee", out_dtype=COMPUTE)
+
+        p_norm = tl.maximum(tl.sqrt(p_squares), eps)
+        y_norm = tl.maximum(tl.sqrt(y_squares), eps)
+        cosine = gram / (p_norm[:, :, None] * y_norm[:, None, :])  # [BLOCK_N, f, k]
+        coefficient, is_term = _coefficients(frames, num_frames, near, far, z_far, inv_tau, COMPUTE)
+        # select, not multiply by a zero coefficient: a NaN cosine of an unrelated frame pair must not leak in
+        weighted = tl.sum(tl.where(is_term[None, :, :], cosine * coefficient[None, :, :], 0.0), axis=2)  # [BLOCK_N, f]
+
+        # this program writes only its own rows; the halo rows belong to the neighbouring tiles
+        writes = frame_ok & (frames >= first_row) & (frames < first_row + rows_per_tile)
+        out_ok = token_ok[:, None] & writes[None, :]
+        stat = batch * num_frames * num_tokens + frames[None, :] * num_tokens + tokens[:, None]
+        tl.store(p_norm_ptr + stat, p_norm, mask=out_ok)
+        tl.store(y_norm_ptr + stat, y_norm, mask=out_ok)
+        delta = frames[None, :] - frames[:, None]  # k - f
+        band_row = band_ptr + batch * num_frames * num_slots * num_tokens + frames[None, :] * num_slots * num_tokens \
+            + tokens[:, None]
+        for slot in range(num_slots):
+            offset = slot_first + slot * slot_step
+            band = tl.sum(tl.where((delta == offset)[None, :, :], cosine, 0.0), axis=2)
+            tl.store(band_row + slot * num_tokens, band, mask=out_ok)
+        partial = tl.sum(tl.where(out_ok, weighted, 0.0), axis=0)
+        tl.store(partial_ptr + (batch * num_frames + frames) * num_token_blocks + token_block, partial, mask=writes)
+
+    @triton.jit
+    def _crepa_backward_kernel(
+        proj_ptr, target_ptr, p_norm_ptr, y_norm_ptr, band_ptr, grad_loss_ptr, grad_proj_ptr, grad_target_ptr,
+        num_frames, num_tokens, dim,
+        sp_b, sp_f, sp_n, sp_d, sy_b, sy_f, sy_n, sy_d,
+        gp_b, gp_f, gp_n, gp_d, gy_b, gy_f, gy_n, gy_d,
+        rows_per_tile, halo,
+        near, far, z_far, inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
+        slot_first, slot_step, num_slots,
+        FP64: tl.constexpr, SPLIT_BF16_DOT: tl.constexpr,
+        TARGET_GRAD: tl.constexpr, FRAMES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        COMPUTE: tl.constexpr = tl.float64 if FP64 else tl.float32
+        inv_tau = _unsplit(inv_tau_hi, inv_tau_lo, COMPUTE)
+        eps = _unsplit(eps_hi, eps_lo, COMPUTE)
+        batch = tl.program_id(0).to(tl.int64)
+        token_block = tl.program_id(1).to(tl.int64)
+        first_row = tl.program_id(2).to(tl.int64) * rows_per_tile
+        frames = first_row - halo + tl.arange(0, FRAMES).to(tl.int64)
+        tokens = token_block * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        frame_ok = (frames >= 0) & (frames < num_frames)
+        token_ok = tokens < num_tokens
+        dims = tl.arange(0, BLOCK_D).to(tl.int64)
+        stat_ok = token_ok[:, None] & frame_ok[None, :]
+
+        # the per-token statistics of every window frame, halo included
+        stat = batch * num_frames * num_tokens + frames[None, :] * num_tokens + tokens[:, None]
+        p_norm = tl.load(p_norm_ptr + stat, mask=stat_ok, other=1.0)
+        y_norm = tl.load(y_norm_ptr + stat, mask=stat_ok, other=1.0)
+        grad_loss = tl.load(grad_loss_ptr + batch * num_frames + frames, mask=frame_ok, other=0.0).to(COMPUTE)
+        coefficient, _ = _coefficients(frames, num_frames, near, far, z_far, inv_tau, COMPUTE)
+        alpha = -grad_loss[:, None] * coefficient / num_tokens  # [f, k]
+
+        delta = frames[None, :] - frames[:, None]
+        band_row = band_ptr + batch * num_frames * num_slots * num_tokens + frames[None, :] * num_slots * num_tokens \
+            + tokens[:, None]
+        alpha_cosine = tl.zeros((BLOCK_N, FRAMES, FRAMES), COMPUTE)
+        for slot in range(num_slots):
+            offset = slot_first + slot * slot_step
+            band = tl.load(band_row + slot * num_tokens, mask=stat_ok, other=0.0)
+            alpha_cosine += tl.where((delta == offset)[None, :, :], band[:, :, None] * alpha[None, :, :], 0.0)
+        p_scale = tl.where(p_norm > eps, tl.sum(alpha_cosine, axis=2) / (p_norm * p_norm), 0.0)
+        y_scale = tl.where(y_norm > eps, tl.sum(alpha_cosine, axis=1) / (y_norm * y_norm), 0.0)
+        a = alpha[None, :, :] / (p_norm[:, :, None] * y_norm[:, None, :])  # [BLOCK_N, f, k]
+        a_t = tl.trans(a, (0, 2, 1))
+        if SPLIT_BF16_DOT:
+            a_hi = a.to(tl.bfloat16)
+            a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+            a_t_hi = tl.trans(a_hi, (0, 2, 1))
+            a_t_lo = tl.trans(a_lo, (0, 2, 1))
+
+        p_row = proj_ptr + batch * sp_b + tokens[:, None, None] * sp_n + frames[None, :, None] * sp_f
+        y_row = target_ptr + batch * sy_b + tokens[:, None, None] * sy_n + frames[None, :, None] * sy_f
+        gp_row = grad_proj_ptr + batch * gp_b + tokens[:, None, None] * gp_n + frames[None, :, None] * gp_f
+        gy_row = grad_target_ptr + batch * gy_b + tokens[:, None, None] * gy_n + frames[None, :, None] * gy_f
+        row_ok = token_ok[:, None, None] & frame_ok[None, :, None]
+        writes = frame_ok & (frames >= first_row) & (frames < first_row + rows_per_tile)
+        write_ok = token_ok[:, None, None] & writes[None, :, None]
+        for d0 in range(0, dim, BLOCK_D):
+            d = d0 + dims
+            d_ok = (d < dim)[None, None, :]
+            p = tl.load(p_row + d[None, None, :] * sp_d, mask=row_ok & d_ok, other=0.0)
+            y = tl.load(y_row + d[None, None, :] * sy_d, mask=row_ok & d_ok, other=0.0)
+            p_wide = p.to(COMPUTE)
+            y_wide = y.to(COMPUTE)
+            if SPLIT_BF16_DOT:
+                grad_p = tl.dot(a_hi, y, tl.dot(a_lo, y, out_dtype=tl.float32), out_dtype=tl.float32)
+            else:
+                grad_p = tl.dot(a, y_wide, input_precision="ieee", out_dtype=COMPUTE)
+            grad_p -= p_scale[:, :, None] * p_wide
+            tl.store(gp_row + d[None, None, :] * gp_d, _to_element(grad_p, grad_proj_ptr),
+                     mask=write_ok & d_ok)
+            if TARGET_GRAD:
+                if SPLIT_BF16_DOT:
+                    grad_y = tl.dot(a_t_hi, p, tl.dot(a_t_lo, p, out_dtype=tl.float32), out_dtype=tl.float32)
+                else:
+                    grad_y = tl.dot(a_t, p_wide, input_precision="ieee", out_dtype=COMPUTE)
+                grad_y -= y_scale[:, :, None] * y_wide
+                tl.store(gy_row + d[None, None, :] * gy_d, _to_element(grad_y, grad_target_ptr),
+                         mask=write_ok & d_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host launchers (outputs preallocated by the caller: the tests poison them)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    tiling: FrameTiling
+    near: int  # neighbours are the frames at distance near..far
+    far: int
+    z_far: int  # Z_f sums the distances near..z_far (near - 1: empty, no normalisation)
+    slot_first: int
+    slot_step: int
+    num_slots: int
+
+
+def _plan(options: LossOptions, num_frames: int) -> _Plan:
+    offsets = options.offsets(num_frames)
+    positive = [offset for offset in offsets if offset > 0]
+    near, far = (positive[0], positive[-1]) if positive else (1, 0)
+    z_far = far if options.normalize_weights else near - 1
+    slot_first, slot_step, num_slots = band_slots(options, num_frames)
+    return _Plan(frame_tiling(num_frames, max_offset(options, num_frames)), near, far, z_far,
+                 slot_first, slot_step, num_slots)
+
+
+def _split(value: float) -> tuple[float, float]:
+    """A double as hi + lo, two fp32-exact floats: Triton passes Python floats as fp32 (the interpreter too),
+    and the fp64 kernels need the scalar to ~48 bits."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    lo = float(torch.tensor(value - hi, dtype=torch.float32))
+    return hi, lo
+
+
+def _interpreting_fake(tensor: torch.Tensor) -> bool:
+    """The fake implementation is the op body run on FakeTensors. On GPUs wrap_triton turns the launch into a
+    traceable no-op; under the interpreter it hands back the raw kernel, which must not be launched on them."""
+    return INTERPRETED and torch._subclasses.fake_tensor.is_fake(tensor)
+
+
+def _device_guard(tensor: torch.Tensor):
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _forward_setup(proj, target, options: LossOptions) -> tuple[_Plan, LaunchConfig, torch.dtype]:
+    plan = _plan(options, proj.shape[1])
+    dtype = dot_dtype("forward", proj.dtype, target.dtype)
+    return plan, launch_config("forward", proj.shape[3], plan.tiling.frames, dtype), dtype
+
+
+def stats_shapes(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> dict[str, tuple[int, ...]]:
+    """Shapes of the buffers forward_into writes: norms [2, B, F, N], band [B, F, slots, N], partial [B, F, blocks]."""
+    batch, num_frames, num_tokens, _ = proj.shape
+    plan, config, _ = _forward_setup(proj, target, options)
+    return {
+        "norms": (2, batch, num_frames, num_tokens),
+        "band": (batch, num_frames, plan.num_slots, num_tokens),
+        "partial": (batch, num_frames, triton.cdiv(num_tokens, config.block_n)),
+    }
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: kernel, grid, positional arguments and constexpr/launch keywords. The dispatcher and
+    benchmarks/compile_triton.py both build it here, so the ahead-of-time check compiles what would run."""
+    kernel: object
+    grid: tuple[int, int, int]
+    args: tuple
+    kwargs: dict
+
+
+def forward_launch(proj, target, options: LossOptions, norms, band, partial) -> Launch:
+    batch, num_frames, num_tokens, dim = proj.shape
+    plan, config, dtype = _forward_setup(proj, target, options)
+    tiling = plan.tiling
+    grid = (batch, triton.cdiv(num_tokens, config.block_n), tiling.num_tiles)
+    args = (
+        proj, target, norms[0], norms[1], band, partial,
+        num_frames, num_tokens, dim,
+        *proj.stride(), *target.stride(),
+        tiling.rows_per_tile, tiling.halo, grid[1],
+        plan.near, plan.far, plan.z_far, *_split(1.0 / options.tau), *_split(options.eps),
+        plan.slot_first, plan.slot_step, plan.num_slots,
+    )
+    kwargs = dict(
+        FP64=norms.dtype == torch.float64, NATIVE_DOT=torch.finfo(dtype).bits == 16,
+        FRAMES=tiling.frames, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return Launch(_crepa_forward_kernel, grid, args, kwargs)
+
+
+def backward_launch(grad_loss, proj, target, norms, band, options: LossOptions, grad_proj, grad_target) -> Launch:
+    batch, num_frames, num_tokens, dim = proj.shape
+    plan = _plan(options, num_frames)
+    tiling = plan.tiling
+    dtype = dot_dtype("backward", proj.dtype, target.dtype)
+    config = launch_config("backward", dim, tiling.frames, dtype)
+    grid = (batch, triton.cdiv(num_tokens, config.block_n), tiling.num_tiles)
+    target_grad = grad_target is not None
+    grad_target = grad_target if target_grad else grad_proj  # never written: TARGET_GRAD is False
+    args = (
+        proj, target, norms[0], norms[1], band, grad_loss, grad_proj, grad_target,
+        num_frames, num_tokens, dim,
+        *proj.stride(), *target.stride(), *grad_proj.stride(), *grad_target.stride(),
+        tiling.rows_per_tile, tiling.halo,
+        plan.near, plan.far, plan.z_far, *_split(1.0 / options.tau), *_split(options.eps),
+        plan.slot_first, plan.slot_step, plan.num_slots,
+    )
+    kwargs = dict(
+        FP64=norms.dtype == torch.float64, SPLIT_BF16_DOT=dtype == torch.bfloat16,
+        TARGET_GRAD=target_grad, FRAMES=tiling.frames, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return Launch(_crepa_backward_kernel, grid, args, kwargs)
+
+
+def forward_into(proj, target, options: LossOptions, norms, band, partial) -> None:
+    """Launches the forward kernel, writing every element of norms, band and partial (shapes: stats_shapes)."""
+    shapes = stats_shapes(proj, target, options)
+    for name, buffer in (("norms", norms), ("band", band), ("partial", partial)):
+        if tuple(buffer.shape) != shapes[name] or not buffer.is_contiguous():
+            raise ValueError(f"forward_into: {name} must be a contiguous {shapes[name]} tensor, got "
+                             f"{tuple(buffer.shape)} with strides {buffer.stride()}")
+    if _interpreting_fake(proj):
+        return
+    launch = forward_launch(proj, target, options, norms, band, partial)
+    with _device_guard(proj):
+        torch.library.wrap_triton(_crepa_forward_kernel)[launch.grid](*launch.args, **launch.kwargs)
+
+
+def backward_into(grad_loss, proj, target, norms, band, options: LossOptions, grad_proj, grad_target) -> None:
+    """Launches the backward kernel; grad_target=None skips the target gradient (a constexpr branch)."""
+    if _interpreting_fake(proj):
+        return
+    launch = backward_launch(grad_loss, proj, target, norms, band, options, grad_proj, grad_target)
+    with _device_guard(proj):
+        torch.library.wrap_triton(_crepa_backward_kernel)[launch.grid](*launch.args, **launch.kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library ops and autograd
+
+
+def _define_op(name: str):
+    """triton_op on GPUs, so that torch.compile / Inductor see the kernels through wrap_triton.
+
+    Under the interpreter wrap_triton cannot trace (it hands back the raw kernel, not the HOP), and a triton_op
+    traced by torch.compile would lose its kernels; there the op is a plain custom_op, opaque to torch.compile,
+    which then calls the eager (interpreted) kernels. Both run the same body as the fake implementation.
+    """
+    if not INTERPRETED:
+        return torch.library.triton_op(name, mutates_args=())
+
+    def define(fn):
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+
+    return define
+
+
+def _options(tau: float, neighbors: int, neighbor_mode: str, normalize_weights: bool, eps: float) -> LossOptions:
+    return LossOptions(tau=tau, neighbors=neighbors, neighbor_mode=neighbor_mode,
+                       normalize_weights=normalize_weights, eps=eps)
+
+
+@_define_op("crepa_kernels::triton_forward")
+def triton_forward(proj: torch.Tensor, target: torch.Tensor, tau: float, neighbors: int, neighbor_mode: str,
+                   normalize_weights: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (per-frame loss [B, F], clamped norms [2, B, F, N], cosine band [B, F, slots, N])."""
+    options = _options(tau, neighbors, neighbor_mode, normalize_weights, eps)
+    dtype = compute_dtype(proj, target)
+    shapes = stats_shapes(proj, target, options)
+    norms = proj.new_empty(shapes["norms"], dtype=dtype)
+    band = proj.new_empty(shapes["band"], dtype=dtype)
+    partial = proj.new_empty(shapes["partial"], dtype=dtype)
+    forward_into(proj, target, options, norms, band, partial)
+    # second stage of the token reduction: a fixed-order sum over token blocks
+    loss = partial.sum(dim=-1) * (-1.0 / proj.shape[2])
+    return loss, norms, band
+
+
+@_define_op("crepa_kernels::triton_backward")
+def triton_backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, norms: torch.Tensor,
+                    band: torch.Tensor, tau: float, neighbors: int, neighbor_mode: str, normalize_weights: bool,
+                    eps: float, target_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (grad_proj, grad_target); grad_target is an empty tensor when target_grad is False."""
+    options = _options(tau, neighbors, neighbor_mode, normalize_weights, eps)
+    grad_loss = grad_loss.to(norms.dtype).contiguous()
+    grad_proj = torch.empty(proj.shape, dtype=proj.dtype, device=proj.device)
+    grad_target = torch.empty(target.shape if target_grad else (0,), dtype=target.dtype, device=target.device)
+    backward_into(grad_loss, proj, target, norms, band, options, grad_proj, grad_target if target_grad else None)
+    return grad_proj, grad_target
+
+
+def _setup_context(ctx, inputs, output):
+    proj, target, tau, neighbors, neighbor_mode, normalize_weights, eps = inputs
+    _, norms, band = output
+    ctx.mark_non_differentiable(norms, band)
+    ctx.save_for_backward(proj, target, norms, band)
+    ctx.loss_options = (tau, neighbors, neighbor_mode, normalize_weights, eps)
+
+
+def _backward(ctx, grad_loss, _grad_norms, _grad_band):
+    proj, target, norms, band = ctx.saved_tensors
+    target_grad = ctx.needs_input_grad[1]
+    grad_proj, grad_target = triton_backward(grad_loss, proj, target, norms, band, *ctx.loss_options, target_grad)
+    return grad_proj, grad_target if target_grad else None, None, None, None, None, None
+
+
+triton_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def per_frame_loss(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:
+    """[B, F, N, D] x 2 -> L [B, F] (fp32, or fp64 when an input is fp64)."""
+    loss, _, _ = triton_forward(proj, target, float(options.tau), options.neighbors, options.neighbor_mode,
+                                options.normalize_weights, float(options.eps))
+    return loss
