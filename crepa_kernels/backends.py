@@ -24,10 +24,12 @@ BACKEND_NAMES = tuple(BACKEND_MODULES)
 BACKEND_DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",)}
 ENV_OVERRIDE = "CREPA_KERNELS_BACKEND"
 
-# "auto" tries these in order, per device type. On CUDA the C++ kernel comes first: it reads each token column
-# once with 16-byte loads and needs no JIT, while the Triton kernels move the same bytes (see docs/design.md).
+# "auto" tries these in order, per device type. Both GPU backends move the minimum bytes (docs/triton.md,
+# docs/cpp.md); neither has been timed on a GPU yet. Triton goes first: each program takes a block of tokens and
+# forms the frame Gram matrix with tl.dot, while the CUDA kernel takes one token column per thread block and pays
+# a block-wide reduction per statistic. Revisit with benchmarks/bench_loss.py on a GPU.
 AUTO_ORDER = {
-    "cuda": ("cuda", "triton", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
     "cpu": ("cpu", "reference"),
 }
 

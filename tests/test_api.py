@@ -133,3 +133,17 @@ def test_environment_variable_overrides_auto(monkeypatch):
 
 def test_version():
     assert crepa_kernels.__version__
+
+
+def test_auto_picks_the_fused_cpu_backend_when_it_is_usable(monkeypatch):
+    from crepa_kernels.backends import resolve_backend_name
+
+    monkeypatch.delenv("CREPA_KERNELS_BACKEND", raising=False)
+    expected = "cpu" if available_backends("cpu")["cpu"] is True else "reference"
+    assert resolve_backend_name("auto", "cpu", None) == expected
+
+
+def test_auto_order_on_cuda_prefers_triton_then_the_cuda_kernel():
+    from crepa_kernels.backends import AUTO_ORDER
+
+    assert AUTO_ORDER["cuda"] == ("triton", "cuda", "reference")
