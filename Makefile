@@ -11,7 +11,7 @@ export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
 .PHONY: bench test setup
 setup: $(STAMP)
 
-$(STAMP): requirements-test.txt pyproject.toml setup.py
+$(STAMP): requirements-test.txt pyproject.toml setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade -r requirements-test.txt
 	$(VENV)/bin/pip install --quiet --no-build-isolation -e .
@@ -20,5 +20,9 @@ $(STAMP): requirements-test.txt pyproject.toml setup.py
 bench: $(STAMP)
 	$(PY) benchmarks/bench_loss.py $(ARGS)
 
+# pytest (CPU; Triton under its interpreter, GPU-only tests skip), then the ahead-of-time checks that the GPU
+# kernels compile for sm_80 and sm_90 without register spills or local memory.
 test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)
+	$(PY) benchmarks/compile_triton.py
+	$(PY) benchmarks/check_cuda_build.py
