@@ -93,6 +93,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     device: str = "cpu"
     precision: str = "auto"  # "fp32", "bf16" (autocast) or "auto": bf16 on CUDA, fp32 on the CPU
+    encoder_flicker: float = 0.5  # RMS of the encoder's per-frame perturbation, relative to its features' RMS
     diagnostics_every: int = 0
     diagnostics_json: str | None = None
 
@@ -140,33 +141,51 @@ class FrozenVideoVAE(nn.Module):
 
 
 class FrozenPatchEncoder(nn.Module):
-    """Stands in for DINOv2: each frame resized to a square and embedded by a fixed random conv patch encoder."""
+    """Stands in for a frame-wise image encoder such as DINOv2, temporal inconsistency included.
+
+    Each pixel frame i is resized to a square (as DINOv2 is fed), embedded by a fixed random conv patch encoder and
+    layer-normalised per token (DINOv2 ends in a LayerNorm), so every token's feature has unit RMS; then
+    ``encoder_flicker`` * xi[i] is added to all tokens of the frame, xi[i] ~ N(0, I) fixed by the seed. An image
+    encoder sees one frame at a time, so nothing keeps its features consistent from one frame to the next; xi models
+    that flicker as the simplest thing a video-blind encoder could do: a frame-specific shift of the whole feature
+    map, independent between frames and the same for every video (deterministic given the frame index).
+    """
 
     def __init__(self, config: TrainConfig, generator: torch.Generator) -> None:
         super().__init__()
         self.resolution = config.encoder_resolution
         self.patchify = nn.Conv2d(3, config.encoder_dim, config.encoder_patch, stride=config.encoder_patch)
         self.mix = nn.Conv2d(config.encoder_dim, config.encoder_dim, 1)
-        for parameter in self.parameters():
-            with torch.no_grad():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) / math.sqrt(parameter[0].numel()))
-            parameter.requires_grad_(False)
+        with torch.no_grad():
+            for conv in (self.patchify, self.mix):
+                # weights N(0, 1/fan_in) keep the activations' scale; zero biases, so no constant direction
+                # dominates the features (N(0, 1) biases gave a mean pairwise token cosine of 0.87)
+                fan_in = conv.weight[0].numel()
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) / math.sqrt(fan_in))
+                conv.bias.zero_()
+        self.requires_grad_(False)
+        flicker = torch.randn(config.pixel_frames, config.encoder_dim, generator=generator)
+        self.register_buffer("flicker", config.encoder_flicker * flicker)
 
     @torch.no_grad()
     def forward(self, video: torch.Tensor) -> torch.Tensor:  # [B, 3, F_pix, H, W] -> [B, F_pix, h, w, D]
+        if video.shape[2] != self.flicker.shape[0]:
+            raise ValueError(f"video: expected {self.flicker.shape[0]} frames, got shape {tuple(video.shape)}")
         frames = video.transpose(1, 2).flatten(0, 1)
         frames = F.interpolate(frames, size=(self.resolution,) * 2, mode="bilinear", antialias=True)
-        features = self.mix(F.gelu(self.patchify(frames)))
-        return features.permute(0, 2, 3, 1).unflatten(0, (video.shape[0], video.shape[2]))
+        features = self.mix(F.gelu(self.patchify(frames))).permute(0, 2, 3, 1)
+        features = F.layer_norm(features, features.shape[-1:]).unflatten(0, (video.shape[0], video.shape[2]))
+        return features + self.flicker[None, :, None, None, :]
 
 
 def synthetic_batch(config: TrainConfig, step: int) -> dict[str, torch.Tensor]:
-    """The global batch of a step, the same on every rank: moving sinusoid videos, noise, times, text embeddings."""
+    """The global batch of a step, the same on every rank: smoothly moving sinusoid videos, noise, times, text
+    embeddings. The videos carry no flicker of their own: only the encoder's features do (FrozenPatchEncoder)."""
     g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     b, f, h, w = config.global_batch, config.pixel_frames, config.height, config.width
     waves = 3
-    frequency = torch.randn(b, waves, 2, generator=g) * 0.3  # radians per pixel, (y, x)
-    velocity = torch.randn(b, waves, generator=g) * 0.5  # radians per frame
+    frequency = torch.randn(b, waves, 2, generator=g) * 0.1  # radians per pixel, (y, x): survives the 8x VAE
+    velocity = torch.randn(b, waves, generator=g) * 0.1  # radians per pixel frame: smooth motion
     phase = torch.rand(b, waves, generator=g) * 2 * math.pi
     amplitude = torch.randn(b, waves, 3, generator=g) / math.sqrt(waves)
     y = torch.arange(h, dtype=torch.float32).view(1, 1, 1, h, 1)
@@ -260,8 +279,9 @@ def _diagnostics_record(step: int, config: TrainConfig, projected: torch.Tensor,
                         align_loss: float) -> dict:
     from crepa_kernels import diagnostics  # imported lazily: optional for training
 
-    flat_proj = projected.flatten(0, 2).float()
-    flat_target = targets.flatten(0, 2).float()
+    # one row per token, L2-normalised as in the CKNNA authors' measurement (platonic-rep, normalize=True)
+    flat_proj = F.normalize(projected.flatten(0, 2).float(), dim=-1)
+    flat_target = F.normalize(targets.flatten(0, 2).float(), dim=-1)
     if flat_proj.shape[0] > 4096:
         keep = torch.randperm(flat_proj.shape[0], generator=torch.Generator().manual_seed(0))[:4096]
         keep = keep.to(flat_proj.device)
