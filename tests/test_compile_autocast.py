@@ -53,3 +53,87 @@ def test_autocast_cpu_bf16(backend):
     loss.backward()
     assert torch.isfinite(projector.weight.grad).all()
 
+
+
+GPU_BACKENDS = ["triton", "cuda"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _usable_on_cuda(backend):
+    reason = available_backends("cuda")[backend]
+    if reason is not True:
+        pytest.skip(f"{backend} unusable on CUDA: {reason}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_capture_and_replay(backend):
+    """Forward and backward captured in a CUDA graph: possible only without host syncs or data-dependent sizes."""
+    _usable_on_cuda(backend)
+    proj, target = random_pair((2, 13, 135, 768), torch.bfloat16, device="cuda")
+    static_proj = proj.detach().clone().requires_grad_(True)
+    static_target = target.detach().clone()
+
+    def step():
+        static_proj.grad = None
+        loss = cross_frame_align_loss(static_proj, static_target, neighbors=2, neighbor_mode="cumulative",
+                                      backend=backend)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up: JIT compilation and autotuning happen outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+
+    fresh_proj, fresh_target = random_pair((2, 13, 135, 768), torch.bfloat16, device="cuda", seed=5)
+    with torch.no_grad():
+        static_proj.copy_(fresh_proj)
+        static_target.copy_(fresh_target)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected_proj = fresh_proj.detach().double().requires_grad_(True)
+    expected = cross_frame_align_loss(expected_proj, fresh_target.double(), neighbors=2,
+                                      neighbor_mode="cumulative", backend="reference")
+    expected.backward()
+    assert_close_and_finite(static_loss, expected, f"{backend} graph replay loss", dtype=torch.float32)
+    assert_close_and_finite(static_proj.grad, expected_proj.grad, f"{backend} graph replay grad")
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_autocast_cuda_bf16(backend):
+    _usable_on_cuda(backend)
+    torch.manual_seed(0)
+    projector = torch.nn.Linear(64, 96).cuda()
+    hidden = torch.randn(2, 5 * 33, 64, device="cuda")
+    target = torch.randn(2, 5, 33, 96, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        proj = projector(hidden)
+        loss = cross_frame_align_loss(proj, target, num_frames=5, neighbors=1, backend=backend)
+    assert proj.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    expected = cross_frame_align_loss(proj.detach().double(), target.double(), num_frames=5, neighbors=1,
+                                      backend="reference")
+    assert_close_and_finite(loss, expected, f"autocast cuda {backend}", dtype=torch.float32)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_compile_fullgraph_on_cuda(backend):
+    _usable_on_cuda(backend)
+    torch._dynamo.reset()
+
+    def step(proj, target):
+        return cross_frame_align_loss(proj, target, neighbors=1, backend=backend)
+
+    proj, target = random_pair((1, 13, 135, 768), torch.bfloat16, device="cuda")
+    loss, grads = _loss_and_grads(torch.compile(step, fullgraph=True), proj, target)
+    expected, expected_grads = _loss_and_grads(step, proj, target)
+    assert_close_and_finite(loss, expected, f"compiled {backend} loss", dtype=torch.float32)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert_close_and_finite(grad, expected_grad, f"compiled {backend} grad")
