@@ -7,9 +7,10 @@ The logs are the JSON lines that benchmarks/train_dit.py --diagnostics-json writ
     {"step", "neighbors", "cknna", "cross_frame_similarity": [[F x F]], "smoothness_proj", "smoothness_target",
      "align_loss"}
 The figure shows CKNNA over steps, temporal smoothness over steps, the same-frame and adjacent-frame mean cosine
-(the diagonal and first off-diagonals of the similarity matrix) over steps, and the F x F similarity matrix at the
-first and last logged step of each run. Every logged point is one training batch at random noise levels, so the
-curves are noisy: each series is drawn as faint raw points under a trailing mean over --smooth logged points.
+(the diagonal and first off-diagonals of the similarity matrix) over steps, the F x F similarity matrix at the last
+logged step of each run (one colour scale) and its diagonals' means against the frame offset. train_dit.py logs
+every point on one fixed held-out batch at one noise level, so the curves move only as the model does; each series
+is drawn as faint raw points under a trailing mean over --smooth logged points.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 TRAINER = REPO / "benchmarks" / "train_dit.py"
 REQUIRED_KEYS = ("step", "neighbors", "cknna", "cross_frame_similarity", "smoothness_proj", "smoothness_target")
-# About a minute per run on this 2-core CPU (the backend does not change the diagnostics, and the reference needs no
-# compilation); replaced by --trainer-args. lr and lambda are above the trainer's defaults (1e-3, 0.5) so that the
-# tiny model gets past aligning to the targets' mean direction within the budget (docs/diagnostics.md).
+# About 40 s per run on this 2-core CPU with OMP_NUM_THREADS=1 (the backend does not change the diagnostics, and the
+# reference needs no compilation); replaced by --trainer-args. lr and lambda are above the trainer's defaults (1e-3,
+# 0.5) so that the tiny model gets past aligning to the targets' mean direction within the budget
+# (docs/diagnostics.md).
 DEFAULT_TRAINER_ARGS = "--steps 1000 --lr 3e-3 --loss-weight 2 --no-lockstep --backend reference"
 
 
@@ -72,6 +74,13 @@ def _band_means(matrix: np.ndarray) -> tuple[float, float]:
     return float(np.mean(np.diagonal(matrix))), float(np.mean(adjacent)) if adjacent.size else float("nan")
 
 
+def offset_profile(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets k - f = -(F-1) .. F-1 and the mean of S[f, k] over the pairs at each offset."""
+    frames = matrix.shape[0]
+    offsets = np.arange(1 - frames, frames)
+    return offsets, np.array([np.mean(np.diagonal(matrix, offset)) for offset in offsets])
+
+
 def render(runs: list[list[dict]], out: str | Path, note: str = "", smooth: int = 1) -> Path:
     """Draw the figure for some runs (each a list of records from load_log) into the PNG ``out``; line plots show a
     trailing mean over ``smooth`` logged points over the faint raw values."""
@@ -81,8 +90,9 @@ def render(runs: list[list[dict]], out: str | Path, note: str = "", smooth: int 
     import matplotlib.pyplot as plt
 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    figure = plt.figure(figsize=(4 * max(3, 2 * len(runs)), 8.5), layout="constrained")
-    top, bottom = figure.subfigures(2, 1, height_ratios=[1, 1.1])
+    # sized so that the text stays legible when the PNG is shown ~900 px wide
+    figure = plt.figure(figsize=(4 * max(3, len(runs) + 1), 7.5), layout="constrained")
+    top, bottom = figure.subfigures(2, 1, height_ratios=[1, 1])
     cknna_axis, smooth_axis, band_axis = top.subplots(1, 3)
 
     def curve(axis, steps, values, label, **style):
@@ -93,40 +103,42 @@ def render(runs: list[list[dict]], out: str | Path, note: str = "", smooth: int 
     for index, records in enumerate(runs):
         label, color = run_label(records), colors[index % len(colors)]
         curve(cknna_axis, *_series(records, "cknna"), label, color=color)
-        curve(smooth_axis, *_series(records, "smoothness_proj"), f"{label}: projected states", color=color)
+        curve(smooth_axis, *_series(records, "smoothness_proj"), f"{label}", color=color)
         bands = np.array([_band_means(np.asarray(r["cross_frame_similarity"])) for r in records])
         steps = [record["step"] for record in records]
-        curve(band_axis, steps, bands[:, 0], f"{label}: same frame", color=color)
-        curve(band_axis, steps, bands[:, 1], f"{label}: adjacent frames", color=color, linestyle="--")
+        curve(band_axis, steps, bands[:, 0], f"{label}: k = f", color=color)
+        curve(band_axis, steps, bands[:, 1], f"{label}: |k - f| = 1", color=color, linestyle="--")
     # the target features come from a frozen encoder: one reference curve (from the first run) is enough
-    curve(smooth_axis, *_series(runs[0], "smoothness_target"), "target features", color="black", linestyle=":")
+    curve(smooth_axis, *_series(runs[0], "smoothness_target"), "target features (REPA*'s optimum)", color="black",
+          linestyle=":")
 
-    averaged = f" (trailing mean of {smooth} logged points)" if smooth > 1 else ""
-    cknna_axis.set(title="CKNNA(projected states, targets)" + averaged, xlabel="step", ylabel="CKNNA, topk = 10")
-    smooth_axis.set(title="temporal smoothness" + averaged, xlabel="step",
-                    ylabel="mean cos(pooled frame f, pooled frame f+1)")
-    band_axis.set(title="cross-frame similarity bands" + averaged, xlabel="step",
-                  ylabel="mean cos(proj frame f, target frame k)")
+    cknna_axis.set(title="CKNNA(projected states, targets)", xlabel="step", ylabel="CKNNA, topk = 10")
+    smooth_axis.set(title="temporal smoothness", xlabel="step", ylabel="mean cos(pooled frame f, pooled frame f+1)")
+    band_axis.set(title="S[f, k] bands", xlabel="step", ylabel="mean cos(projected f, target k)")
     for axis in (cknna_axis, smooth_axis, band_axis):
-        axis.title.set_fontsize(10)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
 
-    # Each matrix gets its own colour scale: the band structure within a matrix is the point, and the level of the
-    # whole matrix moves a lot during training (the band panel above compares levels across runs).
-    snapshots = [(records, record) for records in runs for record in (records[0], records[-1])]
-    heat_axes = np.atleast_1d(bottom.subplots(1, len(snapshots)))
-    for axis, (records, record) in zip(heat_axes, snapshots):
-        matrix = np.asarray(record["cross_frame_similarity"])
-        image = axis.imshow(matrix, cmap="viridis")
-        bottom.colorbar(image, ax=axis, shrink=0.7, format="%.3g")
-        axis.set(title=f"{run_label(records)}\nS[f, k] at step {record['step']}", xlabel="target frame k",
+    # The last logged S of every run on one colour scale, so the runs' band structures compare directly, then the
+    # mean of each matrix's diagonals against the offset k - f (the numbers the colours stand for).
+    last = [np.asarray(records[-1]["cross_frame_similarity"]) for records in runs]
+    low, high = min(matrix.min() for matrix in last), max(matrix.max() for matrix in last)
+    axes = np.atleast_1d(bottom.subplots(1, len(runs) + 1))
+    for axis, records, matrix in zip(axes, runs, last):
+        image = axis.imshow(matrix, cmap="viridis", vmin=low, vmax=high)
+        axis.set(title=f"{run_label(records)}: S[f, k], step {records[-1]['step']}", xlabel="target frame k",
                  ylabel="projected frame f")
-        if matrix.shape[0] <= 8:
-            middle = (matrix.min() + matrix.max()) / 2
-            for (row, column), value in np.ndenumerate(matrix):
-                axis.text(column, row, f"{value:.3f}", ha="center", va="center", fontsize=6,
-                          color="black" if value > middle else "white")
+    bottom.colorbar(image, ax=axes[:-1], shrink=0.8, format="%.2f")
+    profile_axis = axes[-1]
+    for index, (records, matrix) in enumerate(zip(runs, last)):
+        profile_axis.plot(*offset_profile(matrix), marker="o", color=colors[index % len(colors)],
+                          label=run_label(records).split(" ")[0])
+    profile_axis.set(title="S[f, k] by offset, last logged step", xlabel="k - f",
+                     ylabel="mean cos(projected f, target k)")
+    profile_axis.grid(alpha=0.3)
+    profile_axis.legend(fontsize=8, loc="upper left")
+    for axis in [cknna_axis, smooth_axis, band_axis, *axes]:
+        axis.title.set_fontsize(10)
     if note:
         figure.suptitle(note, fontsize=9)
 
@@ -178,7 +190,8 @@ def main(argv=None) -> None:
         logs = [log_dir / "repa.jsonl", log_dir / f"crepa_d{args.neighbors}.jsonl"]
         for neighbors, log in zip((0, args.neighbors), logs):
             run_trainer(neighbors, log, args.diagnostics_every, args.trainer_args)
-        note = args.note if args.note is not None else f"train_dit.py {args.trainer_args} (synthetic data)"
+        note = args.note if args.note is not None else (
+            f"train_dit.py {args.trainer_args} (synthetic data; diagnostics on a fixed held-out batch)")
         print("wrote", render([load_log(path) for path in logs], args.out, note, args.smooth))
 
 

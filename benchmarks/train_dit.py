@@ -46,14 +46,14 @@ from crepa_kernels.training import (
 # alignment loss feeds it, so it is the most direct check of a fused backward); at the end: all parameters as one
 # vector, |difference| / |value| in the 2-norm. Per tensor or per element would flag tensors whose gradient is near
 # zero, which AdamW's division by sqrt(v) + eps moves by up to lr * |gradient difference| / eps.
-# fp32: the two loss implementations differ by reduction order only. Measured on this CPU over 3-20 steps
-# (docs/training.md): <= 4e-7 on the per-step metrics (2.5e-6 once, on a total loss where the flow and alignment
-# terms partly cancel) and <= 3e-8 on the parameters, while changing tau by 0.1% (a smaller error than any kernel
-# bug we care about) moves the alignment loss and the projector's gradient norm by 3e-4 and the parameters by 7e-6
+# fp32: the two loss implementations differ by reduction order only. Measured on this CPU over 10-20 steps
+# (docs/training.md): <= 2e-7 on the per-step metrics (1.7e-6 once, on a total loss where the flow and alignment
+# terms nearly cancel) and <= 9e-8 on the parameters, while changing tau by 0.1% (a smaller error than any kernel
+# bug we care about) moves the alignment loss and the projector's gradient norm by 4e-4 and the parameters by 5e-5
 # within 3 steps. The runs drift apart as training goes on: the bounds are for short lockstep runs (tens of steps).
 # bf16 autocast: the projected states and their gradients are bf16, so a 1-ulp fp32 difference can flip the bf16
-# rounding (2^-8 relative) of an element. Measured with CPU autocast over 10 steps: 1e-4 (loss), 2.5e-5 (alignment
-# loss), 3.5e-4 and 7e-4 (gradient norms), 2e-5 (parameters); the bounds leave ~10x for GPU kernels, not measured.
+# rounding (2^-8 relative) of an element. Measured with CPU autocast over 10 steps: 1e-4 (loss), 9e-5 (alignment
+# loss), 2.6e-4 and 3e-4 (gradient norms), 7e-5 (parameters); the bounds leave ~7x for GPU kernels, not measured.
 TOLERANCES = {
     torch.float32: {"loss": 1e-5, "align_loss": 1e-5, "grad_norm": 1e-5, "projector_grad_norm": 1e-5, "params": 1e-6},
     torch.bfloat16: {"loss": 2e-3, "align_loss": 1e-3, "grad_norm": 1e-2, "projector_grad_norm": 1e-2, "params": 5e-4},
@@ -93,9 +93,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     device: str = "cpu"
     precision: str = "auto"  # "fp32", "bf16" (autocast) or "auto": bf16 on CUDA, fp32 on the CPU
-    encoder_flicker: float = 0.5  # RMS of the encoder's per-frame perturbation, relative to its features' RMS
+    illumination: float = 0.3  # amplitude of each video's slow global brightness change
+    encoder_flicker: float = 1.0  # RMS of the encoder's brightness-dependent perturbation (its features have RMS 1)
+    encoder_flicker_gain: float = 15.0  # radians per unit of frame brightness: how sensitive the flicker is
     diagnostics_every: int = 0
     diagnostics_json: str | None = None
+    diagnostics_videos: int = 16  # the diagnostics use one fixed held-out batch ...
+    diagnostics_t: float = 0.1  # ... at this fixed noise level, where the DiT can see each frame's content
 
 
 @dataclass
@@ -141,19 +145,25 @@ class FrozenVideoVAE(nn.Module):
 
 
 class FrozenPatchEncoder(nn.Module):
-    """Stands in for a frame-wise image encoder such as DINOv2, temporal inconsistency included.
+    """Stands in for a frame-wise image encoder such as DINOv2, with a temporal inconsistency that depends on content.
 
-    Each pixel frame i is resized to a square (as DINOv2 is fed), embedded by a fixed random conv patch encoder and
-    layer-normalised per token (DINOv2 ends in a LayerNorm), so every token's feature has unit RMS; then
-    ``encoder_flicker`` * xi[i] is added to all tokens of the frame, xi[i] ~ N(0, I) fixed by the seed. An image
-    encoder sees one frame at a time, so nothing keeps its features consistent from one frame to the next; xi models
-    that flicker as the simplest thing a video-blind encoder could do: a frame-specific shift of the whole feature
-    map, independent between frames and the same for every video (deterministic given the frame index).
+    Each pixel frame is resized to a square (as DINOv2 is fed), embedded by a fixed random conv patch encoder and
+    layer-normalised per token (DINOv2 ends in a LayerNorm), so every token's feature has unit RMS. An image encoder
+    sees one frame at a time, and nothing keeps its features consistent across small changes of the input; that is
+    modelled by adding to every token of frame i the vector ``encoder_flicker`` * h(b_i), where b_i is the frame's
+    mean brightness (over pixels and colour channels) and h a fixed random high-gain function of it:
+        h(b) = sqrt(2) * W sin(gain * k * b + phi),  k ~ N(0, 1)^m, phi ~ U(0, 2 pi)^m, W ~ N(0, 1/m)^(D x m),
+    unit RMS per component. A brightness change of 1/gain turns wave j's phase by |k_j| radians, so frames that look
+    almost alike get clearly different features; unlike a flicker tied to the frame index, it is a deterministic
+    function of what the frame shows, which the DiT can see (the VAE keeps each latent frame's mean colour).
     """
+
+    flicker_waves = 8
 
     def __init__(self, config: TrainConfig, generator: torch.Generator) -> None:
         super().__init__()
         self.resolution = config.encoder_resolution
+        self.flicker_scale = config.encoder_flicker
         self.patchify = nn.Conv2d(3, config.encoder_dim, config.encoder_patch, stride=config.encoder_patch)
         self.mix = nn.Conv2d(config.encoder_dim, config.encoder_dim, 1)
         with torch.no_grad():
@@ -164,25 +174,32 @@ class FrozenPatchEncoder(nn.Module):
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) / math.sqrt(fan_in))
                 conv.bias.zero_()
         self.requires_grad_(False)
-        flicker = torch.randn(config.pixel_frames, config.encoder_dim, generator=generator)
-        self.register_buffer("flicker", config.encoder_flicker * flicker)
+        m = self.flicker_waves
+        self.register_buffer("flicker_frequency", config.encoder_flicker_gain * torch.randn(m, generator=generator))
+        self.register_buffer("flicker_phase", 2 * math.pi * torch.rand(m, generator=generator))
+        self.register_buffer("flicker_mix", torch.randn(config.encoder_dim, m, generator=generator) / math.sqrt(m))
+
+    def flicker(self, video: torch.Tensor) -> torch.Tensor:  # [B, 3, F_pix, H, W] -> [B, F_pix, D]
+        brightness = video.mean(dim=(1, 3, 4))
+        waves = torch.sin(brightness[..., None] * self.flicker_frequency + self.flicker_phase)
+        return self.flicker_scale * math.sqrt(2) * waves @ self.flicker_mix.T
 
     @torch.no_grad()
     def forward(self, video: torch.Tensor) -> torch.Tensor:  # [B, 3, F_pix, H, W] -> [B, F_pix, h, w, D]
-        if video.shape[2] != self.flicker.shape[0]:
-            raise ValueError(f"video: expected {self.flicker.shape[0]} frames, got shape {tuple(video.shape)}")
         frames = video.transpose(1, 2).flatten(0, 1)
         frames = F.interpolate(frames, size=(self.resolution,) * 2, mode="bilinear", antialias=True)
         features = self.mix(F.gelu(self.patchify(frames))).permute(0, 2, 3, 1)
         features = F.layer_norm(features, features.shape[-1:]).unflatten(0, (video.shape[0], video.shape[2]))
-        return features + self.flicker[None, :, None, None, :]
+        return features + self.flicker(video)[:, :, None, None, :]
 
 
-def synthetic_batch(config: TrainConfig, step: int) -> dict[str, torch.Tensor]:
-    """The global batch of a step, the same on every rank: smoothly moving sinusoid videos, noise, times, text
-    embeddings. The videos carry no flicker of their own: only the encoder's features do (FrozenPatchEncoder)."""
+def synthetic_batch(config: TrainConfig, step: int, videos: int | None = None) -> dict[str, torch.Tensor]:
+    """The global batch of a step, the same on every rank: smoothly moving sinusoid videos under a slowly changing
+    illumination, noise, times, text embeddings. The videos do not flicker: only the encoder's features do
+    (FrozenPatchEncoder), as a function of each frame's brightness."""
     g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-    b, f, h, w = config.global_batch, config.pixel_frames, config.height, config.width
+    b = config.global_batch if videos is None else videos
+    f, h, w = config.pixel_frames, config.height, config.width
     waves = 3
     frequency = torch.randn(b, waves, 2, generator=g) * 0.1  # radians per pixel, (y, x): survives the 8x VAE
     velocity = torch.randn(b, waves, generator=g) * 0.1  # radians per pixel frame: smooth motion
@@ -194,6 +211,12 @@ def synthetic_batch(config: TrainConfig, step: int) -> dict[str, torch.Tensor]:
     angle = (frequency[..., 0, None, None, None] * y + frequency[..., 1, None, None, None] * x
              + velocity[..., None, None, None] * t + phase[..., None, None, None])  # [B, waves, F, H, W]
     video = torch.einsum("bkc,bkfhw->bcfhw", amplitude, torch.sin(angle))
+    # a grey level added to the whole frame, changing at 0.1-0.3 radians per frame: smooth, but never static
+    sign = torch.randint(0, 2, (b, 1), generator=g) * 2 - 1
+    light_velocity = sign * (0.1 + 0.2 * torch.rand(b, 1, generator=g))
+    light_phase = torch.rand(b, 1, generator=g) * 2 * math.pi
+    light = config.illumination * torch.sin(light_velocity * t.view(1, f) + light_phase)  # [B, F]
+    video = video + light[:, None, :, None, None]
     latent_frames = latent_frame_count(f, config.temporal_ratio)
     latent_shape = (b, config.latent_channels, latent_frames, h // config.spatial_ratio, w // config.spatial_ratio)
     return {
@@ -202,6 +225,13 @@ def synthetic_batch(config: TrainConfig, step: int) -> dict[str, torch.Tensor]:
         "t": torch.rand(b, generator=g),
         "text": torch.randn(b, config.text_tokens, 32, generator=g),
     }
+
+
+def diagnostics_batch(config: TrainConfig) -> dict[str, torch.Tensor]:
+    """A fixed batch no training step sees (step -1), every video at noise level ``diagnostics_t``."""
+    batch = synthetic_batch(config, -1, videos=config.diagnostics_videos)
+    batch["t"] = torch.full_like(batch["t"], config.diagnostics_t)
+    return batch
 
 
 class CrepaDiT(nn.Module):
@@ -275,12 +305,19 @@ def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _diagnostics_record(step: int, config: TrainConfig, projected: torch.Tensor, targets: torch.Tensor,
-                        align_loss: float) -> dict:
+@torch.no_grad()
+def _diagnostics_record(step: int, config: TrainConfig, model: CrepaDiT, noisy, timestep, text, velocity,
+                        targets) -> dict:
+    """The diagnostics of the model's projected states on the fixed diagnostics batch (diagnostics_batch)."""
     from crepa_kernels import diagnostics  # imported lazily: optional for training
 
+    autocast = (torch.autocast(noisy.device.type, dtype=torch.bfloat16)
+                if compute_dtype(config) == torch.bfloat16 else contextlib.nullcontext())
+    with autocast:
+        _, alignment = model(noisy, timestep, text, velocity, targets)
+    projected = alignment.projected.float()
     # one row per token, L2-normalised as in the CKNNA authors' measurement (platonic-rep, normalize=True)
-    flat_proj = F.normalize(projected.flatten(0, 2).float(), dim=-1)
+    flat_proj = F.normalize(projected.flatten(0, 2), dim=-1)
     flat_target = F.normalize(targets.flatten(0, 2).float(), dim=-1)
     if flat_proj.shape[0] > 4096:
         keep = torch.randperm(flat_proj.shape[0], generator=torch.Generator().manual_seed(0))[:4096]
@@ -293,7 +330,6 @@ def _diagnostics_record(step: int, config: TrainConfig, projected: torch.Tensor,
         "cross_frame_similarity": diagnostics.cross_frame_similarity(projected, targets).tolist(),
         "smoothness_proj": float(diagnostics.temporal_smoothness(projected)),
         "smoothness_target": float(diagnostics.temporal_smoothness(targets)),
-        "align_loss": align_loss,
     }
 
 
@@ -327,29 +363,35 @@ def train(config: TrainConfig, backend: str) -> RunResult:
         device_ids = [device.index] if device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
-    token_grid = None
+
+    def model_inputs(batch: dict[str, torch.Tensor], shard: slice = slice(None)) -> tuple[torch.Tensor, ...]:
+        """The DiT's inputs, the flow target and the alignment targets of (a shard of) a batch."""
+        batch = {name: value[shard].to(device) for name, value in batch.items()}
+        x0 = vae(batch["video"])
+        grid = dit_token_grid(x0.shape[2:], transformer.config.patch_size)
+        targets = encoder_features_to_tokens(encoder(batch["video"]), grid, temporal_ratio=config.temporal_ratio,
+                                             temporal_mode=config.temporal_mode)
+        t = batch["t"].view(-1, 1, 1, 1, 1)
+        noisy = (1 - t) * x0 + t * batch["noise"]  # rectified flow, as Wan is trained
+        return noisy, batch["t"] * 1000, batch["text"], batch["noise"] - x0, targets
 
     records, times = [], []
     with PeakMemory(device) as memory:
         for step in range(config.steps):
+            last = step == config.steps - 1
+            diagnose = config.diagnostics_every and rank == 0 and (step % config.diagnostics_every == 0 or last)
+            if diagnose:  # the model as it is before this step's update: step 0 is the initialisation
+                entry = _diagnostics_record(step, config, model, *model_inputs(diagnostics_batch(config)))
+
             batch = synthetic_batch(config, step)
             shard = slice(rank * config.global_batch // world, (rank + 1) * config.global_batch // world)
-            batch = {name: value[shard].to(device) for name, value in batch.items()}
-            x0 = vae(batch["video"])
-            features = encoder(batch["video"])
-            if token_grid is None:
-                token_grid = dit_token_grid(x0.shape[2:], transformer.config.patch_size)
-            targets = encoder_features_to_tokens(features, token_grid, temporal_ratio=config.temporal_ratio,
-                                                 temporal_mode=config.temporal_mode)
-            t = batch["t"].view(-1, 1, 1, 1, 1)
-            noisy = (1 - t) * x0 + t * batch["noise"]  # rectified flow, as Wan is trained
-            velocity = batch["noise"] - x0
+            noisy, timestep, text, velocity, targets = model_inputs(batch, shard)
 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
             with autocast:
-                flow_loss, alignment = trained(noisy, batch["t"] * 1000, batch["text"], velocity, targets)
+                flow_loss, alignment = trained(noisy, timestep, text, velocity, targets)
             loss = flow_loss + alignment.loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -373,11 +415,8 @@ def train(config: TrainConfig, backend: str) -> RunResult:
                           step_time_s=times[-1])
             records.append(record)
 
-            last = step == config.steps - 1
-            if config.diagnostics_every and rank == 0 and (step % config.diagnostics_every == 0 or last):
-                with torch.no_grad():
-                    entry = _diagnostics_record(step, config, alignment.projected.detach(), targets,
-                                                record["align_loss"])
+            if diagnose:
+                entry["align_loss"] = record["align_loss"]  # of the training batch
                 with open(config.diagnostics_json, "a") as out:
                     out.write(json.dumps(entry) + "\n")
     model.capture.remove()
