@@ -453,3 +453,30 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     _, distributed = trainer._load_run(str(two))
     assert len(distributed.records) == 2 and distributed.params.keys() == single.params.keys()
     _assert_within_tolerance(trainer.compare(single, distributed, trainer.DISTRIBUTED_TOLERANCES[torch.float32]))
+
+
+# ----------------------------------------------------------------------------------------------- synthetic data
+
+
+def test_stand_in_encoder_is_frame_wise_and_its_flicker_follows_content():
+    """The premise of the REPA*/CREPA figure: the flicker is a function of what a frame shows, not of its index."""
+    config = trainer.TrainConfig()
+    encoder = trainer.FrozenPatchEncoder(config, torch.Generator().manual_seed(0))
+    video = trainer.synthetic_batch(config, step=0, videos=2)["video"]
+    order = torch.randperm(video.shape[2], generator=torch.Generator().manual_seed(1))
+    features = encoder(video)
+    torch.testing.assert_close(encoder(video[:, :, order]), features[:, order])
+    # a brightness change of 1/gain (invisible in the video) moves the features clearly
+    brighter = encoder(video + 1.0 / config.encoder_flicker_gain)
+    change = (brighter - features).norm(dim=-1).mean() / features.norm(dim=-1).mean()
+    assert change > 0.1
+
+
+def test_diagnostics_batch_is_fixed_and_never_a_training_batch():
+    config = trainer.TrainConfig()
+    first, second = trainer.diagnostics_batch(config), trainer.diagnostics_batch(config)
+    torch.testing.assert_close(first["video"], second["video"])
+    assert (first["t"] == config.diagnostics_t).all()
+    for step in range(3):
+        training = trainer.synthetic_batch(config, step, videos=first["video"].shape[0])
+        assert not torch.allclose(training["video"], first["video"])
