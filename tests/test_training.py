@@ -466,10 +466,10 @@ def test_stand_in_encoder_is_frame_wise_and_its_flicker_follows_content():
     order = torch.randperm(video.shape[2], generator=torch.Generator().manual_seed(1))
     features = encoder(video)
     torch.testing.assert_close(encoder(video[:, :, order]), features[:, order])
-    # a brightness change of 1/gain (invisible in the video) moves the features clearly
+    # a brightness change of 1/gain moves the features far more than it would without the flicker (0.67 vs 0.10)
     brighter = encoder(video + 1.0 / config.encoder_flicker_gain)
     change = (brighter - features).norm(dim=-1).mean() / features.norm(dim=-1).mean()
-    assert change > 0.1
+    assert change > 0.4
 
 
 def test_diagnostics_batch_is_fixed_and_never_a_training_batch():
