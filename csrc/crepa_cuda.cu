@@ -278,7 +278,7 @@ template <typename acc_t, bool kVector>
 __global__ void backward_kernel(const acc_t* __restrict__ grad_loss, Strided proj, Strided target,
                                 const acc_t* __restrict__ stats, int64_t N, int64_t D, Band band, acc_t tau,
                                 bool normalize_weights, acc_t eps, acc_t scale, Strided grad_proj,
-                                Strided grad_target, bool needs_target_grad) {
+                                Strided grad_target, bool needs_proj_grad, bool needs_target_grad) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const int64_t F = band.frames, W = band.width(), S = band.stats_per_frame();
   acc_t* coefficients = reinterpret_cast<acc_t*>(shared_bytes);  // [F][W]
@@ -307,7 +307,7 @@ __global__ void backward_kernel(const acc_t* __restrict__ grad_loss, Strided pro
   const int64_t p_column = b * proj.stride[0] + n * proj.stride[2];
   const int64_t y_column = b * target.stride[0] + n * target.stride[2];
   // grad p_f = sum_slot proj_direct y_{f+o} - proj_self p_f; grad y_k = sum_slot target_direct p_{k-o} - target_self y_k
-  for (int64_t f = 0; f < F; ++f) {
+  for (int64_t f = 0; needs_proj_grad && f < F; ++f) {
     const int64_t out_row = ((b * F + f) * N + n) * D;
     for (int64_t i = int64_t(threadIdx.x) * kChunk; i < D; i += int64_t(blockDim.x) * kChunk) {
       acc_t out[kChunk], row[kChunk];
@@ -392,16 +392,18 @@ void launch_forward(const at::Tensor& proj, const at::Tensor& target, const Band
 template <typename acc_t, bool kVector>
 void launch_backward(const at::Tensor& grad_loss, const at::Tensor& proj, const at::Tensor& target,
                      const at::Tensor& stats, const Band& band, double tau, bool normalize_weights, double eps,
-                     at::Tensor& grad_proj, at::Tensor& grad_target, bool needs_target_grad) {
+                     at::Tensor& grad_proj, at::Tensor& grad_target, bool needs_proj_grad, bool needs_target_grad) {
   const int64_t B = proj.size(0), F = proj.size(1), N = proj.size(2), D = proj.size(3);
   const int threads = threads_for(D);
   const int64_t shared = (3 * F * band.width() + F * band.stats_per_frame() + 2 * F) * int64_t(sizeof(acc_t));
   check_shared_bytes(shared, band);
-  const Strided grad_target_view = needs_target_grad ? strided(grad_target) : strided(grad_proj);  // unused then
+  // a gradient that is not asked for is an empty [0] tensor, never written: any view of a real one stands in
+  const Strided grad_proj_view = needs_proj_grad ? strided(grad_proj) : strided(grad_target);
+  const Strided grad_target_view = needs_target_grad ? strided(grad_target) : strided(grad_proj);
   backward_kernel<acc_t, kVector><<<grid_for(B * N), threads, shared, c10::cuda::getCurrentCUDAStream()>>>(
       grad_loss.data_ptr<acc_t>(), strided(proj), strided(target), stats.data_ptr<acc_t>(), N, D, band,
       static_cast<acc_t>(tau), normalize_weights, static_cast<acc_t>(eps), acc_t(-1) / static_cast<acc_t>(N),
-      strided(grad_proj), grad_target_view, needs_target_grad);
+      grad_proj_view, grad_target_view, needs_proj_grad, needs_target_grad);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -428,7 +430,8 @@ std::tuple<at::Tensor, at::Tensor> align_forward_cuda(const at::Tensor& proj, co
 std::tuple<at::Tensor, at::Tensor> align_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& proj,
                                                        const at::Tensor& target, const at::Tensor& stats,
                                                        int64_t neighbors, bool cumulative, double tau,
-                                                       bool normalize_weights, double eps, bool needs_target_grad) {
+                                                       bool normalize_weights, double eps, bool needs_proj_grad,
+                                                       bool needs_target_grad) {
   check_inputs(proj, target, neighbors, tau, eps);
   TORCH_CHECK(proj.is_cuda(), "align_backward_cuda: expected CUDA tensors");
   const c10::cuda::CUDAGuard device_guard(proj.device());
@@ -436,16 +439,15 @@ std::tuple<at::Tensor, at::Tensor> align_backward_cuda(const at::Tensor& grad_lo
   check_backward_inputs(grad_loss, proj, target, stats, band);
   const auto acc = accumulate_type(proj, target);
   const at::Tensor grad = grad_loss.to(acc).contiguous();  // [B, F]; expanded (stride 0) after a mean
-  at::Tensor grad_proj = new_buffer(proj.sizes(), proj.options());
-  at::Tensor grad_target = needs_target_grad ? new_buffer(target.sizes(), target.options())
-                                             : at::empty({0}, target.options());
+  auto [grad_proj, grad_target] = new_gradients(proj, target, needs_proj_grad, needs_target_grad);
+  if (!needs_proj_grad && !needs_target_grad) return {grad_proj, grad_target};
   const bool vector = rows_are_16_byte_aligned(proj) && rows_are_16_byte_aligned(target) &&
-                      rows_are_16_byte_aligned(grad_proj) &&
+                      (!needs_proj_grad || rows_are_16_byte_aligned(grad_proj)) &&
                       (!needs_target_grad || rows_are_16_byte_aligned(grad_target));
   const bool wide = acc == at::kDouble;
 #define CREPA_LAUNCH_BACKWARD(ACC, VECTOR)                                                                   \
   launch_backward<ACC, VECTOR>(grad, proj, target, stats, band, tau, normalize_weights, eps, grad_proj, \
-                               grad_target, needs_target_grad)
+                               grad_target, needs_proj_grad, needs_target_grad)
   if (wide && vector) CREPA_LAUNCH_BACKWARD(double, true);
   if (wide && !vector) CREPA_LAUNCH_BACKWARD(double, false);
   if (!wide && vector) CREPA_LAUNCH_BACKWARD(float, true);

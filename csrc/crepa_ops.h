@@ -1,7 +1,8 @@
 // The two ops of the extension and what their CPU and CUDA implementations share.
 //
 //   align_forward(proj, target, ...)  -> (per_frame_loss [B, F], stats [B, N, F, 2 + band width])
-//   align_backward(grad_loss, proj, target, stats, ..., needs_target_grad) -> (grad_proj, grad_target or [0])
+//   align_backward(grad_loss, proj, target, stats, ..., needs_proj_grad, needs_target_grad)
+//       -> (grad_proj or [0], grad_target or [0])
 //
 // proj and target are [B, F, N, D] with any strides and any floating dtypes; the loss and the stats are in the
 // accumulation dtype (fp64 if either input is fp64, else fp32); gradients are contiguous, in their input's dtype.
@@ -9,6 +10,7 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <tuple>
 
 #include "crepa_math.h"
@@ -21,12 +23,22 @@ std::tuple<at::Tensor, at::Tensor> align_forward_cpu(const at::Tensor& proj, con
 std::tuple<at::Tensor, at::Tensor> align_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& proj,
                                                       const at::Tensor& target, const at::Tensor& stats,
                                                       int64_t neighbors, bool cumulative, double tau,
-                                                      bool normalize_weights, double eps, bool needs_target_grad);
+                                                      bool normalize_weights, double eps, bool needs_proj_grad,
+                                                      bool needs_target_grad);
+
+// Test switch: run the CPU kernels' baseline-ISA build even where the AVX2 + FMA one could run.
+void set_cpu_baseline_forced(bool forced);
+// "avx2" or "baseline": the build of the CPU kernels that runs now.
+std::string cpu_kernel_isa();
 
 // Buffers the kernels must fill completely. With poisoning on (a test switch) they start as NaN, so an element a
 // kernel forgot to write shows up in the results instead of passing as leftover zeros.
 void set_poison_buffers(bool enabled);
 at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// The gradients align_backward returns: each contiguous in its input's dtype when asked for, else an empty [0].
+std::tuple<at::Tensor, at::Tensor> new_gradients(const at::Tensor& proj, const at::Tensor& target,
+                                                 bool needs_proj_grad, bool needs_target_grad);
 
 at::ScalarType accumulate_type(const at::Tensor& proj, const at::Tensor& target);
 void check_inputs(const at::Tensor& proj, const at::Tensor& target, int64_t neighbors, double tau, double eps);

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(reason is not None, reason=f"C++ extension unava
 
 def test_build_info():
     info = extension.build_info()
-    assert set(info) == {"cuda", "openmp", "torch"}
+    assert set(info) == {"cuda", "openmp", "torch", "cpu_isa"}
+    assert info["cpu_isa"] in ("avx2", "baseline")
     assert info["openmp"], "without -fopenmp at::parallel_for runs on one thread"
     assert info["torch"] == torch.__version__.split("+")[0]
 
@@ -30,6 +31,16 @@ def test_sources_for_the_jit_fallback_are_found():
     for source in config.sources(with_cuda=True, csrc=csrc):
         assert Path(source).exists(), source
     assert (csrc / "crepa_math.h").exists() and (csrc / "crepa_ops.h").exists()
+
+
+def test_built_package_ships_the_sources(tmp_path):
+    """What a wheel holds: setup.py's build_py copies csrc/ into the package, where the JIT fallback looks."""
+    result = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    shipped = {path.name for path in (tmp_path / "crepa_kernels" / "csrc").iterdir()}
+    expected = {path.name for path in (ROOT / "csrc").iterdir() if path.suffix in (".h", ".cpp", ".cu", ".py")}
+    assert expected and expected <= shipped
 
 
 def _installed_cuda_archs() -> set[str]:

@@ -60,7 +60,8 @@ def _jit_build():
     if with_cuda:
         cpp_extension.CUDA_HOME = home
     name = "crepa_kernels_jit_cuda" if with_cuda else "crepa_kernels_jit_cpu"
-    logger.warning("crepa_kernels: no prebuilt extension, compiling %s from %s on first use (cached)", name, csrc)
+    logger.warning("crepa_kernels: no prebuilt extension; loading the JIT build %s (compiled from %s on first use, "
+                   "about a minute, then cached)", name, csrc)
     return cpp_extension.load(
         name=name,
         sources=config.sources(with_cuda, csrc),
@@ -93,7 +94,10 @@ def _load():
 
 
 def build_info() -> dict:
-    """How the loaded extension was compiled ({'cuda': bool, 'openmp': bool, 'torch': str}); raises if unusable."""
+    """How the loaded extension was compiled, and which build of the CPU kernels runs here; raises if unusable.
+
+    {'cuda': bool, 'openmp': bool, 'torch': str, 'cpu_isa': 'avx2' or 'baseline'}
+    """
     module = _load()
     if module is None:
         raise RuntimeError(_load_error)
@@ -104,6 +108,12 @@ def set_poison_buffers(enabled: bool) -> None:
     """Test switch: every buffer the kernels allocate starts as NaN, so an unwritten element shows."""
     build_info()
     _module.set_poison_buffers(enabled)
+
+
+def set_cpu_baseline_forced(forced: bool) -> None:
+    """Test switch: the CPU kernels run their baseline-ISA build even where the AVX2 + FMA build could."""
+    build_info()
+    _module.set_cpu_baseline_forced(forced)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -156,11 +166,11 @@ def _align_forward_fake(proj, target, neighbors, cumulative, tau, normalize_weig
 
 
 def _align_backward_fake(grad_loss, proj, target, stats, neighbors, cumulative, tau, normalize_weights, eps,
-                         needs_target_grad):
-    grad_proj = torch.empty_like(proj, memory_format=torch.contiguous_format)
-    if needs_target_grad:
-        return grad_proj, torch.empty_like(target, memory_format=torch.contiguous_format)
-    return grad_proj, target.new_empty((0,))
+                         needs_proj_grad, needs_target_grad):
+    def gradient(x, needed):
+        return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))
+
+    return gradient(proj, needs_proj_grad), gradient(target, needs_target_grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -173,12 +183,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_stats):
     proj, target, stats = ctx.saved_tensors
-    needs_target_grad = ctx.needs_input_grad[1]
+    needs_proj_grad, needs_target_grad = ctx.needs_input_grad[:2]
+    # the kernel computes and allocates only the gradients asked for; the others come back as empty [0] tensors
     grad_proj, grad_target = torch.ops.crepa_kernels.align_backward(
-        grad_loss, proj, target, stats, *ctx.options, needs_target_grad
+        grad_loss, proj, target, stats, *ctx.options, needs_proj_grad, needs_target_grad
     )
     return (
-        grad_proj if ctx.needs_input_grad[0] else None,
+        grad_proj if needs_proj_grad else None,
         grad_target if needs_target_grad else None,
         None,
         None,
