@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..spec import LossOptions
+from ..spec import LossOptions, compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +151,9 @@ def band_width(num_frames: int, neighbors: int, cumulative: bool) -> int:
     return 3 if 0 < neighbors < num_frames else 1
 
 
-def _accumulate_dtype(proj: torch.Tensor, target: torch.Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (proj.dtype, target.dtype) else torch.float32
-
-
 def _align_forward_fake(proj, target, neighbors, cumulative, tau, normalize_weights, eps):
     batch, frames, tokens, _ = proj.shape
-    dtype = _accumulate_dtype(proj, target)
+    dtype = compute_dtype(proj, target)
     stats_per_frame = 2 + band_width(frames, neighbors, cumulative)
     return (
         proj.new_empty((batch, frames), dtype=dtype),
