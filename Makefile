@@ -24,5 +24,5 @@ bench: $(STAMP)
 # kernels compile for sm_80 and sm_90 without register spills or local memory.
 test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)
-	$(PY) benchmarks/compile_triton.py
-	$(PY) benchmarks/check_cuda_build.py
+	$(PY) tools/compile_triton.py
+	$(PY) tools/check_cuda_build.py

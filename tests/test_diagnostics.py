@@ -360,7 +360,7 @@ def test_smoothness_rejects_bad_input(states, kwargs, error, name):
 
 
 def load_plot_script():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "plot_alignment.py"
+    path = Path(__file__).resolve().parent.parent / "examples" / "plot_alignment.py"
     spec = importlib.util.spec_from_file_location("plot_alignment", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -47,7 +47,7 @@ def _installed_cuda_archs() -> set[str]:
     spec = importlib.util.find_spec("crepa_kernels._C")
     if spec is None or not extension.build_info()["cuda"]:
         return set()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "tools"))
     try:
         import check_cuda_build
     finally:
@@ -59,7 +59,7 @@ def test_cuda_build_has_no_local_memory():
     archs = _installed_cuda_archs()
     if not archs >= {"sm_80", "sm_90"}:
         pytest.skip("no installed sm_80 + sm_90 build to inspect; building one takes minutes: "
-                    "run `python benchmarks/check_cuda_build.py` (CI does, from .ci/run)")
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_cuda_build.py")], capture_output=True,
+                    "run `python tools/check_cuda_build.py` (CI does, from .ci/run)")
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "check_cuda_build.py")], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr

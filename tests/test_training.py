@@ -1,5 +1,5 @@
 """crepa_kernels.training inside real diffusers video transformers, and the lockstep / DDP trainer
-benchmarks/train_dit.py on tiny configurations (CPU)."""
+examples/train_dit.py on tiny configurations (CPU)."""
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +33,7 @@ from crepa_kernels.training import (
 
 diffusers = pytest.importorskip("diffusers")
 
-TRAINER_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "train_dit.py"
+TRAINER_PATH = Path(__file__).resolve().parents[1] / "examples" / "train_dit.py"
 
 
 def _load_trainer():

@@ -19,7 +19,7 @@ def test_ahead_of_time_compile_has_no_spills():
     # every @triton.jit kernel into an uncompilable Python function at import time.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("CUDA_HOME", "/usr/local/cuda")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_triton.py"), "--quick", "--json"],
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "compile_triton.py"), "--quick", "--json"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.stdout.strip(), done.stderr
     results = json.loads(done.stdout.strip().splitlines()[-1])

@@ -141,7 +141,7 @@ def launch_config(kernel: str, dim: int, frames: int, dtype: torch.dtype) -> Lau
       drops below 16 (tl.dot).
     * num_stages = 2: the D loop is a plain streaming loop; one tile in flight hides the latency, more stages
       only cost shared memory (each stage holds both input tiles).
-    Checked with benchmarks/compile_triton.py: no spills on sm_80 / sm_90 for D in {768, 1024, 1152, 1536}.
+    Checked with tools/compile_triton.py: no spills on sm_80 / sm_90 for D in {768, 1024, 1152, 1536}.
     """
     if kernel == "forward":
         block_n = (2 if dtype == torch.float64 else 4) if frames <= 16 else 1
@@ -428,7 +428,7 @@ def stats_shapes(proj: torch.Tensor, target: torch.Tensor, options: LossOptions)
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: kernel, grid, positional arguments and constexpr/launch keywords. The dispatcher and
-    benchmarks/compile_triton.py both build it here, so the ahead-of-time check compiles what would run."""
+    tools/compile_triton.py both build it here, so the ahead-of-time check compiles what would run."""
     kernel: object
     grid: tuple[int, int, int]
     args: tuple

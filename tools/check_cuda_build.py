@@ -5,7 +5,7 @@ Takes the installed crepa_kernels._C when it holds sm_80 and sm_90 code (`make t
 each kernel's resource use (cuobjdump -res-usage) and exits non-zero on a missing architecture or on any stack
 frame / local memory (register spills land there). No GPU is needed.
 
-    python benchmarks/check_cuda_build.py [--rebuild]
+    python tools/check_cuda_build.py [--rebuild]
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ Registers and spills: triton 3.8 has CompiledKernel.n_regs / n_spills, but fills
 binary on a device (CompiledKernel._init_handles -> driver.utils.load_binary). Without a GPU they are read from
 the `ptxas -v` log of the same ptxas run that produced the cubin (knobs.nvidia.dump_ptxas_log).
 
-Usage: python benchmarks/compile_triton.py [--quick] [--json]
+Usage: python tools/compile_triton.py [--quick] [--json]
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Plot the alignment diagnostics of a REPA* run next to a CREPA run.
 
-    python benchmarks/plot_alignment.py                                   # two short trainer runs, then the plot
-    python benchmarks/plot_alignment.py --logs repa.jsonl crepa.jsonl     # plot existing logs
+    python examples/plot_alignment.py                                   # two short trainer runs, then the plot
+    python examples/plot_alignment.py --logs repa.jsonl crepa.jsonl     # plot existing logs
 
-The logs are the JSON lines that benchmarks/train_dit.py --diagnostics-json writes, one record per line:
+The logs are the JSON lines that examples/train_dit.py --diagnostics-json writes, one record per line:
     {"step", "neighbors", "cknna", "cross_frame_similarity": [[F x F]], "smoothness_proj", "smoothness_target",
      "align_loss"}
 The figure shows CKNNA over steps, temporal smoothness over steps, the same-frame and adjacent-frame mean cosine
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-TRAINER = REPO / "benchmarks" / "train_dit.py"
+TRAINER = REPO / "examples" / "train_dit.py"
 REQUIRED_KEYS = ("step", "neighbors", "cknna", "cross_frame_similarity", "smoothness_proj", "smoothness_target")
 # About 40 s per run on this 2-core CPU with OMP_NUM_THREADS=1 (the backend does not change the diagnostics, and the
 # reference needs no compilation); replaced by --trainer-args. lr and lambda are above the trainer's defaults (1e-3,

@@ -1,9 +1,9 @@
 """CREPA inside a real DiT training loop: a tiny diffusers WanTransformer3DModel trained with rectified flow +
 lambda * CREPA on synthetic videos, run in lockstep with the reference loss and a fused backend.
 
-    python benchmarks/train_dit.py                                   # lockstep: reference vs --backend (auto)
-    python benchmarks/train_dit.py --backend triton --steps 3        # under TRITON_INTERPRET=1 on the CPU
-    torchrun --nproc_per_node 2 benchmarks/train_dit.py              # the same under DistributedDataParallel
+    python examples/train_dit.py                                   # lockstep: reference vs --backend (auto)
+    python examples/train_dit.py --backend triton --steps 3        # under TRITON_INTERPRET=1 on the CPU
+    torchrun --nproc_per_node 2 examples/train_dit.py              # the same under DistributedDataParallel
 
 Both runs start from the same seed and see the same batches; per step the total loss, the alignment loss and the
 gradient norm are compared, and the parameters at the end. The exit status is 1 past tolerance. Nothing is
