@@ -21,13 +21,16 @@ from crepa_kernels import available_backends, cross_frame_align_loss
 from crepa_kernels.spec import LossOptions
 from crepa_kernels.training import (
     CrepaRegularizer,
+    CrepaTransformer,
     HiddenStateCapture,
     build_projector,
     dit_token_grid,
     encoder_features_to_tokens,
     find_blocks,
+    flow_matching_loss,
     latent_frame_count,
     pool_frames,
+    rectified_flow_pair,
     resize_frames,
 )
 
@@ -37,6 +40,7 @@ TRAINER_PATH = Path(__file__).resolve().parents[1] / "examples" / "train_dit.py"
 
 
 def _load_trainer():
+    sys.path.insert(0, str(TRAINER_PATH.parent))  # the trainer imports its helpers from next to it
     spec = importlib.util.spec_from_file_location("train_dit", TRAINER_PATH)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their module by name
@@ -355,6 +359,44 @@ def test_regularizer_loss_and_figures_against_direct_computation(options):
     assert not out.self_similarity.requires_grad and not out.neighbor_similarity.requires_grad
 
 
+# ----------------------------------------------------------------------------------------------- model wrapper
+
+
+def test_crepa_transformer_equals_capture_plus_regularizer():
+    torch.manual_seed(4)
+    model, run, tokens = _wan()
+    regularizer = CrepaRegularizer(32, 12, projector_width=16, backend="reference")
+    targets = torch.randn(2, 3, tokens // 3, 12, dtype=torch.float32)
+    x, t, text = torch.randn(2, 4, 3, 6, 10), torch.tensor([100.0, 700.0]), torch.randn(2, 7, 32)
+    with HiddenStateCapture(model, 1) as capture:
+        expected_prediction = model(x, t, text, return_dict=False)[0]
+        expected = regularizer(capture.pop(), targets)
+    wrapped = CrepaTransformer(model, regularizer, 1)
+    output, alignment = wrapped(x, t, text, targets=targets, return_dict=False)
+    assert torch.equal(output[0], expected_prediction)
+    assert torch.equal(alignment.loss, expected.loss) and torch.equal(alignment.projected, expected.projected)
+    wrapped.remove_hooks()
+    assert len(model.blocks[1]._forward_hooks) == 0 and len(model._forward_pre_hooks) == 0
+
+
+def test_rectified_flow_pair_and_loss():
+    generator = torch.Generator().manual_seed(5)
+    latents, noise = torch.randn(3, 2, 5, 4, 6, generator=generator, dtype=torch.float64), \
+        torch.randn(3, 2, 5, 4, 6, generator=generator, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.37, 1.0], dtype=torch.float64)
+    noisy, velocity = rectified_flow_pair(latents, noise, t)
+    for i in range(3):
+        torch.testing.assert_close(noisy[i], (1 - t[i]) * latents[i] + t[i] * noise[i], rtol=1e-15, atol=1e-15)
+    assert torch.equal(velocity, noise - latents)
+    prediction = velocity + 0.1
+    assert flow_matching_loss(prediction.half(), velocity.half()).dtype == torch.float32
+    torch.testing.assert_close(flow_matching_loss(prediction, velocity), torch.tensor(0.01, dtype=torch.float64))
+    with pytest.raises(ValueError, match="t:"):
+        rectified_flow_pair(latents, noise, t[:2])
+    with pytest.raises(ValueError, match="noise:"):
+        rectified_flow_pair(latents, noise[:2], t)
+
+
 # ----------------------------------------------------------------------------------------------- trainer
 
 SMALL = trainer.TrainConfig(steps=3, global_batch=2, pixel_frames=9, height=32, width=48, projector_width=32,
@@ -449,8 +491,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     _assert_within_tolerance(summary["comparisons"]["compare_with"])
 
     # the same comparison, recomputed here from the saved files
-    _, single = trainer._load_run(str(one))
-    _, distributed = trainer._load_run(str(two))
+    _, single = trainer.load_run(str(one))
+    _, distributed = trainer.load_run(str(two))
     assert len(distributed.records) == 2 and distributed.params.keys() == single.params.keys()
     _assert_within_tolerance(trainer.compare(single, distributed, trainer.DISTRIBUTED_TOLERANCES[torch.float32]))
 

@@ -1,5 +1,9 @@
-"""CREPA inside a DiT trainer: projector, checkpointing-safe block capture, token-grid mapping, regulariser."""
+"""CREPA inside a DiT trainer: projector, checkpointing-safe block capture, token-grid mapping, regulariser, the
+model wrapper that puts a transformer and its regulariser behind one forward, and the rectified-flow step pieces."""
 from .capture import HiddenStateCapture, find_blocks
+from .distributed import mean_over_ranks, rank_and_world
+from .flow import flow_matching_loss, rectified_flow_pair
+from .model import CrepaTransformer
 from .projector import build_projector
 from .regularizer import AlignmentOutput, CrepaRegularizer
 from .token_grid import (
@@ -14,13 +18,18 @@ from .token_grid import (
 __all__ = [
     "AlignmentOutput",
     "CrepaRegularizer",
+    "CrepaTransformer",
     "HiddenStateCapture",
     "build_projector",
     "dit_token_grid",
     "encoder_features_to_tokens",
     "find_blocks",
+    "flow_matching_loss",
     "group_frames",
     "latent_frame_count",
+    "mean_over_ranks",
     "pool_frames",
+    "rank_and_world",
+    "rectified_flow_pair",
     "resize_frames",
 ]
