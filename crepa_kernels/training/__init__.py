@@ -1,7 +1,9 @@
 """CREPA inside a DiT trainer: projector, checkpointing-safe block capture, token-grid mapping, regulariser, the
-model wrapper that puts a transformer and its regulariser behind one forward, and the rectified-flow step pieces."""
+model wrapper that puts a transformer and its regulariser behind one forward, the rectified-flow step pieces, and
+the encoder adapters that compute the targets."""
 from .capture import HiddenStateCapture, find_blocks
 from .distributed import mean_over_ranks, rank_and_world
+from .encoders import EncoderAdapter, adapter_for
 from .flow import flow_matching_loss, rectified_flow_pair
 from .model import CrepaTransformer
 from .projector import build_projector
@@ -19,7 +21,9 @@ __all__ = [
     "AlignmentOutput",
     "CrepaRegularizer",
     "CrepaTransformer",
+    "EncoderAdapter",
     "HiddenStateCapture",
+    "adapter_for",
     "build_projector",
     "dit_token_grid",
     "encoder_features_to_tokens",
