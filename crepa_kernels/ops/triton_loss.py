@@ -66,6 +66,10 @@ MAX_SINGLE_WINDOW_FRAMES = 32
 MAX_WINDOW_FRAMES = 128
 # Smallest window, and smallest BLOCK_D: tl.dot needs every non-batch dimension >= 16.
 MIN_DOT_DIM = 16
+# CUDA's launch limits: gridDim.x < 2^31, gridDim.y and gridDim.z <= 65,535. Tests lower MAX_GRID_X to exercise
+# the second axis.
+MAX_GRID_X = 2**31 - 1
+MAX_GRID_YZ = 65_535
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -194,6 +198,16 @@ if triton is not None:
         return x.to(ptr.dtype.element_ty)
 
     @triton.jit
+    def _work_item(num_batches, num_token_blocks, num_tiles):
+        """(batch, token block, frame tile) of this program. The grid is one flat list of work items laid over
+        axes 0 and 1 (plan_grid), token blocks fastest: gridDim.y/z stop at 65,535, gridDim.x at 2^31 - 1. Items
+        past the end (the last row of axis 1) get batch >= num_batches and are masked off by the caller."""
+        item = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+        token_block = item % num_token_blocks
+        rest = item // num_token_blocks
+        return rest // num_tiles, token_block, rest % num_tiles
+
+    @triton.jit
     def _coefficients(frames, num_frames, near, far, z_far, inv_tau, COMPUTE: tl.constexpr):
         """(C[f, k], is_term[f, k]) for the window frames f (rows) and k (columns), both [FRAMES, FRAMES].
 
@@ -219,9 +233,9 @@ if triton is not None:
     @triton.jit
     def _crepa_forward_kernel(
         proj_ptr, target_ptr, p_norm_ptr, y_norm_ptr, band_ptr, partial_ptr,
-        num_frames, num_tokens, dim,
+        num_batches, num_frames, num_tokens, dim,
         sp_b, sp_f, sp_n, sp_d, sy_b, sy_f, sy_n, sy_d,
-        rows_per_tile, halo, num_token_blocks,
+        rows_per_tile, halo, num_tiles, num_token_blocks,
         near, far, z_far, inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
         slot_first, slot_step, num_slots,
         FP64: tl.constexpr, NATIVE_DOT: tl.constexpr,
@@ -230,12 +244,11 @@ if triton is not None:
         COMPUTE: tl.constexpr = tl.float64 if FP64 else tl.float32
         inv_tau = _unsplit(inv_tau_hi, inv_tau_lo, COMPUTE)
         eps = _unsplit(eps_hi, eps_lo, COMPUTE)
-        batch = tl.program_id(0).to(tl.int64)
-        token_block = tl.program_id(1).to(tl.int64)
-        first_row = tl.program_id(2).to(tl.int64) * rows_per_tile
+        batch, token_block, tile = _work_item(num_batches, num_token_blocks, num_tiles)
+        first_row = tile * rows_per_tile
         frames = first_row - halo + tl.arange(0, FRAMES).to(tl.int64)  # the window
         tokens = token_block * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        frame_ok = (frames >= 0) & (frames < num_frames)
+        frame_ok = (frames >= 0) & (frames < num_frames) & (batch < num_batches)
         token_ok = tokens < num_tokens
         dims = tl.arange(0, BLOCK_D).to(tl.int64)
 
@@ -286,10 +299,10 @@ if triton is not None:
     @triton.jit
     def _crepa_backward_kernel(
         proj_ptr, target_ptr, p_norm_ptr, y_norm_ptr, band_ptr, grad_loss_ptr, grad_proj_ptr, grad_target_ptr,
-        num_frames, num_tokens, dim,
+        num_batches, num_frames, num_tokens, dim,
         sp_b, sp_f, sp_n, sp_d, sy_b, sy_f, sy_n, sy_d,
         gp_b, gp_f, gp_n, gp_d, gy_b, gy_f, gy_n, gy_d,
-        rows_per_tile, halo,
+        rows_per_tile, halo, num_tiles, num_token_blocks,
         near, far, z_far, inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
         slot_first, slot_step, num_slots,
         FP64: tl.constexpr, SPLIT_BF16_DOT: tl.constexpr,
@@ -298,12 +311,11 @@ if triton is not None:
         COMPUTE: tl.constexpr = tl.float64 if FP64 else tl.float32
         inv_tau = _unsplit(inv_tau_hi, inv_tau_lo, COMPUTE)
         eps = _unsplit(eps_hi, eps_lo, COMPUTE)
-        batch = tl.program_id(0).to(tl.int64)
-        token_block = tl.program_id(1).to(tl.int64)
-        first_row = tl.program_id(2).to(tl.int64) * rows_per_tile
+        batch, token_block, tile = _work_item(num_batches, num_token_blocks, num_tiles)
+        first_row = tile * rows_per_tile
         frames = first_row - halo + tl.arange(0, FRAMES).to(tl.int64)
         tokens = token_block * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        frame_ok = (frames >= 0) & (frames < num_frames)
+        frame_ok = (frames >= 0) & (frames < num_frames) & (batch < num_batches)
         token_ok = tokens < num_tokens
         dims = tl.arange(0, BLOCK_D).to(tl.int64)
         stat_ok = token_ok[:, None] & frame_ok[None, :]
@@ -425,6 +437,19 @@ def stats_shapes(proj: torch.Tensor, target: torch.Tensor, options: LossOptions)
     }
 
 
+def plan_grid(work_items: int) -> tuple[int, int, int]:
+    """The launch grid for a flat list of work items (see _work_item): axis 0 up to MAX_GRID_X, the rest on axis 1.
+
+    CUDA allows gridDim.x < 2^31 and gridDim.y, z <= 65,535; a [B, token blocks, frame tiles] grid passed 65,535
+    on axis 1 from N = 65,536 tokens on. Axis 1 is needed only past 2^31 - 1 work items.
+    """
+    x = min(work_items, MAX_GRID_X)
+    y = triton.cdiv(work_items, x)
+    if y > MAX_GRID_YZ:
+        raise ValueError(f"triton backend: {work_items} programs exceed the CUDA grid ({MAX_GRID_X} x {MAX_GRID_YZ})")
+    return x, y, 1
+
+
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: kernel, grid, positional arguments and constexpr/launch keywords. The dispatcher and
@@ -439,12 +464,12 @@ def forward_launch(proj, target, options: LossOptions, norms, band, partial) -> 
     batch, num_frames, num_tokens, dim = proj.shape
     plan, config, dtype = _forward_setup(proj, target, options)
     tiling = plan.tiling
-    grid = (batch, triton.cdiv(num_tokens, config.block_n), tiling.num_tiles)
+    token_blocks = triton.cdiv(num_tokens, config.block_n)
     args = (
         proj, target, norms[0], norms[1], band, partial,
-        num_frames, num_tokens, dim,
+        batch, num_frames, num_tokens, dim,
         *proj.stride(), *target.stride(),
-        tiling.rows_per_tile, tiling.halo, grid[1],
+        tiling.rows_per_tile, tiling.halo, tiling.num_tiles, token_blocks,
         plan.near, plan.far, plan.z_far, *_split(1.0 / options.tau), *_split(options.eps),
         plan.slot_first, plan.slot_step, plan.num_slots,
     )
@@ -453,7 +478,7 @@ def forward_launch(proj, target, options: LossOptions, norms, band, partial) -> 
         FRAMES=tiling.frames, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return Launch(_crepa_forward_kernel, grid, args, kwargs)
+    return Launch(_crepa_forward_kernel, plan_grid(batch * token_blocks * tiling.num_tiles), args, kwargs)
 
 
 def backward_launch(grad_loss, proj, target, norms, band, options: LossOptions, grad_proj, grad_target) -> Launch:
@@ -462,14 +487,14 @@ def backward_launch(grad_loss, proj, target, norms, band, options: LossOptions, 
     tiling = plan.tiling
     dtype = dot_dtype("backward", proj.dtype, target.dtype)
     config = launch_config("backward", dim, tiling.frames, dtype)
-    grid = (batch, triton.cdiv(num_tokens, config.block_n), tiling.num_tiles)
+    token_blocks = triton.cdiv(num_tokens, config.block_n)
     target_grad = grad_target is not None
     grad_target = grad_target if target_grad else grad_proj  # never written: TARGET_GRAD is False
     args = (
         proj, target, norms[0], norms[1], band, grad_loss, grad_proj, grad_target,
-        num_frames, num_tokens, dim,
+        batch, num_frames, num_tokens, dim,
         *proj.stride(), *target.stride(), *grad_proj.stride(), *grad_target.stride(),
-        tiling.rows_per_tile, tiling.halo,
+        tiling.rows_per_tile, tiling.halo, tiling.num_tiles, token_blocks,
         plan.near, plan.far, plan.z_far, *_split(1.0 / options.tau), *_split(options.eps),
         plan.slot_first, plan.slot_step, plan.num_slots,
     )
@@ -478,7 +503,7 @@ def backward_launch(grad_loss, proj, target, norms, band, options: LossOptions, 
         TARGET_GRAD=target_grad, FRAMES=tiling.frames, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return Launch(_crepa_backward_kernel, grid, args, kwargs)
+    return Launch(_crepa_backward_kernel, plan_grid(batch * token_blocks * tiling.num_tiles), args, kwargs)
 
 
 def forward_into(proj, target, options: LossOptions, norms, band, partial) -> None:
