@@ -34,7 +34,9 @@ def cross_frame_align_loss(
         num_frames: F, required when an input is 3-D.
         eps: norms are clamped to at least eps, as in torch.nn.functional.normalize.
         backend: "auto", "reference", "triton", "cpu" or "cuda". The environment variable CREPA_KERNELS_BACKEND
-            overrides "auto".
+            overrides "auto". "auto" takes the first backend that can run this call (device, shape, dtypes,
+            options), warning once about any it passes over; a named backend that cannot run it raises with the
+            reason. ``crepa_kernels.explain_backend`` tells which one a call would use, and why.
 
     Returns:
         The loss, fp32 (fp64 when an input is fp64): a scalar, or [B, F] for reduction="none".
@@ -49,6 +51,6 @@ def cross_frame_align_loss(
     )
     check_backend_name(backend)
     proj_frames, target_frames = as_frames(proj, target, num_frames)
-    implementation = select_backend(backend, proj_frames.device)
+    implementation = select_backend(backend, proj_frames.device, proj_frames, target_frames, options)
     per_frame = implementation.per_frame_loss(proj_frames, target_frames, options)
     return reduce_frames(per_frame, options.reduction)

@@ -1,8 +1,14 @@
-"""Backend registry and selection.
+"""Backend registry and selection: which backend runs a call, and why.
 
-A backend is a module with two functions:
-    unavailable_reason(device: torch.device) -> str | None   # None when it can run on that device
-    per_frame_loss(proj, target, options) -> Tensor [B, F]    # autograd-aware, inputs as spec.as_frames gives them
+A backend is a module with
+    unavailable_reason(device: torch.device) -> str | None      # None when it can run on that device at all
+    call_unsupported_reason(proj, target, options) -> str | None  # None when it can run this call
+    per_frame_loss(proj, target, options) -> Tensor [B, F]      # autograd-aware, inputs as spec.as_frames gives them
+
+``call_unsupported_reason`` sees the call through :class:`InputSpec` (shape, dtype, device, requires_grad; a
+tensor has the same attributes) and a :class:`~crepa_kernels.spec.LossOptions`. ``shape`` is None while
+torch.compile traces (sizes may be symbolic there), so shape limits are checked again at launch; ``tau``, ``eps``
+and ``reduction`` never decide the backend and are left at their defaults.
 """
 from __future__ import annotations
 
@@ -10,8 +16,11 @@ import functools
 import importlib
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
+
+from .spec import LossOptions, as_frames
 
 BACKEND_MODULES = {
     "reference": "crepa_kernels.reference_backend",
@@ -34,6 +43,34 @@ AUTO_ORDER = {
 }
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """One input of a call without its data: what call_unsupported_reason may look at."""
+    shape: tuple[int, ...] | None  # [B, F, N, D]; None while torch.compile traces
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """What explain_backend returns: the backend a call would run on, and every backend's reason."""
+    requested: str  # "auto" or a backend name, after CREPA_KERNELS_BACKEND
+    backend: str | None  # the backend that would run; None when the call would raise
+    reasons: dict[str, str | None]  # each backend -> None if it can run this call, else why not
+    candidates: tuple[str, ...]  # the backends "auto" tries on this device, in order (just the named one otherwise)
+    error: str | None = None  # the call's error when backend is None
+
+    def __str__(self) -> str:
+        lines = [f"requested {self.requested!r}: " + (f"runs on {self.backend!r}" if self.backend else self.error)]
+        others = [name for name in self.reasons if name not in self.candidates]
+        for name in (*self.candidates, *others):  # in the order they are tried, then the rest
+            reason = self.reasons[name]
+            mark = "" if name in self.candidates else " (not a candidate)"
+            lines.append(f"  {name:9s} {'can run it' if reason is None else reason}{mark}")
+        return "\n".join(lines)
+
+
 def _load(name: str):
     return importlib.import_module(BACKEND_MODULES[name])
 
@@ -54,12 +91,37 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return _unavailable_reason(name, device.type, device.index)
 
 
-def available_backends(device: torch.device | str | None = None) -> dict[str, bool | str]:
-    """Each backend name -> True, or the reason it cannot run on ``device`` (default: CUDA if present, else CPU)."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    return {name: unavailable_reason(name, device) or True for name in BACKEND_NAMES}
+def call_unsupported_reason(name: str, proj, target, options: LossOptions) -> str | None:
+    """None if backend ``name`` can run this call (device, shape, dtypes, options), else the reason."""
+    return unavailable_reason(name, proj.device) or _load(name).call_unsupported_reason(proj, target, options)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The call as a hashable key: resolution is cached per key in eager mode and is a constant under torch.compile.
+
+
+def call_key(proj: torch.Tensor, target: torch.Tensor, options: LossOptions | None) -> tuple | None:
+    """What selection depends on, as Python constants. Sizes are left out while torch.compile traces (they may
+    be symbolic, and pinning them would defeat dynamic shapes)."""
+    if options is None:
+        return None
+    shape = None if torch.compiler.is_compiling() else tuple(proj.shape)
+    return (shape, proj.dtype, target.dtype, proj.requires_grad, target.requires_grad,
+            options.neighbors, options.neighbor_mode, options.normalize_weights)
+
+
+def _specs(device: torch.device, key: tuple) -> tuple[InputSpec, InputSpec, LossOptions]:
+    shape, proj_dtype, target_dtype, proj_grad, target_grad, neighbors, mode, normalize = key
+    options = LossOptions(neighbors=neighbors, neighbor_mode=mode, normalize_weights=normalize)
+    return (InputSpec(shape, proj_dtype, device, proj_grad), InputSpec(shape, target_dtype, device, target_grad),
+            options)
+
+
+def _reasons(device: torch.device, key: tuple | None) -> dict[str, str | None]:
+    if key is None:
+        return {name: unavailable_reason(name, device) for name in BACKEND_NAMES}
+    proj, target, options = _specs(device, key)
+    return {name: call_unsupported_reason(name, proj, target, options) for name in BACKEND_NAMES}
 
 
 def _check_name(name, source: str) -> None:
@@ -69,47 +131,100 @@ def _check_name(name, source: str) -> None:
         raise ValueError(f"{source}: expected one of {('auto',) + BACKEND_NAMES}, got {name!r}")
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_fallback(name: str, reason: str) -> None:
-    warnings.warn(f"crepa_kernels: backend {name!r} is not usable, falling back: {reason}", RuntimeWarning, stacklevel=4)
-
-
 def check_backend_name(backend) -> None:
     _check_name(backend, "backend")
 
 
-@torch.compiler.assume_constant_result  # resolved once while torch.compile traces: no graph break
-def resolve_backend_name(backend: str, device_type: str, device_index: int | None) -> str:
-    """The backend that runs for ``backend`` on this device; raises if a named backend cannot run.
-
-    Under torch.compile this, and so CREPA_KERNELS_BACKEND, is read when the graph is traced.
-    """
+def _choose(backend: str, override: str | None, device: torch.device, key: tuple | None) -> BackendChoice:
     _check_name(backend, "backend")
-    device = torch.device(device_type, device_index)
     source = "backend"
-    if backend == "auto" and os.environ.get(ENV_OVERRIDE):
-        backend = os.environ[ENV_OVERRIDE]
-        source = f"environment variable {ENV_OVERRIDE}"
+    if backend == "auto" and override:
+        backend, source = override, f"environment variable {ENV_OVERRIDE}"
         _check_name(backend, source)
+    reasons = _reasons(device, key)
+    what = "on " + str(device) if key is None else "this call"
     if backend != "auto":
-        reason = unavailable_reason(backend, device)
-        if reason is not None:
-            raise RuntimeError(f"{source}={backend!r} cannot run on {device}: {reason}")
-        _LOADED[backend] = _load(backend)
-        return backend
-    for name in AUTO_ORDER.get(device.type, ("reference",)):
-        reason = unavailable_reason(name, device)
-        if reason is None:
-            _LOADED[name] = _load(name)
-            return name
-        if name != "reference":
-            _warn_fallback(name, reason)
-    raise RuntimeError(f"no crepa_kernels backend can run on {device}")
+        reason = reasons[backend]
+        error = None if reason is None else f"{source}={backend!r} cannot run {what}: {reason}"
+        return BackendChoice(backend, None if error else backend, reasons, (backend,), error)
+    candidates = AUTO_ORDER.get(device.type, ("reference",))
+    for name in candidates:
+        if reasons[name] is None:
+            return BackendChoice("auto", name, reasons, candidates)
+    return BackendChoice("auto", None, reasons, candidates, f"no crepa_kernels backend can run {what}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve(backend: str, override: str | None, device_type: str, device_index: int | None, key) -> str:
+    choice = _choose(backend, override, torch.device(device_type, device_index), key)
+    if choice.backend is None:
+        raise RuntimeError(choice.error)
+    skipped = [f"{name!r}: {choice.reasons[name]}" for name in choice.candidates[:choice.candidates.index(choice.backend)]
+               if name != "reference"]
+    if skipped:  # one warning per distinct call, naming every backend passed over
+        warnings.warn(f"crepa_kernels: backend 'auto' runs {choice.backend!r}, passing over " + "; ".join(skipped),
+                      RuntimeWarning, stacklevel=5)
+    _LOADED[choice.backend] = _load(choice.backend)
+    return choice.backend
+
+
+@torch.compiler.assume_constant_result  # resolved once while torch.compile traces: no graph break
+def resolve_backend_name(backend: str, device_type: str, device_index: int | None, key: tuple | None = None) -> str:
+    """The backend that runs ``backend`` for this call (``key`` from call_key; None: the device alone); raises if a
+    named backend cannot run it. Under torch.compile this, and so CREPA_KERNELS_BACKEND, is read when the graph is
+    traced."""
+    return _resolve(backend, os.environ.get(ENV_OVERRIDE) or None, device_type, device_index, key)
 
 
 _LOADED: dict = {}
 
 
-def select_backend(backend: str, device: torch.device):
-    """The backend module to run for tensors on ``device``."""
-    return _LOADED[resolve_backend_name(backend, device.type, device.index)]
+def select_backend(backend: str, device: torch.device, proj: torch.Tensor | None = None,
+                   target: torch.Tensor | None = None, options: LossOptions | None = None):
+    """The backend module to run for this call (or, without proj/target/options, for any call on ``device``)."""
+    key = None if proj is None else call_key(proj, target, options)
+    return _LOADED[resolve_backend_name(backend, device.type, device.index, key)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public queries
+
+
+def _call(proj, target, num_frames, options: dict) -> tuple[torch.Tensor, torch.Tensor, LossOptions]:
+    proj, target = as_frames(proj, target, num_frames)
+    return proj, target, LossOptions(**options)
+
+
+def available_backends(device: torch.device | str | None = None, *, proj: torch.Tensor | None = None,
+                       target: torch.Tensor | None = None, num_frames: int | None = None,
+                       **options) -> dict[str, bool | str]:
+    """Each backend name -> True, or the reason it cannot run.
+
+    With only ``device`` (default: CUDA if present, else CPU): whether it can run there at all. With ``proj`` and
+    ``target`` (and the loss options of cross_frame_align_loss, e.g. ``neighbors=2``): whether it can run that call.
+    """
+    if proj is None and target is None:
+        if options or num_frames is not None:
+            raise TypeError(f"available_backends: loss options {sorted(options)} need proj and target")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        return {name: unavailable_reason(name, device) or True for name in BACKEND_NAMES}
+    if proj is None or target is None:
+        raise TypeError("available_backends: pass both proj and target, or neither")
+    proj, target, loss_options = _call(proj, target, num_frames, options)
+    if device is not None and torch.device(device) != proj.device:
+        raise ValueError(f"device: expected None or the inputs' device {proj.device}, got {device}")
+    return {name: call_unsupported_reason(name, proj, target, loss_options) or True for name in BACKEND_NAMES}
+
+
+def explain_backend(proj: torch.Tensor, target: torch.Tensor, *, backend: str = "auto", num_frames: int | None = None,
+                    **options) -> BackendChoice:
+    """Which backend ``cross_frame_align_loss(proj, target, backend=backend, **options)`` would run, and why:
+    every backend's reason for this call and the order "auto" tries them in. Runs no kernel; never raises for a
+    backend that cannot run (``.error`` says what the call would raise). ``print(explain_backend(...))`` reads well.
+    """
+    check_backend_name(backend)
+    proj, target, loss_options = _call(proj, target, num_frames, options)
+    key = call_key(proj, target, loss_options)
+    return _choose(backend, os.environ.get(ENV_OVERRIDE) or None, proj.device, key)

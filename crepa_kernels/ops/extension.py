@@ -129,6 +129,47 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # csrc/crepa_ops.cpp check_floating
+# csrc/crepa_cuda.cu: kMaxSharedBytes (no opt-in past the default per-block limit), kChunk, kWarp, kMaxThreads
+CUDA_MAX_SHARED_BYTES = 48 * 1024
+_CUDA_CHUNK, _CUDA_WARP, _CUDA_MAX_THREADS = 8, 32, 256
+_INT32_MAX = 2**31 - 1
+
+
+def cuda_shared_bytes(kernel: str, shape, proj_dtype, target_dtype, options: LossOptions) -> int:
+    """Dynamic shared memory per block of the CUDA kernels (mirrors launch_forward / launch_backward)."""
+    _, num_frames, _, dim = shape
+    width = band_width(num_frames, options.neighbors, options.neighbor_mode == "cumulative")
+    stats_per_frame = 2 + width
+    element = 8 if torch.float64 in (proj_dtype, target_dtype) else 4
+    if kernel == "forward":
+        chunks = -(-dim // _CUDA_CHUNK)
+        threads = min(-(-chunks // _CUDA_WARP) * _CUDA_WARP, _CUDA_MAX_THREADS)
+        count = num_frames * width + num_frames * stats_per_frame + (threads // _CUDA_WARP) * stats_per_frame
+    else:
+        count = 3 * num_frames * width + num_frames * stats_per_frame + 2 * num_frames
+    return count * element
+
+
+def call_unsupported_reason(proj, target, options: LossOptions) -> str | None:
+    """None if the kernel for proj.device can run this call (see crepa_kernels.backends); limits that depend on the
+    shape are checked only when proj.shape is known."""
+    for name, x in (("proj", proj), ("target", target)):
+        if x.dtype not in SUPPORTED_DTYPES:
+            return f"the C++/CUDA kernels take {', '.join(map(str, SUPPORTED_DTYPES))}; {name} is {x.dtype}"
+    if proj.device.type != "cuda" or proj.shape is None:
+        return None
+    batch, num_frames, num_tokens, _ = proj.shape
+    if batch * num_tokens > _INT32_MAX:
+        return f"the CUDA kernels launch one block per token column: B * N = {batch * num_tokens} > {_INT32_MAX}"
+    for kernel in ("forward", "backward"):  # the backward needs more; both are refused before the forward runs
+        need = cuda_shared_bytes(kernel, proj.shape, proj.dtype, target.dtype, options)
+        if need > CUDA_MAX_SHARED_BYTES:
+            return (f"the CUDA {kernel} kernel needs {need} bytes of shared memory per block for F={num_frames} with "
+                    f"{options.neighbor_mode} d={options.neighbors}, more than its limit of {CUDA_MAX_SHARED_BYTES}")
+    return None
+
+
 def per_frame_loss(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:
     if _module is None:
         _load()

@@ -87,6 +87,35 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"the Triton backend supports CUDA devices (and CPU under TRITON_INTERPRET=1), not {device.type}"
 
 
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# bf16 tl.dot needs sm_80; tools/compile_triton.py checks sm_80 to sm_90 ahead of time
+MIN_CAPABILITY = (8, 0)
+
+
+def call_unsupported_reason(proj, target, options: LossOptions) -> str | None:
+    """None if this call can run here (see crepa_kernels.backends); shape limits only when proj.shape is known."""
+    for name, x in (("proj", proj), ("target", target)):
+        if x.dtype not in SUPPORTED_DTYPES:
+            return f"the Triton kernels take {', '.join(map(str, SUPPORTED_DTYPES))}; {name} is {x.dtype}"
+    if proj.device.type == "cuda":
+        capability = torch.cuda.get_device_capability(proj.device)
+        if capability < MIN_CAPABILITY:
+            return (f"the Triton kernels need compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
+                    f"(bf16 tl.dot; checked ahead of time for sm_80 to sm_90), {proj.device} has "
+                    f"{capability[0]}.{capability[1]}")
+    if proj.shape is None:
+        return None
+    batch, num_frames, num_tokens, dim = proj.shape
+    try:
+        tiling = frame_tiling(num_frames, max_offset(options, num_frames))
+        for kernel in ("forward", "backward"):
+            config = launch_config(kernel, dim, tiling.frames, dot_dtype(kernel, proj.dtype, target.dtype))
+            plan_grid(batch * triton.cdiv(num_tokens, config.block_n) * tiling.num_tiles)
+    except (NotImplementedError, ValueError) as error:
+        return str(error)
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launch configuration
 

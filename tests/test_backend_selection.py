@@ -1,0 +1,173 @@
+"""Backend selection looks at the call (shape, dtypes, options), not only the device: "auto" passes over a backend
+that cannot run a call with one warning, a named one raises with the reason before any kernel runs, and
+explain_backend says which backend a call would use and why. Backends are made to refuse a call by patching their
+call_unsupported_reason, so the fallback paths run without a GPU."""
+import warnings
+
+import pytest
+import torch
+
+from crepa_kernels import available_backends, cross_frame_align_loss, explain_backend
+from crepa_kernels import backends
+from crepa_kernels.ops import extension, triton_loss
+from harness import assert_close_and_finite, random_pair
+
+CPU_KERNEL = available_backends("cpu")["cpu"] is True
+needs_cpu_kernel = pytest.mark.skipif(not CPU_KERNEL, reason=f"cpu backend unusable: {available_backends('cpu')['cpu']}")
+
+
+@pytest.fixture(autouse=True)
+def fresh_selection(monkeypatch):
+    """Resolution is cached per call; the tests patch reasons, so each starts and ends with an empty cache."""
+    monkeypatch.delenv(backends.ENV_OVERRIDE, raising=False)
+    backends._resolve.cache_clear()
+    yield
+    backends._resolve.cache_clear()
+
+
+def _refuse_when(monkeypatch, module, predicate, reason="refused for the test"):
+    """Makes ``module`` refuse the calls for which predicate(proj, target, options) holds; records what it saw."""
+    seen = []
+    original = module.call_unsupported_reason
+
+    def patched(proj, target, options):
+        seen.append((proj.shape, proj.dtype, target.dtype, options.neighbors))
+        return reason if predicate(proj, target, options) else original(proj, target, options)
+
+    monkeypatch.setattr(module, "call_unsupported_reason", patched)
+    return seen
+
+
+def _record_warnings(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn()
+    return result, [w for w in caught if "crepa_kernels" in str(w.message)]
+
+
+@needs_cpu_kernel
+def test_auto_falls_back_for_a_call_the_first_backend_refuses(monkeypatch):
+    seen = _refuse_when(monkeypatch, extension, lambda p, y, o: o.neighbors == 2 and p.shape[2] == 5)
+    proj, target = random_pair((2, 6, 5, 7))
+
+    def loss(neighbors):
+        return cross_frame_align_loss(proj, target, neighbors=neighbors, neighbor_mode="cumulative")
+
+    # the refused call runs on the reference, with one warning over repeated calls; the reasons saw the real call
+    refused, caught = _record_warnings(lambda: [loss(2), loss(2)])
+    assert len(caught) == 1 and "'cpu': refused for the test" in str(caught[0].message)
+    assert ((2, 6, 5, 7), torch.float32, torch.float32, 2) in seen
+    expected = cross_frame_align_loss(proj.double(), target.double(), neighbors=2, neighbor_mode="cumulative",
+                                      backend="reference")
+    for value in refused:
+        assert_close_and_finite(value, expected, "fallback loss", dtype=torch.float32)
+    assert explain_backend(proj, target, neighbors=2, neighbor_mode="cumulative").backend == "reference"
+    # another call of the same process still runs on the fused kernel, without a warning
+    _, caught = _record_warnings(lambda: loss(1))
+    assert not caught
+    assert explain_backend(proj, target, neighbors=1, neighbor_mode="cumulative").backend == "cpu"
+
+
+@needs_cpu_kernel
+def test_named_backend_refusing_a_call_raises_before_any_kernel(monkeypatch):
+    _refuse_when(monkeypatch, extension, lambda p, y, o: y.dtype == torch.bfloat16, "no bf16 targets today")
+    ran = []
+    monkeypatch.setattr(extension, "per_frame_loss", lambda *args: ran.append(args))
+    proj, target = random_pair((1, 3, 4, 5), torch.float32, torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"backend='cpu' cannot run this call: no bf16 targets today"):
+        cross_frame_align_loss(proj, target, backend="cpu")
+    assert not ran
+    assert available_backends(proj=proj, target=target)["cpu"] == "no bf16 targets today"
+    choice = explain_backend(proj, target, backend="cpu")
+    assert choice.backend is None and "no bf16 targets today" in choice.error
+
+
+def test_environment_variable_names_a_backend_that_must_run_the_call(monkeypatch):
+    _refuse_when(monkeypatch, backends._load("reference"), lambda p, y, o: True, "the reference is off")
+    monkeypatch.setenv(backends.ENV_OVERRIDE, "reference")
+    proj, target = random_pair((1, 3, 4, 5))
+    with pytest.raises(RuntimeError, match="environment variable CREPA_KERNELS_BACKEND='reference' cannot run"):
+        cross_frame_align_loss(proj, target)
+
+
+def test_no_backend_left_raises(monkeypatch):
+    for name in ("reference", "cpu"):
+        _refuse_when(monkeypatch, backends._load(name), lambda p, y, o: True, f"{name} refuses")
+    proj, target = random_pair((1, 3, 4, 5))
+    with pytest.raises(RuntimeError, match="no crepa_kernels backend can run this call"):
+        cross_frame_align_loss(proj, target)
+    choice = explain_backend(proj, target)
+    assert choice.backend is None and choice.reasons["reference"] == "reference refuses"
+
+
+def test_an_unsupported_dtype_falls_back_to_the_reference_for_real():
+    """float8 is a floating dtype the spec accepts and the fused kernels do not: no patching needed."""
+    proj = torch.randn(1, 3, 4, 8).to(torch.float8_e4m3fn)
+    target = torch.randn(1, 3, 4, 8)
+    reasons = available_backends(proj=proj, target=target, neighbors=1)
+    assert reasons["reference"] is True
+    assert "float8_e4m3fn" in reasons["cpu"] and "float8_e4m3fn" in reasons["triton"]
+    loss, caught = _record_warnings(lambda: cross_frame_align_loss(proj, target))
+    expected = cross_frame_align_loss(proj.double(), target.double(), backend="reference")
+    assert_close_and_finite(loss, expected.float(), "float8 loss", dtype=torch.float32)
+    assert len(caught) == (1 if CPU_KERNEL else 0)
+
+
+def test_explain_backend_lists_every_backend_with_its_reason():
+    proj, target = random_pair((1, 5, 4, 3), torch.bfloat16)
+    choice = explain_backend(proj, target, neighbors=2, num_frames=None)
+    assert choice.requested == "auto" and choice.candidates == backends.AUTO_ORDER["cpu"]
+    assert set(choice.reasons) == set(backends.BACKEND_NAMES)
+    assert choice.backend == ("cpu" if CPU_KERNEL else "reference")
+    assert "cuda tensors" in choice.reasons["cuda"]
+    text = str(choice)
+    assert f"runs on {choice.backend!r}" in text and all(name in text for name in backends.BACKEND_NAMES)
+    # the same rules as the call: a 3-D input needs num_frames, bad options raise as the loss would
+    with pytest.raises(ValueError, match="num_frames"):
+        explain_backend(proj.flatten(1, 2), target.flatten(1, 2))
+    with pytest.raises(ValueError, match="neighbor_mode"):
+        explain_backend(proj, target, neighbor_mode="both")
+    with pytest.raises(TypeError, match="need proj and target"):
+        available_backends("cpu", neighbors=2)
+
+
+def test_cuda_order_passes_to_the_cuda_kernel_when_triton_refuses(monkeypatch):
+    """The CUDA device order, with both GPU backends made available: a call Triton refuses goes to 'cuda'."""
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    _refuse_when(monkeypatch, triton_loss, lambda p, y, o: o.neighbors > 4, "window too wide for the test")
+    monkeypatch.setattr(extension, "call_unsupported_reason", lambda p, y, o: None)
+    device = torch.device("cuda", 0)
+    key = ((1, 33, 10, 64), torch.bfloat16, torch.bfloat16, True, False, 9, "cumulative", False)
+    choice = backends._choose("auto", None, device, key)
+    assert choice.backend == "cuda" and choice.reasons["triton"] == "window too wide for the test"
+    assert backends._choose("auto", None, device, key[:5] + (1,) + key[6:]).backend == "triton"
+    # a GPU older than sm_80 (no bf16 tl.dot, not checked ahead of time) goes to the CUDA kernel too
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    choice = backends._choose("auto", None, device, key[:5] + (1,) + key[6:])
+    assert choice.backend == "cuda" and "7.5" in choice.reasons["triton"]
+
+
+def test_triton_reasons_for_calls_it_cannot_run():
+    spec = backends.InputSpec((1, 33, 10, 64), torch.float8_e5m2, torch.device("cpu"), True)
+    assert "float8_e5m2" in triton_loss.call_unsupported_reason(spec, spec, backends.LossOptions())
+    ok = backends.InputSpec((1, 33, 10, 64), torch.bfloat16, torch.device("cpu"), True)
+    assert triton_loss.call_unsupported_reason(ok, ok, backends.LossOptions(neighbors=8)) is None
+    unknown = backends.InputSpec(None, torch.bfloat16, torch.device("cpu"), True)  # while torch.compile traces
+    assert triton_loss.call_unsupported_reason(unknown, unknown, backends.LossOptions(neighbors=8)) is None
+
+
+def test_cuda_kernel_reasons_mirror_its_shared_memory_limit():
+    """The CUDA kernel refuses (TORCH_CHECK) more than its per-block shared memory; the reason must say so first.
+    Cumulative F=61, d=25 (fp32) needs more in the backward than the forward: both are refused up front."""
+    options = backends.LossOptions(neighbors=25, neighbor_mode="cumulative")
+    spec = backends.InputSpec((1, 61, 100, 1024), torch.float32, torch.device("cuda"), True)
+    forward = extension.cuda_shared_bytes("forward", spec.shape, spec.dtype, spec.dtype, options)
+    backward = extension.cuda_shared_bytes("backward", spec.shape, spec.dtype, spec.dtype, options)
+    assert forward <= extension.CUDA_MAX_SHARED_BYTES < backward
+    reason = extension.call_unsupported_reason(spec, spec, options)
+    assert "backward" in reason and str(backward) in reason
+    small = backends.InputSpec((1, 13, 1350, 768), torch.bfloat16, torch.device("cuda"), True)
+    assert extension.call_unsupported_reason(small, small, backends.LossOptions(neighbors=1)) is None
+    huge = backends.InputSpec((2, 13, 2**30, 8), torch.bfloat16, torch.device("cuda"), True)
+    assert "B * N" in extension.call_unsupported_reason(huge, huge, backends.LossOptions())
