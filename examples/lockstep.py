@@ -34,15 +34,17 @@ DISTRIBUTED_TOLERANCES = TOLERANCES
 @dataclass
 class RunResult:
     backend: str  # the module that computed the loss
-    records: list[dict]  # per step: loss, flow_loss, align_loss, grad_norm, self/neighbor similarity, step_time_s
+    records: list[dict]  # per step: loss, flow_loss, align_loss, grad_norm, self/neighbor similarity, step_time_s,
+    # peak_memory_mib (targets, forward, backward and update: CUDA memory allocated on a GPU, RSS on the CPU)
     params: dict[str, torch.Tensor]  # final parameters on the CPU (transformer.* and projector.*)
     step_time_s: float  # median over steps after the first
     memory: dict[str, float]
 
 
 class PeakMemory:
-    """Peak memory of a run: max_memory_allocated on CUDA; on the CPU the peak RSS of the process, whose high-water
-    mark is reset at the start (Linux /proc/self/clear_refs), so sequential runs are measured separately."""
+    """Peak memory of a run and of each step: max_memory_allocated on CUDA; on the CPU the peak RSS of the process,
+    whose high-water mark is reset at the start (Linux /proc/self/clear_refs), so sequential runs are measured
+    separately. ``step_peak_mib()`` returns the peak since its previous call (or the start) and starts a new one."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -52,13 +54,30 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.rss_reset = _reset_peak_rss()
         self.rss_start_mib = _rss_mib("VmRSS")
+        self.peaks = {"rss": 0.0, "cuda": 0.0}  # the run's peaks over the steps already measured
         return self
 
+    def _read_and_reset(self) -> dict[str, float]:
+        current = {"rss": _rss_mib("VmHWM")}
+        if self.rss_reset:
+            _reset_peak_rss()
+        if self.device.type == "cuda":
+            current["cuda"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for kind, value in current.items():
+            self.peaks[kind] = max(self.peaks[kind], value)
+        return current
+
+    def step_peak_mib(self) -> float:
+        """CUDA memory allocated on a GPU, the process's RSS on the CPU."""
+        return self._read_and_reset()["cuda" if self.device.type == "cuda" else "rss"]
+
     def __exit__(self, *exc_info) -> None:
-        self.figures = {"rss_start_mib": self.rss_start_mib, "peak_rss_mib": _rss_mib("VmHWM"),
+        self._read_and_reset()
+        self.figures = {"rss_start_mib": self.rss_start_mib, "peak_rss_mib": self.peaks["rss"],
                         "peak_rss_is_per_run": self.rss_reset}
         if self.device.type == "cuda":
-            self.figures["max_memory_allocated_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.figures["max_memory_allocated_mib"] = self.peaks["cuda"]
 
 
 def _reset_peak_rss() -> bool:
@@ -147,6 +166,9 @@ def print_run(role: str, result: RunResult) -> None:
             f"peak RSS {memory['peak_rss_mib']:.0f} MiB (start {memory['rss_start_mib']:.0f})")
     if "max_memory_allocated_mib" in memory:
         line += f"  max_memory_allocated {memory['max_memory_allocated_mib']:.1f} MiB"
+    step_peaks = sorted(record["peak_memory_mib"] for record in result.records if "peak_memory_mib" in record)
+    if step_peaks:
+        line += f"  per step: median {step_peaks[len(step_peaks) // 2]:.1f}, max {step_peaks[-1]:.1f} MiB"
     print(line + f"  final loss {last['loss']:.6f} align {last['align_loss']:.6f}")
 
 

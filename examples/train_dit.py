@@ -11,6 +11,15 @@ downloaded: the VAE and the encoder (standing in for DINOv2) are fixed random mo
 
 Under torchrun each rank trains on its contiguous slice of the same global batch (generated identically on every
 rank from the seed and step), so a run on W processes equals a run on one, up to float reduction order.
+
+The targets come from the stand-in encoder by default, from a transformers encoder through its adapter
+(``--encoder random:dinov2``, a small random DINOv2 here; a checkpoint name or folder elsewhere), or from an offline
+feature cache built beforehand with the same encoder:
+
+    python examples/train_dit.py --encoder random:dinov2 --build-feature-cache cache/    # encode every video once
+    python examples/train_dit.py --encoder random:dinov2 --feature-cache cache/          # train without the encoder
+
+Each step's peak memory (targets, forward, backward, update) is recorded and reported for either source.
 """
 from __future__ import annotations
 
@@ -36,10 +45,13 @@ from crepa_kernels.training import (
     dit_token_grid,
     encoder_features_to_tokens,
     flow_matching_loss,
+    latent_frame_count,
     mean_over_ranks,
     rank_and_world,
     rectified_flow_pair,
 )
+from crepa_kernels.training.encoders import load_encoder
+from crepa_kernels.training.feature_cache import STORAGE_DTYPES, FeatureCache, build_feature_cache
 from crepa_kernels.training.flow import TIMESTEP_SCALE
 
 # the example's own helpers, next to this file (run as a script, the directory is on sys.path)
@@ -95,6 +107,8 @@ class TrainConfig:
     diagnostics_json: str | None = None
     diagnostics_videos: int = 16  # the diagnostics use one fixed held-out batch ...
     diagnostics_t: float = 0.1  # ... at this fixed noise level, where the DiT can see each frame's content
+    encoder: str = "stand-in"  # the targets' encoder: the stand-in, a checkpoint, or random:MODEL_TYPE[:SEED]
+    feature_cache: str | None = None  # read the targets from this cache (--build-feature-cache) instead of encoding
 
 
 
@@ -106,11 +120,14 @@ def compute_dtype(config: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if config.precision == "bf16" else torch.float32
 
 
+PATCH_SIZE = (1, 2, 2)  # the tiny DiT's (p_t, p_h, p_w)
+
+
 def build_transformer(config: TrainConfig) -> nn.Module:
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=config.latent_channels,
+        patch_size=PATCH_SIZE, num_attention_heads=2, attention_head_dim=16, in_channels=config.latent_channels,
         out_channels=config.latent_channels, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64,
     )
 
@@ -145,13 +162,13 @@ def _diagnostics_record(step: int, config: TrainConfig, model: CrepaTransformer,
 
 
 
-def build_model(config: TrainConfig, backend: str, device: torch.device) -> CrepaTransformer:
+def build_model(config: TrainConfig, backend: str, device: torch.device, encoder_dim: int) -> CrepaTransformer:
     """The trained modules: the DiT and its CREPA regulariser (projector + loss), the capture between them."""
     transformer = build_transformer(config)
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     regularizer = CrepaRegularizer(
-        transformer.config.num_attention_heads * transformer.config.attention_head_dim, config.encoder_dim,
+        transformer.config.num_attention_heads * transformer.config.attention_head_dim, encoder_dim,
         loss_weight=config.loss_weight, tau=config.tau, neighbors=config.neighbors, neighbor_mode=config.neighbor_mode,
         normalize_weights=config.normalize_weights, reduction=config.reduction, backend=backend,
         projector_width=config.projector_width, projector_depth=config.projector_depth,
@@ -166,17 +183,90 @@ def wrap_model(model: CrepaTransformer, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-class TargetSource:
-    """The alignment targets of a batch: frozen encoder features of the pixel frames, on the DiT's token grid."""
+def sample_ids(config: TrainConfig, step: int, videos: int | None = None) -> list[str]:
+    """The ids of a step's synthetic videos (step -1: the diagnostics batch): the keys of the feature cache."""
+    return [f"seed{config.seed}-step{step}-video{i}" for i in range(config.global_batch if videos is None else videos)]
+
+
+def token_grid(config: TrainConfig, patch_size) -> tuple[int, int, int]:
+    latent = (latent_frame_count(config.pixel_frames, config.temporal_ratio), config.height // config.spatial_ratio,
+              config.width // config.spatial_ratio)
+    return dit_token_grid(latent, patch_size)
+
+
+class StandInTargets:
+    """The stand-in encoder's features of the pixel frames, on the DiT's token grid."""
 
     def __init__(self, config: TrainConfig, generator: torch.Generator, device: torch.device) -> None:
-        self.config = config
+        self.config, self.feature_dim = config, config.encoder_dim
         self.encoder = FrozenPatchEncoder(config, generator).to(device)
 
-    def __call__(self, video: torch.Tensor, latents: torch.Tensor, patch_size) -> torch.Tensor:
-        grid = dit_token_grid(latents.shape[2:], patch_size)
+    def __call__(self, video: torch.Tensor, grid: tuple[int, int, int], ids: list[str]) -> torch.Tensor:
         return encoder_features_to_tokens(self.encoder(video), grid, temporal_ratio=self.config.temporal_ratio,
                                           temporal_mode=self.config.temporal_mode)
+
+
+class EncoderTargets:
+    """A transformers encoder (DINOv2, DINOv3, V-JEPA 2) through its adapter, at every step."""
+
+    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+        # the synthetic videos are centred on 0 like diffusers' VAE input: the adapter maps [-1, 1] to [0, 1]
+        self.adapter = load_encoder(config.encoder, temporal_ratio=config.temporal_ratio,
+                                    temporal_mode=config.temporal_mode, value_range=(-1.0, 1.0)).to(device)
+        self.feature_dim = self.adapter.feature_dim
+
+    def __call__(self, video: torch.Tensor, grid: tuple[int, int, int], ids: list[str]) -> torch.Tensor:
+        return self.adapter(video, grid)
+
+
+class CachedTargets:
+    """The same targets read from a feature cache: no encoder in memory. The cache must have been built for this
+    data, this grid and frame mapping (and this --encoder, unless it is the default)."""
+
+    def __init__(self, config: TrainConfig, grid: tuple[int, int, int], device: torch.device) -> None:
+        expected = {"token_grid": list(grid), "input": synthetic_data_settings(config),
+                    "frame_mapping": {"temporal_ratio": config.temporal_ratio, "temporal_mode": config.temporal_mode}}
+        if config.encoder != "stand-in":
+            expected["encoder"] = {"name_or_path": config.encoder}
+        self.cache, self.device = FeatureCache(config.feature_cache, expected=expected), device
+        self.feature_dim = self.cache.spec["feature_dim"]
+
+    def __call__(self, video: torch.Tensor, grid: tuple[int, int, int], ids: list[str]) -> torch.Tensor:
+        return self.cache.load_batch(ids).to(self.device, torch.float32)
+
+
+def synthetic_data_settings(config: TrainConfig) -> dict:
+    """What decides the synthetic videos besides their ids: recorded in the cache and checked when reading it."""
+    fields = ("seed", "pixel_frames", "height", "width", "illumination")
+    return {"data": "synthetic_video", **{name: getattr(config, name) for name in fields}}
+
+
+def target_source(config: TrainConfig, generator: torch.Generator, device: torch.device, grid):
+    if config.feature_cache:
+        return CachedTargets(config, grid, device)
+    if config.encoder == "stand-in":
+        return StandInTargets(config, generator, device)
+    return EncoderTargets(config, device)
+
+
+def build_cache(config: TrainConfig, directory: str, storage_dtype: torch.dtype = torch.float32) -> dict[str, int]:
+    """Encode every video the run will see (and the diagnostics batch, with --diagnostics-every) into a cache."""
+    if config.encoder == "stand-in":
+        raise ValueError("--build-feature-cache needs --encoder (a checkpoint or random:MODEL_TYPE)")
+    device = torch.device(config.device)
+    encoder = EncoderTargets(config, device).adapter
+    steps = [*range(config.steps), *([-1] if config.diagnostics_every else [])]
+
+    def samples():
+        for step in steps:
+            videos = config.diagnostics_videos if step == -1 else None
+            video = synthetic_batch(config, step, videos=videos)["video"]
+            yield from zip(sample_ids(config, step, videos), video)
+
+    total = config.steps * config.global_batch + (config.diagnostics_videos if config.diagnostics_every else 0)
+    grid = token_grid(config, PATCH_SIZE)
+    return build_feature_cache(directory, samples(), encoder, grid, storage_dtype=storage_dtype,
+                               extra=synthetic_data_settings(config), total=total)
 
 
 def train(config: TrainConfig, backend: str) -> RunResult:
@@ -193,18 +283,18 @@ def train(config: TrainConfig, backend: str) -> RunResult:
     torch.manual_seed(config.seed)
     frozen = torch.Generator().manual_seed(config.seed + 1)
     vae = FrozenVideoVAE(config, frozen).to(device)
-    targets_of = TargetSource(config, frozen, device)
-    model = build_model(config, backend, device)
+    grid = token_grid(config, PATCH_SIZE)
+    targets_of = target_source(config, frozen, device, grid)  # the encoder and the cache leave the RNG alone
+    model = build_model(config, backend, device, targets_of.feature_dim)
     trained = wrap_model(model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
-    patch_size = model.transformer.config.patch_size
 
-    def model_inputs(batch: dict[str, torch.Tensor], shard: slice = slice(None)) -> tuple[torch.Tensor, ...]:
+    def model_inputs(batch: dict[str, torch.Tensor], ids: list[str], shard: slice = slice(None)):
         """The DiT's inputs, the flow target and the alignment targets of (a shard of) a batch."""
         batch = {name: value[shard].to(device) for name, value in batch.items()}
         latents = vae(batch["video"])
         noisy, velocity = rectified_flow_pair(latents, batch["noise"], batch["t"])
-        targets = targets_of(batch["video"], latents, patch_size)
+        targets = targets_of(batch["video"], grid, ids[shard])
         return noisy, batch["t"] * TIMESTEP_SCALE, batch["text"], velocity, targets
 
     records, times = [], []
@@ -213,11 +303,14 @@ def train(config: TrainConfig, backend: str) -> RunResult:
             last = step == config.steps - 1
             diagnose = config.diagnostics_every and rank == 0 and (step % config.diagnostics_every == 0 or last)
             if diagnose:  # the model as it is before this step's update: step 0 is the initialisation
-                entry = _diagnostics_record(step, config, model, *model_inputs(diagnostics_batch(config)))
+                diagnostics_ids = sample_ids(config, -1, config.diagnostics_videos)
+                entry = _diagnostics_record(step, config, model,
+                                            *model_inputs(diagnostics_batch(config), diagnostics_ids))
+                memory.step_peak_mib()  # the step's peak below leaves the diagnostics out
 
             batch = synthetic_batch(config, step)
             shard = slice(rank * config.global_batch // world, (rank + 1) * config.global_batch // world)
-            noisy, timestep, text, velocity, targets = model_inputs(batch, shard)
+            noisy, timestep, text, velocity, targets = model_inputs(batch, sample_ids(config, step), shard)
 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -245,7 +338,7 @@ def train(config: TrainConfig, backend: str) -> RunResult:
             figures = mean_over_ranks(figures).tolist()  # the global batch's values: equal shards on every rank
             record = dict(zip(("loss", "flow_loss", "align_loss", "self_similarity", "neighbor_similarity"), figures))
             record.update(step=step, grad_norm=float(grad_norm), projector_grad_norm=float(projector_grad_norm),
-                          step_time_s=times[-1])
+                          step_time_s=times[-1], peak_memory_mib=memory.step_peak_mib())
             records.append(record)
 
             if diagnose:
@@ -271,6 +364,10 @@ def _parse(argv) -> tuple[TrainConfig, argparse.Namespace]:
     parser.add_argument("--no-lockstep", action="store_true", help="only run --backend, no comparison")
     parser.add_argument("--output", help="write the runs and the comparison as JSON (rank 0)")
     parser.add_argument("--save-params", help="save the final parameters of the --backend run (rank 0), torch.save")
+    parser.add_argument("--build-feature-cache", metavar="DIR",
+                        help="encode every video of the run with --encoder into a feature cache, then exit")
+    parser.add_argument("--feature-cache-dtype", choices=tuple(STORAGE_DTYPES), default="fp32",
+                        help="storage dtype of --build-feature-cache (fp32: the same targets as the encoder)")
     parser.add_argument("--compare-with", metavar="JSON",
                         help="also compare the --backend run with an earlier run's --output (written with "
                              "--save-params), e.g. one process against torchrun")
@@ -294,6 +391,10 @@ def _parse(argv) -> tuple[TrainConfig, argparse.Namespace]:
 
 def main(argv=None) -> int:
     config, args = _parse(argv)
+    if args.build_feature_cache:
+        counts = build_cache(config, args.build_feature_cache, STORAGE_DTYPES[args.feature_cache_dtype])
+        print(f"{args.build_feature_cache}: {counts['written']} written, {counts['skipped']} already cached")
+        return 0
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         device = torch.device(config.device)
@@ -328,7 +429,7 @@ def main(argv=None) -> int:
                       reports["lockstep"], dtype)
     if args.compare_with:
         other_config, other = load_run(args.compare_with)
-        ignored = ("device", "diagnostics_every", "diagnostics_json")
+        ignored = ("device", "diagnostics_every", "diagnostics_json", "feature_cache")  # not the trajectory
         differing = [k for k, v in dataclasses.asdict(config).items() if k not in ignored and other_config[k] != v]
         if differing:
             raise SystemExit(f"--compare-with {args.compare_with}: a different configuration ({differing})")

@@ -362,6 +362,18 @@ def from_pretrained(name_or_path: str, *, temporal_ratio: int, **kwargs) -> Enco
     return adapter_for(model, temporal_ratio=temporal_ratio, name_or_path=str(name_or_path), **{**settings, **kwargs})
 
 
+def load_encoder(name: str, *, temporal_ratio: int, **kwargs) -> EncoderAdapter:
+    """An adapter from a command-line name: a checkpoint (hub name or folder) for :func:`from_pretrained`, or
+    ``random:MODEL_TYPE[:SEED]`` (e.g. ``random:dinov2``) for a small random model (:func:`random_encoder`)."""
+    if not name.startswith("random:"):
+        return from_pretrained(name, temporal_ratio=temporal_ratio, **kwargs)
+    _, model_type, *seed = name.split(":")
+    if len(seed) > 1 or (seed and not seed[0].isdigit()):
+        raise ValueError(f"encoder: expected random:MODEL_TYPE or random:MODEL_TYPE:SEED, got {name!r}")
+    model = random_encoder(model_type, seed=int(seed[0]) if seed else 0)
+    return adapter_for(model, temporal_ratio=temporal_ratio, name_or_path=name, **kwargs)
+
+
 # Small configs for tests and smoke runs (a few thousand parameters; the patch and register layouts of the real ones)
 _SMALL_CONFIGS = {
     "dinov2": dict(patch_size=14, image_size=56),
