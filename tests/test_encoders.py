@@ -132,6 +132,24 @@ def test_vjepa2_equals_hand_written_preprocessing_and_forward():
     torch.testing.assert_close(subsample(video, grid), _to_grid(tubelets[:, [0, 2, 4]], 5, 9), rtol=1e-5, atol=1e-5)
 
 
+def test_image_encoder_subsampling_encodes_only_the_frames_it_keeps():
+    """temporal_mode="subsample": pixel frames 0, 4, 8 (each VAE group's last), and nothing else goes through the
+    encoder."""
+    model = random_encoder("dinov3_vit", seed=9)
+    video = _video(frames=9, height=40, width=72, seed=5)
+    everything = adapter_for(model, temporal_ratio=4).encode(video)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["pixel_values"].shape[0]),
+                                           with_kwargs=True)
+    subsample = adapter_for(model, temporal_ratio=4, temporal_mode="subsample")
+    targets = subsample(video, (3, 5, 9))
+    hook.remove()
+    assert sum(seen) == 2 * 3
+    torch.testing.assert_close(targets, _to_grid(everything[:, [0, 4, 8]], 5, 9), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="1 \\+ k \\* 4 frames"):
+        subsample(_video(frames=8), (2, 5, 9))
+
+
 @pytest.mark.parametrize("model_type", ALL_TYPES)
 def test_chunked_equals_unchunked_and_chunks_bound_the_encoder_batch(model_type):
     model = random_encoder(model_type, seed=5)

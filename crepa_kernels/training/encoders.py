@@ -25,6 +25,7 @@ An adapter wraps a transformers encoder and does what each trainer otherwise re-
   are mapped like frames with the ratio ``temporal_ratio / T``: latent frame 0 <- tubelet 0, latent frame k <- the
   mean (or, with ``temporal_mode="subsample"``, the last) of its r / T tubelets. For Wan (r = 4) and 17 frames:
   tubelets (0,0), (1,2), (3,4), ..., (15,16); latent frame 1 <- tubelets (1,2) and (3,4).
+* **Subsampling.** With ``temporal_mode="subsample"`` the image encoders see only the frames kept (0, r, 2r, ...).
 * **Bounded memory.** Frames go through the encoder ``chunk_size`` at a time (images for DINOv2/v3; videos for
   V-JEPA 2, whose attention spans all frames of a video), under ``torch.no_grad``, in bf16 autocast where the device
   supports it (``compute_dtype="auto"``: CUDA with bf16; fp32 elsewhere). Features come out in fp32.
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .token_grid import TEMPORAL_MODES, encoder_features_to_tokens
+from .token_grid import TEMPORAL_MODES, encoder_features_to_tokens, latent_frame_count
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -215,8 +216,13 @@ class EncoderAdapter(nn.Module):
         if len(token_grid) != 3 or not all(isinstance(v, int) and v > 0 for v in token_grid):
             raise ValueError(f"token_grid: expected the DiT's (F', H', W') as positive ints, got {token_grid!r}")
         return encoder_features_to_tokens(
-            self.encode(video, token_grid), tuple(token_grid), temporal_ratio=self.temporal_ratio // self.tubelet_size,
+            self.encode(video, token_grid), tuple(token_grid), temporal_ratio=self.encoded_frame_ratio,
             temporal_patch=self.temporal_patch, temporal_mode=self.temporal_mode)
+
+    @property
+    def encoded_frame_ratio(self) -> int:
+        """Pixel frames per VAE group, counted in the frames :meth:`encode` returns."""
+        return self.temporal_ratio // self.tubelet_size
 
     @property
     def feature_dim(self) -> int:
@@ -254,7 +260,18 @@ class EncoderAdapter(nn.Module):
 
 class ImageEncoderAdapter(EncoderAdapter):
     """DINOv2 (``Dinov2Model``: CLS + patches; ``Dinov2WithRegistersModel``: CLS + registers + patches) and DINOv3
-    (``DINOv3ViTModel``: CLS + registers + patches), applied to each frame."""
+    (``DINOv3ViTModel``: CLS + registers + patches), applied to each frame. With ``temporal_mode="subsample"`` only
+    the frames kept (0, r, 2r, ...: each VAE group's last) are encoded, r times less work."""
+
+    def _encoder_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        if self.temporal_mode != "subsample":
+            return frames
+        latent_frame_count(frames.shape[1], self.temporal_ratio)  # checks 1 + k * r frames
+        return frames[:, ::self.temporal_ratio]
+
+    @property
+    def encoded_frame_ratio(self) -> int:
+        return 1 if self.temporal_mode == "subsample" else self.temporal_ratio
 
 
 class VideoEncoderAdapter(EncoderAdapter):
