@@ -44,6 +44,8 @@ MANIFEST = "cache.json"
 FORMAT_VERSION = 1
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _TEMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once, at import: os.umask can only be read by setting it
 
 
 class MissingFeatureError(LookupError):
@@ -174,6 +176,7 @@ def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
     try:
         write(str(temporary))
+        os.chmod(temporary, 0o666 & ~_UMASK)  # as open() would create it; the writer may use 0600
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)
