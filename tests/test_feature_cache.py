@@ -29,7 +29,7 @@ from crepa_kernels.training.feature_cache import (  # noqa: E402
     build_feature_cache,
     entry_filename,
 )
-from crepa_kernels.training.feature_cache import main as feature_cache_main  # noqa: E402
+from crepa_kernels.training.encode_videos import main as encode_videos_main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = (3, 5, 8)  # the DiT's F', H', W' for 9 frames of 80x128 under Wan's VAE (4x, 8x) and patch (1, 2, 2)
@@ -249,7 +249,7 @@ def test_command_line_on_generated_video_files(tmp_path, capsys):
         assert (decoded - torch.from_numpy(frames).permute(3, 0, 1, 2) / 255).abs().mean() < 0.03
 
     out = tmp_path / "cache"
-    command = [sys.executable, "-m", "crepa_kernels.training.feature_cache", "--videos", str(clips), "--out",
+    command = [sys.executable, "-m", "crepa_kernels.training.encode_videos", "--videos", str(clips), "--out",
                str(out), "--encoder", "random:dinov3_vit:2", "--frames", "9", "--size", "80x128", "--dtype", "fp32",
                "--chunk-size", "4"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -265,10 +265,10 @@ def test_command_line_on_generated_video_files(tmp_path, capsys):
         torch.testing.assert_close(cache.load(sample_id), adapter(video.unsqueeze(0), GRID)[0], rtol=1e-5, atol=1e-5)
 
     # the same command again (in this process, to save a start-up): everything is cached already
-    assert feature_cache_main(command[3:] + ["--no-progress"]) == 0
+    assert encode_videos_main(command[3:] + ["--no-progress"]) == 0
     assert "0 written, 2 already cached" in capsys.readouterr().out
     with pytest.raises(StaleFeatureError, match='storage_dtype: cache has "float32", expected "bfloat16"'):
-        feature_cache_main([*command[3:-4], "--dtype", "bf16", "--no-progress"])
+        encode_videos_main([*command[3:-4], "--dtype", "bf16", "--no-progress"])
 
 
 def test_trainer_from_the_cache_follows_the_encoder_run_step_for_step(tmp_path):

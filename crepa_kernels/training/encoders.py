@@ -186,18 +186,22 @@ class EncoderAdapter(nn.Module):
             pixels = F.interpolate(pixels, size=tuple(size), mode=self.resample, align_corners=False, antialias=True)
         return (pixels - self.image_mean) / self.image_std
 
+    @property
+    def device(self) -> torch.device:
+        """Where the encoder runs (move it with ``.to``)."""
+        return self.image_mean.device
+
     def resolved_compute_dtype(self) -> torch.dtype:
         if self.compute_dtype != "auto":
             return self.compute_dtype
-        device = self.image_mean.device
-        supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        supported = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if supported else torch.float32
 
     def _autocast(self):
         dtype = self.resolved_compute_dtype()
         if dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(self.image_mean.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=dtype)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, token_grid: tuple[int, int, int] | None = None) -> torch.Tensor:

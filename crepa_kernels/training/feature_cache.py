@@ -21,19 +21,18 @@ Guarantees:
 * **Reads** open the entry with ``safetensors.safe_open``, which memory-maps the file; a :class:`FeatureCache` holds
   only the folder and the settings, so :class:`CachedFeatures` works in a DataLoader with worker processes.
 
-One builder per folder at a time. Command line, over a folder of video files (decoded with PyAV)::
+One builder per folder at a time. The command line over a folder of video files is
+:mod:`crepa_kernels.training.encode_videos`::
 
-    python -m crepa_kernels.training.feature_cache --videos clips/ --out cache/ --encoder facebook/dinov2-base \\
+    python -m crepa_kernels.training.encode_videos --videos clips/ --out cache/ --encoder facebook/dinov2-base \\
         --frames 49 --size 480x720 --temporal-ratio 4 --spatial-ratio 8 --patch-size 1,2,2
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import re
-import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -109,7 +108,7 @@ class FeatureCache:
         manifest = self.root / MANIFEST
         if not manifest.is_file():
             raise MissingFeatureError(f"feature cache {str(self.root)!r}: no {MANIFEST}; build the cache first "
-                                      f"(python -m crepa_kernels.training.feature_cache --help)")
+                                      f"(python -m crepa_kernels.training.encode_videos --help)")
         with open(manifest) as source:
             recorded = json.load(source)
         self.spec, self.fingerprint = recorded["spec"], recorded["fingerprint"]
@@ -148,7 +147,7 @@ class FeatureCache:
         if not path.is_file():
             raise MissingFeatureError(f"sample {sample_id!r}: no entry in feature cache {str(self.root)!r} "
                                       f"(expected {path.name}); features are never computed on the fly: build them "
-                                      f"with build_feature_cache or python -m crepa_kernels.training.feature_cache")
+                                      f"with build_feature_cache or python -m crepa_kernels.training.encode_videos")
         with safe_open(path, framework="pt") as entry:
             self._check_entry(sample_id, entry.metadata())
             return entry.get_tensor("features")
@@ -234,7 +233,6 @@ def build_feature_cache(
 
     counts, seen = {"written": 0, "skipped": 0}, set()
     bar = tqdm(samples, total=total, unit="sample", desc="encoding", disable=not progress, dynamic_ncols=True)
-    device = adapter.image_mean.device
     for sample_id, video in bar:
         if not isinstance(sample_id, str) or sample_id in seen:
             raise ValueError(f"sample_id: expected unique strings, got {sample_id!r} "
@@ -244,7 +242,7 @@ def build_feature_cache(
             counts["skipped"] += 1
         else:
             video = video() if callable(video) else video
-            features = adapter(video.unsqueeze(0).to(device), token_grid)[0]
+            features = adapter(video.unsqueeze(0).to(adapter.device), token_grid)[0]
             tensors = {"features": features.to(storage_dtype).contiguous().cpu()}
             entry = {**metadata, "sample_id": sample_id, "video_shape": json.dumps(list(video.shape))}
             _write_atomically(cache.path(sample_id), lambda path: save_file(tensors, path, metadata=entry))
@@ -252,67 +250,3 @@ def build_feature_cache(
         bar.set_postfix(counts, refresh=False)
     bar.close()
     return counts
-
-
-def _int_tuple(text: str, separator: str, count: int, flag: str) -> tuple[int, ...]:
-    values = tuple(int(v) for v in text.lower().split(separator))
-    if len(values) != count or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{flag}: expected {count} positive ints separated by {separator!r}, "
-                                         f"got {text!r}")
-    return values
-
-
-def main(argv=None) -> int:
-    from .encoders import load_encoder
-    from .token_grid import dit_token_grid, latent_frame_count
-    from .video_files import list_videos, read_video
-
-    parser = argparse.ArgumentParser(prog="python -m crepa_kernels.training.feature_cache", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--videos", required=True, help="folder of video files (searched recursively)")
-    parser.add_argument("--out", required=True, help="cache folder (created; an interrupted build resumes)")
-    parser.add_argument("--encoder", required=True,
-                        help="checkpoint name or folder (DINOv2, DINOv3, V-JEPA 2), or random:MODEL_TYPE[:SEED]")
-    parser.add_argument("--frames", type=int, required=True, help="pixel frames per video: 1 + k * temporal ratio")
-    parser.add_argument("--size", required=True, type=lambda t: _int_tuple(t, "x", 2, "--size"),
-                        help="HxW the videos are resized to, as for the latent cache")
-    parser.add_argument("--temporal-ratio", type=int, default=4, help="the VAE's (4: Wan, CogVideoX; 8: LTX)")
-    parser.add_argument("--spatial-ratio", type=int, default=8, help="the VAE's (8 for Wan, CogVideoX; 32: LTX)")
-    parser.add_argument("--patch-size", default="1,2,2", type=lambda t: _int_tuple(t, ",", 3, "--patch-size"),
-                        help="the DiT's (p_t, p_h, p_w)")
-    parser.add_argument("--temporal-mode", default="mean", choices=("mean", "subsample"))
-    parser.add_argument("--resolution", help="encoder input: shorter side, HxW, or token_grid (default: its own)")
-    parser.add_argument("--dtype", default="bf16", choices=tuple(STORAGE_DTYPES), help="storage dtype")
-    parser.add_argument("--chunk-size", type=int, default=16, help="frames (V-JEPA 2: videos) per encoder forward")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-
-    height, width = args.size
-    if height % args.spatial_ratio or width % args.spatial_ratio:
-        parser.error(f"--size {height}x{width}: not a multiple of --spatial-ratio {args.spatial_ratio}")
-    latent = (latent_frame_count(args.frames, args.temporal_ratio), height // args.spatial_ratio,
-              width // args.spatial_ratio)
-    token_grid = dit_token_grid(latent, args.patch_size)
-    options = {"temporal_patch": args.patch_size[0], "temporal_mode": args.temporal_mode,
-               "chunk_size": args.chunk_size}
-    if args.resolution:
-        resolution = args.resolution
-        if resolution != "token_grid":
-            resolution = int(resolution) if resolution.isdigit() else _int_tuple(resolution, "x", 2, "--resolution")
-        options["resolution"] = resolution
-    adapter = load_encoder(args.encoder, temporal_ratio=args.temporal_ratio, **options).to(args.device)
-    videos = list_videos(args.videos)
-    if not videos:
-        parser.error(f"--videos {args.videos}: no video files ({', '.join(('.mp4', '.mkv', '.webm', '...'))})")
-    samples = [(sample_id, lambda path=path: read_video(path, args.frames, (height, width)))
-               for sample_id, path in videos]
-    counts = build_feature_cache(args.out, samples, adapter, token_grid, storage_dtype=STORAGE_DTYPES[args.dtype],
-                                 extra={"frames": args.frames, "size": [height, width]},
-                                 progress=not args.no_progress)
-    print(f"{args.out}: {counts['written']} written, {counts['skipped']} already cached, token grid {token_grid}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
