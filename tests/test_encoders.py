@@ -189,23 +189,40 @@ def test_resolution_token_grid_matches_the_dit_grid_without_spatial_resampling()
     torch.testing.assert_close(adapter(video, (2, 3, 5)), _latent_pool(features, 4).flatten(2, 3))
 
 
-def test_from_pretrained_reads_a_local_checkpoint_and_its_processor_config(tmp_path, monkeypatch):
+# processor configs as the checkpoints ship them (file name, settings), and what the adapter takes from them
+PROCESSORS = {
+    "dinov2": ("preprocessor_config.json", {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3], "resample": 2,
+                                            "crop_size": {"height": 42, "width": 42}, "size": {"shortest_edge": 48}},
+               dict(resolution=42, resample="bilinear")),
+    "dinov3_vit": ("preprocessor_config.json", {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3],
+                                                "resample": 2, "size": {"height": 48, "width": 48}},
+                   dict(resolution=48, resample="bilinear")),
+    "vjepa2": ("video_preprocessor_config.json", {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3],
+                                                  "crop_size": {"height": 32, "width": 32},
+                                                  "size": {"shortest_edge": 36}},
+               dict(resample="bilinear")),
+}
+
+
+@pytest.mark.parametrize("model_type", list(PROCESSORS))
+def test_from_pretrained_reads_a_local_checkpoint_and_its_processor_config(tmp_path, monkeypatch, model_type):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = random_encoder("dinov2", seed=8)
+    model = random_encoder(model_type, seed=8)
     model.save_pretrained(tmp_path)
-    processor = {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3], "resample": 2,
-                 "crop_size": {"height": 42, "width": 42}, "size": {"shortest_edge": 48}}
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor))
+    filename, processor, expected = PROCESSORS[model_type]
+    (tmp_path / filename).write_text(json.dumps(processor))
     adapter = from_pretrained(str(tmp_path), temporal_ratio=4)
-    assert adapter.resolution == 42 and adapter.resample == "bilinear"
-    torch.testing.assert_close(adapter.image_mean.flatten(), torch.tensor([0.5, 0.4, 0.3]))
-    by_hand = adapter_for(model, temporal_ratio=4, resolution=42, resample="bilinear", image_mean=(0.5, 0.4, 0.3),
-                          image_std=(0.2, 0.25, 0.3))
+    assert type(adapter.model) is type(model) and adapter.resample == expected["resample"]
+    torch.testing.assert_close(adapter.image_std.flatten(), torch.tensor([0.2, 0.25, 0.3]))
+    by_hand = adapter_for(model, temporal_ratio=4, image_mean=(0.5, 0.4, 0.3), image_std=(0.2, 0.25, 0.3),
+                          **expected)
+    assert adapter.resolution == by_hand.resolution
     video = _video(frames=5)
     torch.testing.assert_close(adapter(video, (2, 3, 5)), by_hand(video, (2, 3, 5)), rtol=0, atol=0)
     assert adapter.describe((2, 3, 5))["encoder"]["weights_sha256"] == by_hand.describe((2, 3, 5))["encoder"][
         "weights_sha256"]
-    assert from_pretrained(str(tmp_path), temporal_ratio=4, resolution=28).resolution == 28  # kwargs override
+    if model_type == "dinov2":
+        assert from_pretrained(str(tmp_path), temporal_ratio=4, resolution=28).resolution == 28  # kwargs override
 
 
 def test_describe_changes_with_everything_that_changes_the_features():
@@ -246,3 +263,20 @@ def test_bad_input_is_rejected_with_the_argument_named():
         adapter_for(random_encoder("vjepa2"), temporal_ratio=3)
     with pytest.raises(TypeError, match="model: expected one of"):
         adapter_for(torch.nn.Linear(2, 2), temporal_ratio=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model_type", ["dinov3_vit", "vjepa2"])
+def test_auto_compute_dtype_is_bf16_on_a_cuda_device_and_close_to_fp32(model_type):
+    model = random_encoder(model_type, seed=12)
+    adapter = adapter_for(model, temporal_ratio=4).cuda()
+    if not torch.cuda.is_bf16_supported():
+        assert adapter.resolved_compute_dtype() == torch.float32
+        return
+    assert adapter.resolved_compute_dtype() == torch.bfloat16
+    video = _video(frames=9, seed=7)
+    fast = adapter(video.cuda(), (3, 5, 9))
+    exact = adapter_for(model, temporal_ratio=4, compute_dtype=torch.float32).cuda()(video.cuda(), (3, 5, 9))
+    assert fast.dtype == torch.float32 and fast.is_cuda
+    assert (fast - exact).norm() / exact.norm() < 3e-2
