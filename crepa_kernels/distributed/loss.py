@@ -66,8 +66,7 @@ def sequence_parallel_align_loss(
     proj_real = shard.proj[:, : end - start]
     plans = plan_rank(layout, shard.rank, options)
     dtype = compute_dtype(shard.proj, shard.target)
-    implementation = select_backend(backend, proj_real.device)
-    partial = _local_partial(proj_real, target_source, plans, layout, options, implementation, dtype)
+    partial = _local_partial(proj_real, target_source, plans, layout, options, backend, dtype)
     # An empty slice of every differentiable input keeps it in this rank's graph even when the rank holds no real
     # token, so that every rank runs the backward collectives.
     for anchor in (proj_real, *target_source.differentiable):
@@ -261,21 +260,27 @@ class _ShardedTarget:
         return gathered.unflatten(1, (frames, tokens))
 
 
-def _piece_loss(proj_piece, target_source, plan, options: LossOptions, implementation) -> torch.Tensor:
+def _fused_loss(proj: torch.Tensor, target: torch.Tensor, options: LossOptions, backend: str) -> torch.Tensor:
+    """The per-frame loss of one call on views, by the backend that runs this call (as cross_frame_align_loss)."""
+    return select_backend(backend, proj.device, proj, target, options).per_frame_loss(proj, target, options)
+
+
+def _piece_loss(proj_piece, target_source, plan, options: LossOptions, backend: str) -> torch.Tensor:
     """L[b, f] restricted to the piece's tokens (a mean over them), [B, frames of the piece]."""
     piece = plan.piece
     fused = None
     if any(plan.exact):
-        fused = implementation.per_frame_loss(
-            proj_piece, target_source.rows(piece, piece.first_frame, piece.end_frame, 0), options)
+        fused = _fused_loss(proj_piece, target_source.rows(piece, piece.first_frame, piece.end_frame, 0), options,
+                            backend)
     repa_star = LossOptions(neighbors=0, eps=options.eps)
     terms_of_frame: dict[int, list[torch.Tensor]] = {}  # frame of the piece -> its [B, 1] single-offset terms
     for term in plan.terms:
         first = term.first_frame - piece.first_frame
-        value = implementation.per_frame_loss(
+        value = _fused_loss(
             proj_piece[:, first : first + term.end_frame - term.first_frame],
             target_source.rows(piece, term.first_frame, term.end_frame, term.offset),
             repa_star,
+            backend,
         )
         for i in range(value.shape[1]):
             terms_of_frame.setdefault(first + i, []).append(term.coefficient * value[:, i : i + 1])
@@ -293,7 +298,7 @@ def _piece_loss(proj_piece, target_source, plan, options: LossOptions, implement
     return columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
 
 
-def _local_partial(proj_real, target_source, plans, layout: SequenceLayout, options: LossOptions, implementation,
+def _local_partial(proj_real, target_source, plans, layout: SequenceLayout, options: LossOptions, backend: str,
                    dtype) -> torch.Tensor:
     """This rank's share of the per-frame loss L[b, f], [B, F]: zero for the frames it holds no token of."""
     batch = proj_real.shape[0]
@@ -305,7 +310,7 @@ def _local_partial(proj_real, target_source, plans, layout: SequenceLayout, opti
         if piece.first_frame > covered:
             columns.append(proj_real.new_zeros((batch, piece.first_frame - covered), dtype=dtype))
         # the piece's mean over its tokens, weighted by its share of the frame's N tokens
-        loss = _piece_loss(proj_piece, target_source, plan, options, implementation)
+        loss = _piece_loss(proj_piece, target_source, plan, options, backend)
         columns.append(loss.to(dtype) * (piece.tokens / layout.tokens_per_frame))
         covered = piece.end_frame
     if covered < layout.num_frames:
