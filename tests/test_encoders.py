@@ -179,6 +179,15 @@ def test_bf16_compute_is_close_to_fp32_and_leaves_no_gradient(model_type):
     assert adapter_for(model, temporal_ratio=4).resolved_compute_dtype() == torch.float32  # "auto" on the CPU
 
 
+def test_the_encoder_stays_in_eval_mode_inside_a_module_put_in_training_mode():
+    adapter = adapter_for(random_encoder("dinov3_vit", seed=13), temporal_ratio=4)
+    video = _video(frames=5)
+    evaluated = adapter(video, (2, 3, 5))
+    parent = torch.nn.ModuleDict({"encoder": adapter}).train()
+    assert parent.training and adapter.training and not adapter.model.training
+    torch.testing.assert_close(adapter(video, (2, 3, 5)), evaluated, rtol=0, atol=0)
+
+
 def test_resolution_token_grid_matches_the_dit_grid_without_spatial_resampling():
     model = random_encoder("dinov3_vit", seed=7)
     adapter = adapter_for(model, temporal_ratio=4, resolution="token_grid")

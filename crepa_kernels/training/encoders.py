@@ -118,6 +118,13 @@ class EncoderAdapter(nn.Module):
         self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1), False)
         self._weights_sha256 = None
 
+    def train(self, mode: bool = True) -> EncoderAdapter:
+        """The encoder stays in eval mode, whatever its parent module is put in (DINOv3 jitters its positions in
+        training mode)."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
     # --- what each encoder differs in -------------------------------------------------------------------------
     @property
     def prefix_tokens(self) -> int:
