@@ -112,7 +112,7 @@ class FeatureCache:
         with open(manifest) as source:
             recorded = json.load(source)
         self.spec, self.fingerprint = recorded["spec"], recorded["fingerprint"]
-        changed = differences(expected or {}, self.spec)
+        changed = differences(json.loads(json.dumps(expected or {})), self.spec)  # tuples compare as lists
         if changed:
             raise StaleFeatureError(f"feature cache {str(self.root)!r} was built with other settings: "
                                     + "; ".join(changed))
