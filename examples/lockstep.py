@@ -22,9 +22,12 @@ import torch
 # bf16 autocast: the projected states and their gradients are bf16, so a 1-ulp fp32 difference can flip the bf16
 # rounding (2^-8 relative) of an element. Measured with CPU autocast over 10 steps: 1e-4 (loss), 9e-5 (alignment
 # loss), 2.6e-4 and 3e-4 (gradient norms), 7e-5 (parameters); the bounds leave ~7x for GPU kernels, not measured.
+# lambda comes from the same schedule code on both sides: equal, unless the similarity cutoff fell on another step.
 TOLERANCES = {
-    torch.float32: {"loss": 1e-5, "align_loss": 1e-5, "grad_norm": 1e-5, "projector_grad_norm": 1e-5, "params": 1e-6},
-    torch.bfloat16: {"loss": 2e-3, "align_loss": 1e-3, "grad_norm": 1e-2, "projector_grad_norm": 1e-2, "params": 5e-4},
+    torch.float32: {"loss": 1e-5, "align_loss": 1e-5, "grad_norm": 1e-5, "projector_grad_norm": 1e-5, "params": 1e-6,
+                    "lambda": 0.0},
+    torch.bfloat16: {"loss": 2e-3, "align_loss": 1e-3, "grad_norm": 1e-2, "projector_grad_norm": 1e-2, "params": 5e-4,
+                     "lambda": 0.0},
 }
 # A run on W processes against one process: gradients are averaged over ranks (a different summation order) and
 # the DiT's matmuls see a smaller batch, so differences are of fp32 rounding size on both sides.
@@ -34,8 +37,11 @@ DISTRIBUTED_TOLERANCES = TOLERANCES
 @dataclass
 class RunResult:
     backend: str  # the module that computed the loss
-    records: list[dict]  # per step: loss, flow_loss, align_loss, grad_norm, self/neighbor similarity, step_time_s,
-    # peak_memory_mib (targets, forward, backward and update: CUDA memory allocated on a GPU, RSS on the CPU)
+    # per step: loss, flow_loss, align_loss (None where lambda was 0), lambda, grad_norm, projector_grad_norm,
+    # self/neighbor similarity, per-layer alignment losses, the schedule's state, step_time_s, peak_memory_mib
+    # (targets, forward, backward and update: CUDA memory allocated on a GPU, RSS on the CPU), saved_mib (what
+    # autograd kept for backward, SavedTensorMeter)
+    records: list[dict]
     params: dict[str, torch.Tensor]  # final parameters on the CPU (transformer.* and projector.*)
     step_time_s: float  # median over steps after the first
     memory: dict[str, float]
@@ -100,9 +106,11 @@ def _rss_mib(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _relative(a: float, b: float) -> float:
-    if a == b:
+def _relative(a: float | None, b: float | None) -> float:
+    if a == b:  # also both None: a step where lambda was 0 in both runs and the alignment was not computed
         return 0.0
+    if a is None or b is None:
+        return math.inf
     return abs(a - b) / max(abs(a), abs(b), 1e-30)  # a NaN on either side gives NaN, which fails every check
 
 
@@ -116,7 +124,7 @@ def compare(first: RunResult, second: RunResult, tolerances: dict[str, float]) -
     """Largest relative differences: per-step metrics (and the step where each peaks), and the final parameters
     (all tensors as one vector, |difference| / |value| in the 2-norm; the tensor differing most is named)."""
     report = {}
-    for metric in ("loss", "align_loss", "grad_norm", "projector_grad_norm"):
+    for metric in ("loss", "align_loss", "grad_norm", "projector_grad_norm", "lambda"):
         diffs = [_relative(a[metric], b[metric]) for a, b in zip(first.records, second.records)]
         if len(first.records) != len(second.records) or not diffs:
             diffs.append(math.inf)
@@ -169,7 +177,8 @@ def print_run(role: str, result: RunResult) -> None:
     step_peaks = sorted(record["peak_memory_mib"] for record in result.records if "peak_memory_mib" in record)
     if step_peaks:
         line += f"  per step: median {step_peaks[len(step_peaks) // 2]:.1f}, max {step_peaks[-1]:.1f} MiB"
-    print(line + f"  final loss {last['loss']:.6f} align {last['align_loss']:.6f}")
+    align = "off (lambda 0)" if last["align_loss"] is None else f"{last['align_loss']:.6f}"
+    print(line + f"  final loss {last['loss']:.6f} align {align}")
 
 
 def print_report(title: str, report: dict, dtype: torch.dtype) -> None:

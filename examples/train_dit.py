@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -42,6 +43,8 @@ from crepa_kernels.backends import select_backend
 from crepa_kernels.training import (
     CrepaRegularizer,
     CrepaTransformer,
+    LambdaSchedule,
+    SavedTensorMeter,
     dit_token_grid,
     encoder_features_to_tokens,
     flow_matching_loss,
@@ -49,6 +52,8 @@ from crepa_kernels.training import (
     mean_over_ranks,
     rank_and_world,
     rectified_flow_pair,
+    save_crepa_state,
+    timestep_weight,
 )
 from crepa_kernels.training.encoders import load_encoder
 from crepa_kernels.training.feature_cache import STORAGE_DTYPES, FeatureCache, build_feature_cache
@@ -84,10 +89,23 @@ class TrainConfig:
     encoder_patch: int = 7
     encoder_dim: int = 48
     text_tokens: int = 7
-    align_block: int = 0
+    align_blocks: str = "0"  # comma-separated indices of the blocks whose output is aligned, e.g. "0,1"
+    share_projector: bool = False  # one projector for all aligned blocks instead of one each
+    projector: str = "mlp"  # "mlp" (REPA's) or "linear" (LayerNorm + Linear)
     projector_width: int = 128
     projector_depth: int = 3
-    loss_weight: float = 0.5  # lambda
+    checkpoint_projector: bool = False  # recompute the projector's activations in the backward
+    loss_weight: float = 0.5  # lambda (the schedule's peak)
+    schedule: str = "constant"  # lambda after the warm-up: "constant", "linear", "cosine" or "polynomial" decay
+    warmup_steps: int = 0
+    decay_steps: int = 0  # 0: decay until the last step
+    final_weight: float = 0.0  # lambda at the end of the decay
+    schedule_power: float = 1.0  # of the polynomial decay
+    cutoff_step: int = -1  # lambda = 0 from this step on (negative: never)
+    similarity_threshold: float = math.inf  # lambda = 0 once the all-reduced similarity EMA reaches it
+    similarity_ema_decay: float = 0.99
+    condition_frames: int = 0  # leading token frames of every video left out of the loss, as I2V conditioning
+    sample_weighting: str = "none"  # per-video weight from the diffusion time: "hard", "sigmoid", "cosine", "snr"
     tau: float = 1.0
     neighbors: int = 1
     neighbor_mode: str = "adjacent"
@@ -134,15 +152,18 @@ def build_transformer(config: TrainConfig) -> nn.Module:
 
 
 @torch.no_grad()
-def _diagnostics_record(step: int, config: TrainConfig, model: CrepaTransformer, noisy, timestep, text,
-                        velocity, targets) -> dict:
-    """The diagnostics of the model's projected states on the fixed diagnostics batch (diagnostics_batch)."""
+def _diagnostics_record(step: int, config: TrainConfig, model: CrepaTransformer, noisy, t, text, velocity,
+                        targets) -> dict | None:
+    """The diagnostics of the model's projected states on the fixed diagnostics batch (diagnostics_batch); None
+    once lambda is 0 (nothing is projected any more)."""
+    if not model.regularizer.active:
+        return None
     from crepa_kernels import diagnostics  # imported lazily: optional for training
 
     autocast = (torch.autocast(noisy.device.type, dtype=torch.bfloat16)
                 if compute_dtype(config) == torch.bfloat16 else contextlib.nullcontext())
     with autocast:
-        _, alignment = model(noisy, timestep, text, targets=targets, return_dict=False)
+        _, alignment = model(noisy, t * TIMESTEP_SCALE, text, targets=targets, return_dict=False)
     projected = alignment.projected.float()
     # one row per token, L2-normalised as in the CKNNA authors' measurement (platonic-rep, normalize=True)
     flat_proj = F.normalize(projected.flatten(0, 2), dim=-1)
@@ -167,13 +188,50 @@ def build_model(config: TrainConfig, backend: str, device: torch.device, encoder
     transformer = build_transformer(config)
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    blocks = align_blocks(config)
     regularizer = CrepaRegularizer(
         transformer.config.num_attention_heads * transformer.config.attention_head_dim, encoder_dim,
-        loss_weight=config.loss_weight, tau=config.tau, neighbors=config.neighbors, neighbor_mode=config.neighbor_mode,
-        normalize_weights=config.normalize_weights, reduction=config.reduction, backend=backend,
-        projector_width=config.projector_width, projector_depth=config.projector_depth,
+        loss_weight=build_schedule(config), tau=config.tau, neighbors=config.neighbors,
+        neighbor_mode=config.neighbor_mode, normalize_weights=config.normalize_weights, reduction=config.reduction,
+        backend=backend, projector=config.projector, projector_width=config.projector_width,
+        projector_depth=config.projector_depth, checkpoint_projector=config.checkpoint_projector,
+        num_layers=len(blocks), share_projector=config.share_projector,
+        layer_names=[f"block{index}" for index in blocks],
     )
-    return CrepaTransformer(transformer, regularizer, config.align_block).to(device)
+    return CrepaTransformer(transformer, regularizer, blocks).to(device)
+
+
+def align_blocks(config: TrainConfig) -> list[int]:
+    try:
+        return [int(index) for index in config.align_blocks.split(",")]
+    except ValueError:
+        raise ValueError(f"align_blocks: expected comma-separated block indices, got {config.align_blocks!r}") from None
+
+
+def build_schedule(config: TrainConfig) -> LambdaSchedule:
+    decaying = config.schedule != "constant"
+    return LambdaSchedule(
+        config.loss_weight, shape=config.schedule, warmup_steps=config.warmup_steps,
+        decay_steps=(config.decay_steps or max(1, config.steps - config.warmup_steps)) if decaying else None,
+        final_weight=config.final_weight, power=config.schedule_power,
+        cutoff_step=config.cutoff_step if config.cutoff_step >= 0 else None,
+        similarity_threshold=config.similarity_threshold if math.isfinite(config.similarity_threshold) else None,
+        similarity_ema_decay=config.similarity_ema_decay,
+    )
+
+
+def loss_weighting(config: TrainConfig, t: torch.Tensor, targets: torch.Tensor):
+    """The per-video weights [B] (from the diffusion time) and the frame mask [B, F] (False on the conditioning
+    frames) of a batch, each None when not asked for."""
+    sample_weight = None if config.sample_weighting == "none" else timestep_weight(config.sample_weighting, t)
+    frame_mask = None
+    if config.condition_frames:
+        if not 0 < config.condition_frames < targets.shape[1]:
+            raise ValueError(f"condition_frames: expected fewer than the {targets.shape[1]} token frames, "
+                             f"got {config.condition_frames}")
+        frame_mask = torch.ones(targets.shape[:2], dtype=torch.bool, device=targets.device)
+        frame_mask[:, :config.condition_frames] = False
+    return sample_weight, frame_mask
 
 
 def wrap_model(model: CrepaTransformer, device: torch.device) -> nn.Module:
@@ -269,8 +327,31 @@ def build_cache(config: TrainConfig, directory: str, storage_dtype: torch.dtype 
                                extra=synthetic_data_settings(config), total=total)
 
 
-def train(config: TrainConfig, backend: str) -> RunResult:
-    """One training run; under an initialised process group, this rank's share of it."""
+def _step_record(loss: torch.Tensor, flow_loss: torch.Tensor, alignment) -> dict:
+    """A step's figures averaged over ranks (the global batch's values: equal shards on every rank); the
+    alignment's are None on steps where lambda was 0 and nothing was computed."""
+    names = ["loss", "flow_loss"]
+    values = [loss.detach(), flow_loss.detach()]
+    if alignment.computed:
+        names += ["align_loss", "self_similarity", "neighbor_similarity"]
+        neighbor = alignment.neighbor_similarity
+        values += [alignment.align_loss, alignment.self_similarity,
+                   neighbor if neighbor is not None else torch.full_like(alignment.self_similarity, math.nan)]
+        if len(alignment.terms) > 1:
+            names += [f"align_loss/{name}" for name in alignment.terms]
+            values += list(alignment.terms.values())
+    figures = mean_over_ranks(torch.stack([v.double() for v in values])).tolist()
+    record = dict.fromkeys(["align_loss", "self_similarity", "neighbor_similarity"])
+    record.update(zip(names, figures))
+    record["lambda"] = alignment.weight
+    record.update({f"schedule/{k}": v for k, v in alignment.logs.items() if k in ("similarity_ema",
+                                                                               "similarity_cutoff")})
+    return record
+
+
+def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> RunResult:
+    """One training run; under an initialised process group, this rank's share of it. ``crepa_state``: a path to
+    save the regulariser's projectors and schedule state to at the end (safetensors, rank 0)."""
     if config.reduction == "none":
         raise ValueError("reduction='none' gives no scalar loss to train on")
     rank, world = rank_and_world()
@@ -295,7 +376,7 @@ def train(config: TrainConfig, backend: str) -> RunResult:
         latents = vae(batch["video"])
         noisy, velocity = rectified_flow_pair(latents, batch["noise"], batch["t"])
         targets = targets_of(batch["video"], grid, ids[shard])
-        return noisy, batch["t"] * TIMESTEP_SCALE, batch["text"], velocity, targets
+        return noisy, batch["t"], batch["text"], velocity, targets
 
     records, times = [], []
     with PeakMemory(device) as memory:
@@ -310,42 +391,42 @@ def train(config: TrainConfig, backend: str) -> RunResult:
 
             batch = synthetic_batch(config, step)
             shard = slice(rank * config.global_batch // world, (rank + 1) * config.global_batch // world)
-            noisy, timestep, text, velocity, targets = model_inputs(batch, sample_ids(config, step), shard)
+            noisy, t, text, velocity, targets = model_inputs(batch, sample_ids(config, step), shard)
+            sample_weight, frame_mask = loss_weighting(config, t, targets)
 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            with autocast:
-                output, alignment = trained(noisy, timestep, text, targets=targets, return_dict=False)
+            with autocast, SavedTensorMeter(exclude=model.parameters()) as saved:
+                output, alignment = trained(noisy, t * TIMESTEP_SCALE, text, targets=targets,
+                                            sample_weight=sample_weight, frame_mask=frame_mask, return_dict=False)
                 flow_loss = flow_matching_loss(output[0], velocity)
             loss = flow_loss + alignment.loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # the projector's gradient comes from the alignment loss alone: the most sensitive check of its backward
             projector_grad_norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in model.regularizer.projector.parameters()]))
+                torch.stack([p.grad.norm() for p in model.regularizer.projectors.parameters()]))
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
+            model.regularizer.end_step(alignment)  # advances lambda's schedule (all ranks agree on the cutoff)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
 
-            neighbor = alignment.neighbor_similarity
-            figures = torch.stack([
-                loss.detach(), flow_loss.detach(), alignment.align_loss, alignment.self_similarity,
-                neighbor if neighbor is not None else torch.full_like(alignment.self_similarity, float("nan")),
-            ]).double()
-            figures = mean_over_ranks(figures).tolist()  # the global batch's values: equal shards on every rank
-            record = dict(zip(("loss", "flow_loss", "align_loss", "self_similarity", "neighbor_similarity"), figures))
+            record = _step_record(loss, flow_loss, alignment)
             record.update(step=step, grad_norm=float(grad_norm), projector_grad_norm=float(projector_grad_norm),
-                          step_time_s=times[-1], peak_memory_mib=memory.step_peak_mib())
+                          step_time_s=times[-1], peak_memory_mib=memory.step_peak_mib(),
+                          saved_mib=saved.bytes / 2**20)
             records.append(record)
 
-            if diagnose:
+            if diagnose and entry is not None:
                 entry["align_loss"] = record["align_loss"]  # of the training batch
                 with open(config.diagnostics_json, "a") as out:
                     out.write(json.dumps(entry) + "\n")
     model.remove_hooks()
+    if crepa_state and rank == 0:
+        save_crepa_state(crepa_state, model.regularizer)
 
     return RunResult(
         backend=select_backend(backend, device).__name__,
@@ -364,6 +445,8 @@ def _parse(argv) -> tuple[TrainConfig, argparse.Namespace]:
     parser.add_argument("--no-lockstep", action="store_true", help="only run --backend, no comparison")
     parser.add_argument("--output", help="write the runs and the comparison as JSON (rank 0)")
     parser.add_argument("--save-params", help="save the final parameters of the --backend run (rank 0), torch.save")
+    parser.add_argument("--save-crepa-state", metavar="PATH",
+                        help="save the --backend run's projectors and lambda schedule state (rank 0), safetensors")
     parser.add_argument("--build-feature-cache", metavar="DIR",
                         help="encode every video of the run with --encoder into a feature cache, then exit")
     parser.add_argument("--feature-cache-dtype", choices=tuple(STORAGE_DTYPES), default="fp32",
@@ -410,7 +493,7 @@ def main(argv=None) -> int:
         if not args.no_lockstep:  # the diagnostics are logged for the fused run only
             reference_config = dataclasses.replace(config, diagnostics_every=0)
             runs.append(("reference", train(reference_config, args.reference_backend)))
-        runs.append(("fused", train(config, args.backend)))
+        runs.append(("fused", train(config, args.backend, crepa_state=args.save_crepa_state)))
     finally:
         if distributed:
             dist.destroy_process_group()

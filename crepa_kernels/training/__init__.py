@@ -1,14 +1,19 @@
-"""CREPA inside a DiT trainer: projector, checkpointing-safe block capture, token-grid mapping, regulariser, the
-model wrapper that puts a transformer and its regulariser behind one forward, the rectified-flow step pieces, and
-the encoder adapters and offline feature cache that give the targets."""
+"""CREPA inside a DiT trainer: projectors, checkpointing-safe block capture, token-grid mapping, the regulariser
+(several layers and teachers, sample weights and frame masks), its lambda schedule, saving it apart from the model,
+the model wrapper that puts a transformer and its regulariser behind one forward, the rectified-flow step pieces,
+a meter of the memory a step keeps for backward, and the encoder adapters and offline feature cache that give the
+targets."""
 from .capture import HiddenStateCapture, find_blocks
 from .distributed import mean_over_ranks, rank_and_world
 from .encoders import EncoderAdapter, adapter_for
 from .feature_cache import FeatureCache, build_feature_cache
 from .flow import flow_matching_loss, rectified_flow_pair
+from .memory import SavedTensorMeter, projector_activation_bytes
 from .model import CrepaTransformer
-from .projector import build_projector
+from .projector import PROJECTOR_KINDS, build_projector
 from .regularizer import AlignmentOutput, CrepaRegularizer
+from .schedule import LambdaSchedule
+from .state import load_crepa_state, save_crepa_state
 from .token_grid import (
     dit_token_grid,
     encoder_features_to_tokens,
@@ -17,26 +22,48 @@ from .token_grid import (
     pool_frames,
     resize_frames,
 )
+from .weighting import (
+    TIMESTEP_WEIGHTS,
+    cosine_timestep_weight,
+    hard_timestep_weight,
+    reduce_weighted,
+    sigmoid_timestep_weight,
+    snr_timestep_weight,
+    timestep_weight,
+)
 
 __all__ = [
+    "PROJECTOR_KINDS",
+    "TIMESTEP_WEIGHTS",
     "AlignmentOutput",
     "CrepaRegularizer",
     "CrepaTransformer",
     "EncoderAdapter",
     "FeatureCache",
     "HiddenStateCapture",
+    "LambdaSchedule",
+    "SavedTensorMeter",
     "adapter_for",
     "build_feature_cache",
     "build_projector",
+    "cosine_timestep_weight",
     "dit_token_grid",
     "encoder_features_to_tokens",
     "find_blocks",
     "flow_matching_loss",
     "group_frames",
+    "hard_timestep_weight",
     "latent_frame_count",
+    "load_crepa_state",
     "mean_over_ranks",
     "pool_frames",
+    "projector_activation_bytes",
     "rank_and_world",
     "rectified_flow_pair",
+    "reduce_weighted",
     "resize_frames",
+    "save_crepa_state",
+    "sigmoid_timestep_weight",
+    "snr_timestep_weight",
+    "timestep_weight",
 ]

@@ -27,6 +27,9 @@ recomputation too and is ignored.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -55,9 +58,12 @@ def _inside_backward() -> bool:
 class HiddenStateCapture:
     """Records the hidden states leaving ``blocks[index]`` during each forward of ``transformer``.
 
-    Attach it to the unwrapped model (hooks on it keep firing under DistributedDataParallel). Blocks that return a
-    tuple, such as CogVideoX's and HunyuanVideo's ``(hidden_states, encoder_hidden_states)``, give their element
-    ``output_index``. Use as a context manager or call :meth:`remove`.
+    ``index`` is one block index, or a sequence of them to capture several blocks in one forward (then
+    :meth:`pop` and :attr:`hidden_states` give a list, in that order). Attach it to the unwrapped model (hooks on
+    it keep firing under DistributedDataParallel). Blocks that return a tuple, such as CogVideoX's and
+    HunyuanVideo's ``(hidden_states, encoder_hidden_states)``, give their element ``output_index``. Set
+    ``enabled = False`` to skip capturing (nothing is stored; the hooks return at once). Use as a context manager
+    or call :meth:`remove`.
 
         with HiddenStateCapture(transformer, index=8) as capture:
             prediction = transformer(...)
@@ -65,62 +71,88 @@ class HiddenStateCapture:
     """
 
     def __init__(
-        self, transformer: nn.Module, index: int, *, blocks: str | None = None, output_index: int = 0
+        self, transformer: nn.Module, index: int | Sequence[int], *, blocks: str | None = None,
+        output_index: int = 0,
     ) -> None:
         block_list = find_blocks(transformer, blocks)
-        if not -len(block_list) <= index < len(block_list):
-            raise IndexError(f"index: {type(transformer).__name__} has {len(block_list)} blocks, got {index}")
-        self.block = block_list[index]
+        self._single = isinstance(index, int)
+        indices = [index] if self._single else list(index)
+        if not indices:
+            raise ValueError("index: expected a block index or a non-empty sequence of them, got an empty sequence")
+        for i in indices:
+            if not isinstance(i, int) or not -len(block_list) <= i < len(block_list):
+                raise IndexError(f"index: {type(transformer).__name__} has {len(block_list)} blocks, got {i}")
+        self.blocks = [block_list[i] for i in indices]
+        if len({id(b) for b in self.blocks}) != len(self.blocks):
+            raise ValueError(f"index: the same block appears twice in {indices}")
         self.output_index = output_index
-        self._armed = False
-        self._grad_expected = False
-        self._states: torch.Tensor | None = None
+        self.enabled = True
+        self._armed = [False] * len(self.blocks)
+        self._grad_expected = [False] * len(self.blocks)
+        self._states: list[torch.Tensor | None] = [None] * len(self.blocks)
         self._handles = [
             transformer.register_forward_pre_hook(self._arm),
             transformer.register_forward_hook(self._disarm, always_call=True),
-            self.block.register_forward_hook(self._record),
         ]
+        for position, block in enumerate(self.blocks):
+            self._handles.append(block.register_forward_hook(functools.partial(self._record, position)))
+
+    @property
+    def block(self) -> nn.Module:
+        """The captured block (a capture of one block index)."""
+        if not self._single:
+            raise AttributeError("this capture has several blocks: use .blocks")
+        return self.blocks[0]
 
     def _arm(self, module, args) -> None:
         if _inside_backward():
             return
-        self._states = None
-        self._armed = True
-        self._grad_expected = torch.is_grad_enabled() and any(p.requires_grad for p in self.block.parameters())
-
-    def _record(self, module, args, output) -> None:
-        if not self._armed:
+        self._states = [None] * len(self.blocks)
+        if not self.enabled:
             return
-        self._armed = False
-        self._states = output[self.output_index] if isinstance(output, (tuple, list)) else output
+        grad_on = torch.is_grad_enabled()
+        self._armed = [True] * len(self.blocks)
+        self._grad_expected = [grad_on and any(p.requires_grad for p in b.parameters()) for b in self.blocks]
+
+    def _record(self, position, module, args, output) -> None:
+        if not self._armed[position]:
+            return
+        self._armed[position] = False
+        self._states[position] = output[self.output_index] if isinstance(output, (tuple, list)) else output
 
     def _disarm(self, module, args, output) -> None:
-        self._armed = False
+        self._armed = [False] * len(self.blocks)
 
-    @property
-    def hidden_states(self) -> torch.Tensor:
-        """The capture of the last forward (kept until the next forward, :meth:`pop` or :meth:`remove`)."""
-        if self._states is None:
-            raise RuntimeError("no hidden states captured: the block did not run since the last pop/forward/remove")
-        if self._grad_expected and not self._states.requires_grad:
+    def _checked(self, position: int) -> torch.Tensor:
+        states = self._states[position]
+        if states is None:
+            raise RuntimeError("no hidden states captured: the block did not run since the last pop/forward/remove"
+                               + ("" if self.enabled else " (the capture is disabled)"))
+        if self._grad_expected[position] and not states.requires_grad:
             raise RuntimeError(
                 "the captured hidden states are cut off from the autograd graph although the block has trainable "
                 "parameters and ran with grad enabled; read the capture after the transformer's forward returns"
             )
-        return self._states
+        return states
 
-    def pop(self) -> torch.Tensor:
+    @property
+    def hidden_states(self) -> torch.Tensor | list[torch.Tensor]:
+        """The capture of the last forward (kept until the next forward, :meth:`pop` or :meth:`remove`)."""
+        states = [self._checked(position) for position in range(len(self.blocks))]
+        return states[0] if self._single else states
+
+    def pop(self) -> torch.Tensor | list[torch.Tensor]:
         """The capture, released here so it does not outlive the step's graph."""
         states = self.hidden_states
-        self._states = None
+        self._states = [None] * len(self.blocks)
         return states
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._states = None
-        self._armed = False
+        self._states = [None] * len(self.blocks)
+        self._armed = [False] * len(self.blocks)
 
     def __enter__(self) -> HiddenStateCapture:
         return self

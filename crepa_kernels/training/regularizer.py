@@ -1,43 +1,72 @@
-"""The CREPA regulariser: projector h_phi + cross-frame alignment loss + cheap logging figures."""
+"""The CREPA regulariser: projector(s) h_phi + cross-frame alignment loss + cheap logging figures.
+
+One alignment term per (captured layer, teacher): the hidden states of each captured block, projected by that
+pair's projector (or one projector per teacher shared by all layers), against each teacher's targets (the features
+of one frozen encoder on the DiT's token grid). The alignment loss is the weighted mean of the terms, each logged
+on its own. Per-sample weights, frame masks and their reduction are described in :mod:`.weighting`, the weight
+lambda over training in :mod:`.schedule`.
+"""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..api import cross_frame_align_loss
 from ..backends import check_backend_name
-from ..spec import LossOptions, reduce_frames
+from ..spec import LossOptions
 from .projector import build_projector
+from .schedule import LambdaSchedule
+from .weighting import check_weights, reduce_weighted
 
 
 @dataclass
 class AlignmentOutput:
-    loss: torch.Tensor  # loss_weight * alignment loss: add it to the diffusion loss
-    align_loss: torch.Tensor  # the unweighted alignment loss, detached
-    self_similarity: torch.Tensor  # mean over batch, frames and tokens of cos(p_f, y_f), 0-dim, detached
-    # weighted mean of cos(p_f, y_k) over the neighbour pairs k in K(f), weights w(|k - f|) (a plain mean in
-    # "adjacent" mode, where both neighbours weigh the same); None when no frame has a neighbour
+    loss: torch.Tensor  # lambda * alignment loss: add it to the diffusion loss (see `computed` for lambda = 0)
+    align_loss: torch.Tensor | None  # the alignment loss before lambda, detached; None when not computed
+    self_similarity: torch.Tensor | None  # mean of cos(p_f, y_f) over included frames and tokens, 0-dim, detached
+    # weighted mean of cos(p_f, y_k) over the neighbour pairs k in K(f) of included frames f, weights w(|k - f|)
+    # (a plain mean in "adjacent" mode); None when no frame has a neighbour or nothing was computed
     neighbor_similarity: torch.Tensor | None
-    projected: torch.Tensor = field(repr=False)  # h_phi(hidden states) as [B, F, N, encoder_dim], in the graph
+    projected: torch.Tensor | None = field(default=None, repr=False)  # first term's h_phi(states), [B, F, N, D]
+    weight: float = 0.0  # lambda of this step
+    included_frames: torch.Tensor | None = None  # how many (video, frame) pairs the loss includes, on this rank
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # per "layer/teacher": its alignment loss
+    logs: dict[str, torch.Tensor | float] = field(default_factory=dict)  # everything above to log, and the schedule
+
+    @property
+    def computed(self) -> bool:
+        """False when lambda was 0: nothing was projected or computed, and ``loss`` is a zero that only ties the
+        projector's parameters into the graph (so DDP sees them used and syncs zero gradients)."""
+        return self.align_loss is not None
 
 
 class CrepaRegularizer(nn.Module):
-    """loss_weight * CREPA(h_phi(hidden states), encoder targets), arXiv 2506.09229.
+    """lambda * CREPA(h_phi(hidden states), encoder targets), arXiv 2506.09229.
 
-    Loss options as in :func:`crepa_kernels.cross_frame_align_loss`; ``loss_weight`` is the paper's lambda.
-    The figures cost one extra forward-only pass of the fused loss with ``neighbors=0`` (no backward, nothing
-    saved; none at all without neighbours): the self term S[b, f] comes from it and the neighbour term from the
-    [B, F] loss already computed, -L[b, f] * Z_f - S[b, f].
+    Loss options as in :func:`crepa_kernels.cross_frame_align_loss`. ``loss_weight`` is the paper's lambda: a
+    number, or a :class:`LambdaSchedule` (call :meth:`end_step` once per optimizer step to advance it).
+
+    Several layers and teachers: ``num_layers`` captured blocks (``hidden_states`` is then a list) and one
+    ``encoder_dim`` per teacher (``targets`` is then a list); a projector per (layer, teacher), or with
+    ``share_projector`` one per teacher used for every layer. The alignment loss is the mean of the terms weighted
+    by ``layer_weights[l] * teacher_weights[t]``. ``projector``: "mlp" (REPA's) or "linear" (LayerNorm + Linear).
+    ``checkpoint_projector`` recomputes the projector's activations in the backward instead of keeping them.
+
+    The figures cost one extra forward-only pass of the fused loss with ``neighbors=0`` per term (no backward,
+    nothing saved; none at all without neighbours): the self term S[b, f] comes from it and the neighbour term
+    from the [B, F] loss already computed, -L[b, f] * Z_f - S[b, f].
     """
 
     def __init__(
         self,
         hidden_dim: int,
-        encoder_dim: int,
+        encoder_dim: int | Sequence[int],
         *,
-        loss_weight: float = 0.5,
+        loss_weight: float | LambdaSchedule = 0.5,
         tau: float = 1.0,
         neighbors: int = 1,
         neighbor_mode: str = "adjacent",
@@ -45,21 +74,77 @@ class CrepaRegularizer(nn.Module):
         reduction: str = "mean",
         eps: float = 1e-12,
         backend: str = "auto",
+        projector: str = "mlp",
         projector_width: int = 2048,
         projector_depth: int = 3,
+        checkpoint_projector: bool = False,
+        num_layers: int = 1,
+        share_projector: bool = False,
+        layer_weights: Sequence[float] | None = None,
+        teacher_weights: Sequence[float] | None = None,
+        layer_names: Sequence[str] | None = None,
+        teacher_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        self.projector = build_projector(hidden_dim, encoder_dim, width=projector_width, depth=projector_depth)
+        self.encoder_dims = [encoder_dim] if isinstance(encoder_dim, int) else list(encoder_dim)
+        if not self.encoder_dims:
+            raise ValueError("encoder_dim: expected an int or a non-empty sequence of ints, got an empty sequence")
+        if num_layers < 1:
+            raise ValueError(f"num_layers: expected at least 1, got {num_layers}")
+        self.num_layers = num_layers
+        self.layer_weights = _weights("layer_weights", layer_weights, num_layers)
+        self.teacher_weights = _weights("teacher_weights", teacher_weights, len(self.encoder_dims))
+        self.layer_names = _names("layer_names", layer_names, num_layers, "layer")
+        self.teacher_names = _names("teacher_names", teacher_names, len(self.encoder_dims), "teacher")
+        self.share_projector = share_projector
+        copies = 1 if share_projector else num_layers  # projector index: l * teachers + t, or t when shared
+        self.projectors = nn.ModuleList(
+            build_projector(hidden_dim, dim, kind=projector, width=projector_width, depth=projector_depth)
+            for _ in range(copies) for dim in self.encoder_dims)
+        self.checkpoint_projector = checkpoint_projector
         self.options = LossOptions(
             tau=tau, neighbors=neighbors, neighbor_mode=neighbor_mode, normalize_weights=normalize_weights,
             reduction=reduction, eps=eps,
         )
         check_backend_name(backend)
         self.backend = backend
-        self.loss_weight = float(loss_weight)
+        if isinstance(loss_weight, LambdaSchedule):
+            self.schedule = loss_weight
+        else:
+            self.schedule = LambdaSchedule(float(loss_weight))
+
+    @property
+    def projector(self) -> nn.Module:
+        """The projector, when there is only one (one layer, one teacher)."""
+        if len(self.projectors) != 1:
+            raise AttributeError(f"this regulariser has {len(self.projectors)} projectors: use .projectors "
+                                 "(index layer * teachers + teacher, or teacher when shared)")
+        return self.projectors[0]
+
+    def projector_for(self, layer: int, teacher: int) -> nn.Module:
+        return self.projectors[teacher if self.share_projector else layer * len(self.encoder_dims) + teacher]
+
+    @property
+    def loss_weight(self) -> float:
+        """lambda for the current step."""
+        return self.schedule.value()
+
+    @property
+    def active(self) -> bool:
+        """Whether lambda > 0 this step; when not, forward computes nothing."""
+        return self.schedule.active
 
     def extra_repr(self) -> str:
-        return f"loss_weight={self.loss_weight}, backend={self.backend!r}, {self.options}"
+        return (f"backend={self.backend!r}, {self.options}, layers={self.layer_names}, teachers={self.teacher_names}, "
+                f"checkpoint_projector={self.checkpoint_projector}, schedule={self.schedule}")
+
+    def end_step(self, alignment: AlignmentOutput) -> None:
+        """Advance the schedule after the optimizer step, feeding it this step's similarity (collective when a
+        similarity threshold is watched: call it on every rank)."""
+        if alignment.computed:
+            self.schedule.step(alignment.self_similarity, alignment.included_frames)
+        else:
+            self.schedule.step()
 
     def _per_frame_loss(self, proj: torch.Tensor, target: torch.Tensor, neighbors: int) -> torch.Tensor:
         o = self.options
@@ -68,40 +153,125 @@ class CrepaRegularizer(nn.Module):
             normalize_weights=o.normalize_weights, reduction="none", eps=o.eps, backend=self.backend,
         )
 
-    def forward(self, hidden_states: torch.Tensor, target: torch.Tensor) -> AlignmentOutput:
-        """hidden_states: [B, F*N, hidden_dim] frame-major (as a DiT block emits them) or [B, F, N, hidden_dim];
-        target: encoder features on the same token grid, [B, F, N, encoder_dim] (see token_grid)."""
-        if target.dim() != 4:
-            raise ValueError(f"target: expected [B, F, N, encoder_dim], got shape {tuple(target.shape)}")
-        batch, frames, tokens, _ = target.shape
-        proj = self.projector(hidden_states)
-        if proj.dim() == 3:
-            if proj.shape[1] != frames * tokens:
-                raise ValueError(
-                    f"hidden_states: {proj.shape[1]} tokens, the target grid has {frames} frames x {tokens} tokens"
-                )
-            proj = proj.unflatten(1, (frames, tokens))
-        per_frame = self._per_frame_loss(proj, target, self.options.neighbors)
-        align_loss = reduce_frames(per_frame, self.options.reduction)
-        self_similarity, neighbor_similarity = self._figures(proj, target, per_frame.detach())
+    def _project(self, projector: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_projector and torch.is_grad_enabled():
+            return checkpoint(projector, hidden_states, use_reentrant=False)
+        return projector(hidden_states)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor | Sequence[torch.Tensor],
+        targets: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        sample_weight: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+    ) -> AlignmentOutput:
+        """hidden_states: per captured layer [B, F*N, hidden_dim] frame-major (as a DiT block emits them) or
+        [B, F, N, hidden_dim]; targets: per teacher, encoder features on the same token grid, [B, F, N, dim_t]
+        (see token_grid). A single tensor stands for a list of one. sample_weight [B] and frame_mask [B, F] (bool,
+        True = in the loss) as in :mod:`.weighting`."""
+        weight = self.loss_weight
+        if weight == 0.0:
+            return self.skipped_output()
+        layers = _as_list("hidden_states", hidden_states, self.num_layers, "captured layers")
+        teachers = _as_list("targets", targets, len(self.encoder_dims), "teachers")
+        for t, (target, dim) in enumerate(zip(teachers, self.encoder_dims)):
+            if target.dim() != 4 or target.shape[-1] != dim:
+                raise ValueError(f"targets[{t}]: expected [B, F, N, {dim}], got shape {tuple(target.shape)}")
+            if target.shape[:3] != teachers[0].shape[:3]:
+                raise ValueError(f"targets[{t}]: every teacher needs the same [B, F, N] grid, got "
+                                 f"{tuple(target.shape[:3])} and {tuple(teachers[0].shape[:3])}")
+        batch, frames, tokens, _ = teachers[0].shape
+        check_weights(torch.Size((batch, frames)), sample_weight, frame_mask)
+
+        term_losses, term_self, term_neighbor, term_weights, terms, logs = [], [], [], [], {}, {}
+        projected = None
+        for l, hidden in enumerate(layers):
+            for t, target in enumerate(teachers):
+                proj = self._project(self.projector_for(l, t), hidden)
+                if proj.dim() == 3:
+                    if proj.shape[1] != frames * tokens:
+                        raise ValueError(f"hidden_states[{l}]: {proj.shape[1]} tokens, the target grid has "
+                                         f"{frames} frames x {tokens} tokens")
+                    proj = proj.unflatten(1, (frames, tokens))
+                projected = proj if projected is None else projected
+                per_frame = self._per_frame_loss(proj, target, self.options.neighbors)
+                term_loss = reduce_weighted(per_frame, self.options.reduction, sample_weight, frame_mask)
+                self_sim, neighbor_sim = self._figures(proj, target, per_frame.detach(), frame_mask)
+                name = f"{self.layer_names[l]}/{self.teacher_names[t]}"
+                terms[name] = term_loss.detach()
+                term_losses.append(term_loss)
+                term_self.append(self_sim)
+                term_neighbor.append(neighbor_sim)
+                term_weights.append(self.layer_weights[l] * self.teacher_weights[t])
+
+        total = sum(term_weights)
+        align_loss = sum(w * loss for w, loss in zip(term_weights, term_losses)) / total
+        self_similarity = sum(w * s for w, s in zip(term_weights, term_self)) / total
+        neighbor_similarity = (None if term_neighbor[0] is None else
+                               sum(w * s for w, s in zip(term_weights, term_neighbor)) / total)
+        included = (frame_mask.sum() if frame_mask is not None else
+                    torch.tensor(batch * frames, device=teachers[0].device)).to(torch.float64)
+        logs.update(self.schedule.metrics(), align_loss=align_loss.detach(), self_similarity=self_similarity,
+                    included_frames=included)
+        if neighbor_similarity is not None:
+            logs["neighbor_similarity"] = neighbor_similarity
+        if len(terms) > 1:
+            for (name, loss), s in zip(terms.items(), term_self):
+                logs[f"align_loss/{name}"] = loss
+                logs[f"self_similarity/{name}"] = s
         return AlignmentOutput(
-            loss=self.loss_weight * align_loss,
-            align_loss=align_loss.detach(),
-            self_similarity=self_similarity,
-            neighbor_similarity=neighbor_similarity,
-            projected=proj,
+            loss=weight * align_loss, align_loss=align_loss.detach(), self_similarity=self_similarity,
+            neighbor_similarity=neighbor_similarity, projected=projected, weight=weight, included_frames=included,
+            terms=terms, logs=logs,
         )
 
+    def skipped_output(self) -> AlignmentOutput:
+        """The output of a step with lambda = 0: nothing computed; the loss is a zero tied to the projectors'
+        parameters, so a data-parallel wrapper sees them used."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        loss = sum(p.reshape(-1)[0] for p in params) * 0.0 if params else torch.zeros(())
+        return AlignmentOutput(loss=loss, align_loss=None, self_similarity=None, neighbor_similarity=None,
+                               weight=0.0, logs=self.schedule.metrics())
+
     @torch.no_grad()
-    def _figures(self, proj, target, per_frame):
+    def _figures(self, proj, target, per_frame, frame_mask):
         frames = per_frame.shape[1]
+        included = (torch.ones_like(per_frame) if frame_mask is None else frame_mask.to(per_frame.dtype))
         if not self.options.offsets(frames):  # no neighbours: the loss is the self term alone, Z_f = 1
-            return (-per_frame).mean(), None
+            return (-per_frame * included).sum() / included.sum(), None
         self_terms = -self._per_frame_loss(proj, target, neighbors=0)  # mean_n cos(p_f, y_f), [B, F]
         # C[f][f] = 1 / Z_f, C[f][k] = w / Z_f: per frame, Z_f and the total neighbour weight (host constants)
         coefficients = self.options.frame_coefficients(frames)
         z = [1.0 / row[f] for f, row in enumerate(coefficients)]
-        neighbour_weight = sum((sum(row) - row[f]) * z[f] for f, row in enumerate(coefficients))
-        z = torch.tensor(z, dtype=per_frame.dtype).to(per_frame.device, non_blocking=True)
+        neighbour_weight = [(sum(row) - row[f]) * z[f] for f, row in enumerate(coefficients)]
+        z, neighbour_weight = (torch.tensor(v, dtype=per_frame.dtype).to(per_frame.device, non_blocking=True)
+                               for v in (z, neighbour_weight))
         neighbour_terms = -per_frame * z - self_terms  # sum_k w(|k-f|) mean_n cos(p_f, y_k), [B, F]
-        return self_terms.mean(), neighbour_terms.sum() / (per_frame.shape[0] * neighbour_weight)
+        return ((self_terms * included).sum() / included.sum(),
+                (neighbour_terms * included).sum() / (included * neighbour_weight).sum())
+
+
+def _weights(name: str, weights: Sequence[float] | None, count: int) -> list[float]:
+    if weights is None:
+        return [1.0] * count
+    weights = [float(w) for w in weights]
+    if len(weights) != count or any(not w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"{name}: expected {count} weights >= 0 with a positive sum, got {weights}")
+    return weights
+
+
+def _names(name: str, names: Sequence[str] | None, count: int, prefix: str) -> list[str]:
+    if names is None:
+        return [f"{prefix}{i}" for i in range(count)]
+    names = [str(n) for n in names]
+    if len(names) != count or len(set(names)) != count:
+        raise ValueError(f"{name}: expected {count} distinct names, got {names}")
+    return names
+
+
+def _as_list(name: str, value, count: int, what: str) -> list[torch.Tensor]:
+    values = [value] if isinstance(value, torch.Tensor) else list(value)
+    if len(values) != count:
+        raise ValueError(f"{name}: this regulariser has {count} {what}, got {len(values)} tensor(s)")
+    return values
