@@ -51,7 +51,7 @@ def projector_activation_bytes(tokens: int, hidden_dim: int, *, kind: str = "mlp
 
     "mlp": each hidden layer keeps its Linear's output (the SiLU's input) and the SiLU's output (the next Linear's
     input), 2 * width per token each. "linear": the LayerNorm's output (the Linear's input), hidden_dim per token,
-    and its fp32 mean and reciprocal std, 2 per token. ``input_cast``: the projector runs in a wider dtype than the
+    and its mean and reciprocal std, 2 per token (in fp32 at least). ``input_cast``: the projector runs in a wider dtype than the
     states (an fp32 projector on bf16 states), so its first layer keeps its own cast copy of the input as well.
     """
     if kind not in PROJECTOR_KINDS:
@@ -59,7 +59,7 @@ def projector_activation_bytes(tokens: int, hidden_dim: int, *, kind: str = "mlp
     if kind == "mlp":
         per_token = 2 * width * (depth - 1) * element_size
     else:
-        per_token = hidden_dim * element_size + 2 * 4
+        per_token = hidden_dim * element_size + 2 * max(element_size, 4)
     if input_cast:
         per_token += hidden_dim * element_size
     return tokens * per_token

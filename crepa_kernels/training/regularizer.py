@@ -117,8 +117,9 @@ class CrepaRegularizer(nn.Module):
     def projector(self) -> nn.Module:
         """The projector, when there is only one (one layer, one teacher)."""
         if len(self.projectors) != 1:
-            raise AttributeError(f"this regulariser has {len(self.projectors)} projectors: use .projectors "
-                                 "(index layer * teachers + teacher, or teacher when shared)")
+            # not AttributeError: nn.Module.__getattr__ would replace this message with a generic one
+            raise RuntimeError(f"this regulariser has {len(self.projectors)} projectors: use .projectors or "
+                               ".projector_for(layer, teacher)")
         return self.projectors[0]
 
     def projector_for(self, layer: int, teacher: int) -> nn.Module:
