@@ -427,7 +427,7 @@ def test_trainer_command_line_saves_a_loadable_state(tmp_path):
     assert trainer.main(flags) == 0
     config = dataclasses.replace(trainer.TrainConfig(steps=3, projector_width=32, projector="linear",
                                                      align_blocks="0,1", similarity_threshold=-1.0))
-    model = trainer.build_model(config, "reference", torch.device("cpu"))
+    model = trainer.build_model(config, "reference", torch.device("cpu"), config.encoder_dim)
     load_crepa_state(path, model.regularizer)
     # any similarity passes -1: the EMA cut lambda off after the first step, and the state says so
     assert model.regularizer.schedule.state_dict()["threshold_step"] == 0
