@@ -3,6 +3,7 @@ of any backend against the reference computed in float64 on the same input value
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -44,6 +45,20 @@ def random_pair(shape, proj_dtype=torch.float32, target_dtype=None, *, seed=0, d
     return proj, target
 
 
+def pair_straddling_eps(shape, eps, dtype=torch.float32, *, seed=0, device="cpu"):
+    """random_pair with every token rescaled to a norm log-uniform in [eps / 20, 5 eps]: about half of the norms
+    are clamped to eps, so a backend that ignores ``eps`` or clamps differently (the product of the norms, or
+    |x| + eps) gives other values."""
+    generator = torch.Generator().manual_seed(seed + 1000)
+    pair = []
+    for x in random_pair(shape, torch.float64, seed=seed):
+        x = x.detach()
+        norms = torch.exp(torch.empty(shape[:-1] + (1,), dtype=torch.float64).uniform_(
+            math.log(eps / 20), math.log(5 * eps), generator=generator))
+        pair.append((x / x.norm(dim=-1, keepdim=True) * norms).to(device=device, dtype=dtype).requires_grad_(True))
+    return tuple(pair)
+
+
 def random_grad_output(loss: torch.Tensor, seed=1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return (torch.rand(loss.shape, generator=generator, dtype=torch.float64) * 2.5 - 0.5).to(loss.dtype).to(
@@ -68,14 +83,20 @@ def loss_and_grads(proj, target, backend, grad_seed=1, **options):
     return loss, grads, grad_output
 
 
-def assert_backend_matches_reference(backend, proj, target, **options):
-    """Loss and gradients of ``backend`` against the reference in float64 on the same input values."""
-    loss, grads, grad_output = loss_and_grads(proj, target, backend, **options)
+def reference_in_float64(proj, target, grad_output, **options):
+    """(loss, gradients) of the reference in float64 on the values of ``proj`` and ``target``; gradients for
+    ``proj`` and, when it requires grad, ``target``."""
     ref_proj = proj.detach().cpu().double().requires_grad_(True)
     ref_target = target.detach().cpu().double().requires_grad_(target.requires_grad)
     expected = cross_frame_align_loss(ref_proj, ref_target, backend="reference", **options)
     inputs = [ref_proj, ref_target] if target.requires_grad else [ref_proj]
-    expected_grads = torch.autograd.grad(expected, inputs, grad_output.double().cpu())
+    return expected, torch.autograd.grad(expected, inputs, grad_output.double().cpu())
+
+
+def assert_backend_matches_reference(backend, proj, target, **options):
+    """Loss and gradients of ``backend`` against the reference in float64 on the same input values."""
+    loss, grads, grad_output = loss_and_grads(proj, target, backend, **options)
+    expected, expected_grads = reference_in_float64(proj, target, grad_output, **options)
 
     wide = torch.float64 if torch.float64 in (proj.dtype, target.dtype) else torch.float32
     assert loss.dtype == wide, f"loss dtype {loss.dtype}, expected {wide}"
@@ -85,3 +106,36 @@ def assert_backend_matches_reference(backend, proj, target, **options):
         assert grad.dtype == source.dtype, f"grad {name} dtype {grad.dtype}, expected {source.dtype}"
         assert grad.shape == source.shape
         assert_close_and_finite(grad, expected_grad, f"{backend} grad {name} {options}")
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at the magnitude of each element of ``x`` (float64), subnormals included."""
+    finfo = torch.finfo(dtype)
+    smallest = finfo.smallest_normal * finfo.eps
+    _, exponent = torch.frexp(x.double().abs())  # |x| = m 2^e with m in [0.5, 1); frexp(0) = (0, 0)
+    spacing = torch.ldexp(torch.full_like(x, finfo.eps, dtype=torch.float64), exponent - 1)
+    return torch.where(x == 0, smallest, spacing.clamp(min=smallest))
+
+
+def assert_within_ulps(actual: torch.Tensor, expected: torch.Tensor, what: str, max_ulps: float = 1.0,
+                       slack: float = 2.0**-12):
+    """Per element: |actual - expected| <= max_ulps ulps of actual's dtype at expected's magnitude, plus ``slack``
+    times the largest |expected|.
+
+    ``expected`` is the float64 result. A 16-bit output computed in fp32 and then rounded is within 0.5 ulp of it
+    (round to nearest, GPUs) or 1 ulp (truncation: the Triton interpreter's fp32 -> bf16 cast). Elements much
+    smaller than their terms carry the terms' fp32 (or bf16 hi/lo: ~2^-16) rounding, hence the slack; at 2^-12 of
+    the largest magnitude it is ~1/16 ulp there, so an error of a few ulps in the large elements fails, which a
+    tolerance relative to the whole tensor (1% of it for bf16) would hide.
+    """
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    expected = expected.double().cpu()
+    error = (actual.double().cpu() - expected).abs()
+    spacing = ulp(expected, actual.dtype)
+    allowed = max_ulps * spacing + slack * expected.abs().max().item()
+    worst = (error / allowed).argmax()
+    assert (error <= allowed).all(), (
+        f"{what}: {int((error > allowed).sum())} of {error.numel()} elements off by more than {max_ulps} ulp "
+        f"(+ {slack:.1e} of the largest); worst {error.flatten()[worst].item():.3e} = "
+        f"{(error / spacing).flatten()[worst].item():.1f} ulp at expected {expected.flatten()[worst].item():.6e}"
+    )

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crepa_kernels import available_backends, cross_frame_align_loss
-from harness import assert_close_and_finite, random_pair
+from harness import assert_close_and_finite, random_pair, reference_in_float64
 
 CPU_COMPILABLE = [name for name, ok in available_backends("cpu").items() if ok is True and name != "triton"]
 
@@ -34,6 +34,12 @@ def test_compile_fullgraph_matches_eager(backend):
     assert_close_and_finite(loss, expected, f"compiled {backend} loss")
     for grad, expected_grad in zip(grads, expected_grads):
         assert_close_and_finite(grad, expected_grad, f"compiled {backend} grad")
+    # compiled and eager may share a bug: both also against the float64 reference
+    reference_loss, reference_grads = reference_in_float64(proj, target, torch.ones(()), neighbors=2,
+                                                           neighbor_mode="cumulative", tau=0.7, normalize_weights=True)
+    assert_close_and_finite(loss, reference_loss, f"compiled {backend} loss against the reference")
+    for grad, expected_grad in zip(grads, reference_grads):
+        assert_close_and_finite(grad, expected_grad, f"compiled {backend} grad against the reference")
 
 
 @pytest.mark.parametrize("backend", CPU_COMPILABLE)
@@ -137,3 +143,7 @@ def test_compile_fullgraph_on_cuda(backend):
     assert_close_and_finite(loss, expected, f"compiled {backend} loss", dtype=torch.float32)
     for grad, expected_grad in zip(grads, expected_grads):
         assert_close_and_finite(grad, expected_grad, f"compiled {backend} grad")
+    reference_loss, reference_grads = reference_in_float64(proj, target, torch.ones(()), neighbors=1)
+    assert_close_and_finite(loss, reference_loss, f"compiled {backend} loss against the reference")
+    for grad, expected_grad in zip(grads, reference_grads):
+        assert_close_and_finite(grad, expected_grad, f"compiled {backend} grad against the reference")

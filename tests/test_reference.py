@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from crepa_kernels import cross_frame_align_loss
-from harness import EXTREME_TAUS, OPTION_GRID, SHAPES, random_grad_output, random_pair
+from harness import EXTREME_TAUS, OPTION_GRID, SHAPES, pair_straddling_eps, random_grad_output, random_pair
 from naive import naive_loss
 
 
@@ -73,3 +73,42 @@ def test_zero_vectors_give_finite_values_and_grads():
         target[0, 0, 1] = 0
         target[0, 2, 3] = 1e-14
     _compare_with_naive(proj, target, neighbors=1)
+
+
+# --- eps: each norm is clamped on its own, max(|x|, eps), as F.normalize does (issue 16: more than one guard) -----
+
+
+@pytest.mark.parametrize("eps", [0.5, 3.0])
+@pytest.mark.parametrize("options", [dict(neighbors=1, reduction="none"),
+                                     dict(neighbors=2, neighbor_mode="cumulative", normalize_weights=True, tau=0.4)],
+                         ids=str)
+def test_large_eps_against_naive(eps, options):
+    """Half of the norms below eps: values and gradients of the clamped formula, not only at zero vectors."""
+    proj, target = pair_straddling_eps((2, 5, 3, 6), eps, torch.float64, seed=8)
+    _compare_with_naive(proj, target, eps=eps, **options)
+
+
+def test_eps_closed_form_for_one_token():
+    """|p| = 0.5 < eps = 2 < |y| = 4: cos = p.y / (eps |y|); the clamped norm is a constant, so d cos / dp = y / (eps |y|)
+    (no radial term) while d cos / dy keeps the usual one. Clamping |p||y| or adding eps gives other numbers."""
+    eps = 2.0
+    p = torch.tensor([[[[0.3, 0.4, 0.0]]]], dtype=torch.float64, requires_grad=True)  # |p| = 0.5
+    y = torch.tensor([[[[0.0, 4.0 * 0.6, 4.0 * 0.8]]]], dtype=torch.float64, requires_grad=True)  # |y| = 4
+    loss = cross_frame_align_loss(p, y, eps=eps, neighbors=0, backend="reference")
+    dot = 0.4 * 2.4
+    assert loss.item() == pytest.approx(-dot / (eps * 4.0), rel=1e-15)
+    grad_p, grad_y = torch.autograd.grad(loss, (p, y))
+    torch.testing.assert_close(grad_p, -y.detach() / (eps * 4.0), rtol=1e-15, atol=0)
+    y_value = y.detach()
+    expected_grad_y = -(p.detach() / (eps * 4.0) - dot / (eps * 4.0) * y_value / 16.0)
+    torch.testing.assert_close(grad_y, expected_grad_y, rtol=1e-14, atol=1e-16)
+
+
+def test_default_eps_is_that_of_f_normalize():
+    proj, target = pair_straddling_eps((1, 3, 4, 5), 1e-12, torch.float64, seed=9)
+    loss = cross_frame_align_loss(proj, target, neighbors=1, reduction="none", backend="reference")
+    torch.testing.assert_close(loss, naive_loss(proj, target, neighbors=1, reduction="none", eps=1e-12),
+                               rtol=1e-12, atol=1e-14)
+    # and eps really is an argument: the same inputs with eps = 1e-6 (every norm below it) give another loss
+    other = cross_frame_align_loss(proj, target, neighbors=1, reduction="none", eps=1e-6, backend="reference")
+    assert (other - loss).abs().max() > 1e-3
