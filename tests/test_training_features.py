@@ -407,6 +407,19 @@ def test_trainer_lockstep_with_schedule_frame_mask_and_two_layers():
     assert fused.records[4]["saved_mib"] < fused.records[3]["saved_mib"]
 
 
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # diffusers RMSNorm under autocast
+def test_trainer_lockstep_with_all_features_under_bf16_autocast_and_projector_checkpointing():
+    reason = available_backends("cpu")["cpu"]
+    backend = "cpu" if reason is True else "reference"
+    config = dataclasses.replace(FEATURES, precision="bf16", checkpoint_projector=True, projector="linear",
+                                 share_projector=True)
+    reference, fused = trainer.train(config, "reference"), trainer.train(config, backend)
+    report = trainer.compare(reference, fused, trainer.TOLERANCES[torch.bfloat16])
+    assert all(entry["ok"] for entry in report.values()), report
+    assert fused.records[4]["align_loss"] is None and math.isfinite(fused.records[3]["align_loss"])
+    assert not any(name.startswith("regularizer.projectors.1.") for name in fused.params)  # one shared projector
+
 def test_trainer_measures_what_projector_checkpointing_frees():
     config = dataclasses.replace(FEATURES, steps=1, sample_weighting="none", condition_frames=0)
     plain = trainer.train(config, "reference")
