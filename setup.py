@@ -2,7 +2,8 @@
 
 * `pip install --no-build-isolation .` (torch present): builds crepa_kernels._C with ninja. A CUDAExtension when torch
   is a CUDA build and a CUDA toolkit with nvcc is found, or when FORCE_CUDA=1; a CppExtension otherwise.
-  Architectures from TORCH_CUDA_ARCH_LIST (default "8.0;9.0"); MAX_JOBS bounds the parallel compiles.
+  Architectures from TORCH_CUDA_ARCH_LIST (default: csrc/build_config.py DEFAULT_CUDA_ARCHS); MAX_JOBS bounds the
+  parallel compiles.
 * `pip install .` (isolated, no torch): the pure-Python package; the extension is compiled on first use.
 
 Either way the sources ship inside the package (crepa_kernels/csrc) for that JIT fallback.

@@ -9,8 +9,14 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent
 CPU_SOURCES = ("crepa_ops.cpp", "crepa_cpu.cpp")
-CUDA_SOURCES = ("crepa_cuda.cu",)
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+CUDA_SOURCES = ("crepa_cuda.cpp", "crepa_cuda_kernels.cu")
+# TORCH_CUDA_ARCH_LIST entries: SASS for each (a GPU runs SASS of its own major version and an equal or lower minor
+# one), and "+PTX" embeds the PTX of that architecture too, which the driver compiles for newer GPUs.
+#   8.0 A100 (8.7 Orin runs it)  8.6 RTX 30xx, A10, A40, A6000  8.9 RTX 40xx, L4, L40S  9.0 H100, H200
+#   10.0 B200 (10.3 B300 runs it)  11.0 Jetson Thor  12.0 RTX 50xx, RTX PRO 6000 (12.1 DGX Spark runs it)
+# Every SASS architecture nvcc 13.0 can build from 8.0 on, minus the minors a lower SASS already covers.
+CUDA_ARCHS = "8.0;8.6;8.9;9.0;10.0;11.0;12.0+PTX"
+DEFAULT_CUDA_ARCHS = CUDA_ARCHS
 
 # -O3 vectorises the kernels' fixed-lane loops; no -march: the CPU kernels are built for the baseline ISA (SSE2 on
 # x86-64, so a built wheel runs anywhere) and again, through a function attribute, for AVX2 + FMA, picked at run

@@ -6,12 +6,14 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <string>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
+#include "crepa_cuda_plan.h"
 #include "crepa_ops.h"
 
 namespace crepa {
@@ -100,6 +102,13 @@ void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& proj, 
               "grad_loss and stats: expected the inputs' device");
 }
 
+void check_plan_arguments(int64_t B, int64_t F, int64_t N, int64_t D, int64_t neighbors, int64_t acc_bytes) {
+  TORCH_CHECK_VALUE(B > 0 && F > 0 && N > 0 && D > 0, "B, F, N, D: expected positive sizes, got ", B, ", ", F, ", ",
+                    N, ", ", D);
+  TORCH_CHECK_VALUE(neighbors >= 0, "neighbors: expected >= 0, got ", neighbors);
+  TORCH_CHECK_VALUE(acc_bytes == 4 || acc_bytes == 8, "acc_bytes: expected 4 (fp32) or 8 (fp64), got ", acc_bytes);
+}
+
 }  // namespace crepa
 
 TORCH_LIBRARY(crepa_kernels, m) {
@@ -138,6 +147,40 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "How this extension was compiled: {'cuda': bool, 'openmp': bool, 'torch': version, 'cpu_isa': the build of "
       "the CPU kernels that runs here, 'avx2' or 'baseline'}.");
+  m.def(
+      "cuda_launch_plan",
+      [](int64_t B, int64_t F, int64_t N, int64_t D, int64_t neighbors, bool cumulative, int64_t acc_bytes) {
+        crepa::check_plan_arguments(B, F, N, D, neighbors, acc_bytes);
+        const auto plan = crepa::plan_cuda_launch(B, F, N, D, crepa::Band::make(F, neighbors, cumulative), acc_bytes);
+        const auto launch = [](const crepa::CudaKernelLaunch& l) {
+          pybind11::dict d;
+          d["grid"] = l.grid;
+          d["launches"] = l.launches;
+          d["threads"] = l.threads;
+          d["shared_bytes"] = l.shared_bytes;
+          return d;
+        };
+        pybind11::dict info;
+        info["forward"] = launch(plan.forward);
+        info["reduce"] = launch(plan.reduce);
+        info["backward"] = launch(plan.backward);
+        return info;
+      },
+      "The CUDA kernels' launches for [B, F, N, D] inputs (acc_bytes 4 for fp32 accumulation, 8 for fp64): "
+      "{'forward' | 'reduce' | 'backward': {'grid' (blocks per launch), 'launches', 'threads', 'shared_bytes' "
+      "(dynamic)}}. Needs no GPU.");
+  m.def(
+      "cuda_unsupported_reason",
+      [](int64_t B, int64_t F, int64_t N, int64_t D, int64_t neighbors, bool cumulative, int64_t acc_bytes,
+         int64_t shared_limit) -> std::optional<std::string> {
+        crepa::check_plan_arguments(B, F, N, D, neighbors, acc_bytes);
+        const std::string reason = crepa::cuda_unsupported_reason(
+            B, F, N, D, crepa::Band::make(F, neighbors, cumulative), acc_bytes, shared_limit);
+        if (reason.empty()) return std::nullopt;
+        return reason;
+      },
+      "Why the CUDA kernels cannot run these sizes where a block may use shared_limit bytes of shared memory, or "
+      "None: the check the CUDA forward makes before any work. Needs no GPU.");
   m.def(
       "new_buffer_for_test", [](std::vector<int64_t> sizes) { return crepa::new_buffer(sizes, at::kFloat); },
       "An fp32 buffer as the kernels allocate theirs (all NaN while poisoning is on).");

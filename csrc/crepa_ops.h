@@ -44,5 +44,7 @@ at::ScalarType accumulate_type(const at::Tensor& proj, const at::Tensor& target)
 void check_inputs(const at::Tensor& proj, const at::Tensor& target, int64_t neighbors, double tau, double eps);
 void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& proj, const at::Tensor& target,
                            const at::Tensor& stats, const Band& band);
+// Arguments of the Python-facing crepa_cuda_plan.h functions: positive sizes, neighbors >= 0, acc_bytes 4 or 8.
+void check_plan_arguments(int64_t B, int64_t F, int64_t N, int64_t D, int64_t neighbors, int64_t acc_bytes);
 
 }  // namespace crepa

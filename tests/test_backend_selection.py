@@ -2,6 +2,7 @@
 that cannot run a call with one warning, a named one raises with the reason before any kernel runs, and
 explain_backend says which backend a call would use and why. Backends are made to refuse a call by patching their
 call_unsupported_reason, so the fallback paths run without a GPU."""
+import types
 import warnings
 
 import pytest
@@ -157,17 +158,24 @@ def test_triton_reasons_for_calls_it_cannot_run():
     assert triton_loss.call_unsupported_reason(unknown, unknown, backends.LossOptions(neighbors=8)) is None
 
 
-def test_cuda_kernel_reasons_mirror_its_shared_memory_limit():
-    """The CUDA kernel refuses (TORCH_CHECK) more than its per-block shared memory; the reason must say so first.
-    Cumulative F=61, d=25 (fp32) needs more in the backward than the forward: both are refused up front."""
+def test_cuda_kernel_reasons_follow_its_launch_plan(monkeypatch):
+    """The CUDA forward refuses what needs more shared memory per block than the device allows; the reason says so
+    first, from the same launch plan (tests/test_cuda_limits.py covers the plan). Cumulative F=61, d=25 (fp32), which
+    the old 48 KB cap refused, fits a 99 KB device; F=300 with every frame a neighbour does not. B * N past the
+    grid's x limit takes several launches. Device properties of an sm_86 GPU, patched in."""
+    properties = types.SimpleNamespace(shared_memory_per_block_optin=101376)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    cuda = torch.device("cuda")
     options = backends.LossOptions(neighbors=25, neighbor_mode="cumulative")
-    spec = backends.InputSpec((1, 61, 100, 1024), torch.float32, torch.device("cuda"), True)
-    forward = extension.cuda_shared_bytes("forward", spec.shape, spec.dtype, spec.dtype, options)
-    backward = extension.cuda_shared_bytes("backward", spec.shape, spec.dtype, spec.dtype, options)
-    assert forward <= extension.CUDA_MAX_SHARED_BYTES < backward
-    reason = extension.call_unsupported_reason(spec, spec, options)
-    assert "backward" in reason and str(backward) in reason
-    small = backends.InputSpec((1, 13, 1350, 768), torch.bfloat16, torch.device("cuda"), True)
-    assert extension.call_unsupported_reason(small, small, backends.LossOptions(neighbors=1)) is None
-    huge = backends.InputSpec((2, 13, 2**30, 8), torch.bfloat16, torch.device("cuda"), True)
-    assert "B * N" in extension.call_unsupported_reason(huge, huge, backends.LossOptions())
+    spec = backends.InputSpec((1, 61, 100, 1024), torch.float32, cuda, True)
+    assert extension.call_unsupported_reason(spec, spec, options) is None
+    wide = backends.InputSpec((1, 300, 100, 1024), torch.float32, cuda, True)
+    reason = extension.call_unsupported_reason(wide, wide, backends.LossOptions(neighbors=299, neighbor_mode="cumulative"))
+    assert "F=300" in reason and "101376 bytes" in reason
+    huge = backends.InputSpec((2, 13, 2**30, 8), torch.bfloat16, cuda, True)
+    assert extension.call_unsupported_reason(huge, huge, backends.LossOptions()) is None
+    tracing = backends.InputSpec(None, torch.bfloat16, cuda, True)
+    assert extension.call_unsupported_reason(tracing, tracing, backends.LossOptions()) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert "7.5" in extension.call_unsupported_reason(spec, spec, options)

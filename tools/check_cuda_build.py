@@ -1,9 +1,17 @@
-"""CI check of the CUDA build: the extension compiles for sm_80 and sm_90 and no kernel uses local memory.
+"""CI check of the CUDA build, no GPU needed.
 
-Takes the installed crepa_kernels._C when it holds sm_80 and sm_90 code (`make test` installs it with
-`pip install --no-build-isolation -e .`), else builds one with FORCE_CUDA=1 into a temporary directory. Prints
-each kernel's resource use (cuobjdump -res-usage) and exits non-zero on a missing architecture or on any stack
-frame / local memory (register spills land there). No GPU is needed.
+Checks that the extension holds SASS for every architecture of build_config.CUDA_ARCHS and the PTX it lists, that
+no kernel uses a stack frame or local memory (register spills land there), and that on each architecture every
+kernel's static shared memory plus the most dynamic shared memory its launches can ask for fits the per-block
+limit (crepa_kernels.gpu_limits; static is the cubin's figure minus the driver's reservation it includes from sm_90
+on). The dynamic part comes from the launch planner the CUDA launcher uses: the forward and backward admit up to
+the device's limit (refusing larger shapes in the forward), so their static shared memory must be 0; the token
+reduction uses no dynamic shared memory. Also prints, per architecture, the dynamic shared memory
+of the benchmark presets and the widest band each accumulation dtype can run.
+
+Takes the installed crepa_kernels._C when it holds all of that code (`make test` installs it with
+`pip install --no-build-isolation -e .`), else builds one with FORCE_CUDA=1 and the full list into a temporary
+directory (minutes: nvcc compiles the kernels once per architecture).
 
     python tools/check_cuda_build.py [--rebuild]
 """
@@ -19,10 +27,37 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
-REQUIRED_ARCHS = ("sm_80", "sm_90")
+sys.path.insert(0, str(ROOT / "csrc"))
+import build_config  # noqa: E402  (csrc/build_config.py: the architecture list setup.py builds)
+
+from crepa_kernels import gpu_limits  # noqa: E402
+from crepa_kernels.ops import extension  # noqa: E402
+from crepa_kernels.spec import LossOptions  # noqa: E402
+
 KERNELS = ("forward_kernel", "backward_kernel", "reduce_tokens_kernel")
 FORBIDDEN = ("STACK", "LOCAL")
+# the kernels whose dynamic shared memory grows with the band: the planner admits up to the device's limit
+BAND_KERNELS = ("forward_kernel", "backward_kernel")
+# benchmarks/cases.py PRESETS (F, N) with the encoder widths of benchmarks/cases.py ENCODERS
+PRESETS = {"cogvideox-5b": (13, 1350), "wan2.1": (21, 1560), "hunyuanvideo": (33, 3600)}
+DIMS = (768, 1024, 1536)
+ACC_DTYPES = (torch.float32, torch.float64)
+
+
+def required_code(arch_list: str = build_config.CUDA_ARCHS) -> tuple[set[str], set[str]]:
+    """({'sm_80', ...}, {'compute_120'}) from a TORCH_CUDA_ARCH_LIST string: SASS for each, PTX for '+PTX' ones."""
+    sass, ptx = set(), set()
+    for entry in arch_list.replace(" ", ";").split(";"):
+        if not entry:
+            continue
+        number = entry.removesuffix("+PTX").replace(".", "")
+        sass.add(f"sm_{number}")
+        if entry.endswith("+PTX"):
+            ptx.add(f"compute_{number}")
+    return sass, ptx
 
 
 def find_cuobjdump() -> str:
@@ -42,14 +77,24 @@ def installed_extension() -> Path | None:
 
 
 def build_extension(directory: Path) -> Path:
-    env = dict(os.environ, FORCE_CUDA="1")
-    env.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    env = dict(os.environ, FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=build_config.CUDA_ARCHS)
+    env.setdefault("MAX_JOBS", "1")
     command = [sys.executable, "setup.py", "build_ext", "--build-lib", str(directory / "lib"),
                "--build-temp", str(directory / "temp")]
-    print("check_cuda_build: building:", " ".join(command), flush=True)
+    print(f"check_cuda_build: building for {build_config.CUDA_ARCHS}:", " ".join(command), flush=True)
     subprocess.run(command, cwd=ROOT, env=env, check=True)
     (library,) = (directory / "lib").rglob("_C*.so")
     return library
+
+
+def embedded_code(cuobjdump: str, library: Path) -> tuple[set[str], set[str]]:
+    """The SASS architectures ('sm_90') and PTX virtual architectures ('compute_120') the library embeds."""
+    def listing(flag: str) -> str:
+        result = subprocess.run([cuobjdump, flag, str(library)], capture_output=True, text=True)
+        return result.stdout  # exits non-zero when there is no file of that kind
+    sass = set(re.findall(r"\.(sm_\d+a?)\.cubin", listing("-lelf")))
+    ptx = {f"compute_{number}" for number in re.findall(r"\.sm_(\d+a?)\.ptx", listing("-lptx"))}
+    return sass, ptx
 
 
 def resource_usage(cuobjdump: str, library: Path) -> list[tuple[str, str, dict[str, int]]]:
@@ -69,12 +114,46 @@ def resource_usage(cuobjdump: str, library: Path) -> list[tuple[str, str, dict[s
     return rows
 
 
+def kernel_name(mangled: str) -> str:
+    return next((name for name in KERNELS if name in mangled), mangled)
+
+
 def short_name(mangled: str) -> str:
     """forward_kernel<float, vector> from the mangled name (template arguments: accumulator, 16-byte access)."""
-    kernel = next((name for name in KERNELS if name in mangled), mangled)
     acc = "double" if "IdL" in mangled or "IdEE" in mangled else "float"
     vector = "vector" if "Lb1E" in mangled else ("scalar" if "Lb0E" in mangled else "")
-    return f"{kernel}<{acc}{', ' + vector if vector else ''}>"
+    return f"{kernel_name(mangled)}<{acc}{', ' + vector if vector else ''}>"
+
+
+def max_dynamic_shared(kernel: str, limit: int) -> int:
+    """The most dynamic shared memory a launch of ``kernel`` can ask for where a block may use ``limit`` bytes."""
+    return limit if kernel in BAND_KERNELS else 0
+
+
+def shared_need(shape, options: LossOptions, acc: torch.dtype) -> int:
+    plan = extension.cuda_launch_plan(shape, options, acc)
+    return max(plan["forward"]["shared_bytes"], plan["backward"]["shared_bytes"])
+
+
+def preset_lines() -> list[str]:
+    """The presets' largest dynamic shared memory (d <= 3, both modes, D of the usual encoders)."""
+    lines = []
+    for name, (frames, tokens) in PRESETS.items():
+        needs = {acc: max(shared_need((1, frames, tokens, dim), LossOptions(neighbors=d, neighbor_mode=mode), acc)
+                          for dim in DIMS for d in (1, 2, 3) for mode in ("adjacent", "cumulative"))
+                 for acc in ACC_DTYPES}
+        lines.append(f"  {name} (F={frames}, d <= 3): at most {needs[torch.float32]} bytes of dynamic shared memory "
+                     f"in fp32, {needs[torch.float64]} in fp64")
+    return lines
+
+
+def widest_full_band(limit: int, acc: torch.dtype, dim: int = 2048) -> int:
+    """The most frames the kernels accept with every frame a neighbour of every other (cumulative d = F - 1)."""
+    frames = 1
+    while extension.cuda_shape_unsupported_reason((1, frames + 1, 1, dim), LossOptions(
+            neighbors=frames, neighbor_mode="cumulative"), acc, limit) is None:
+        frames += 1
+    return frames
 
 
 def main() -> int:
@@ -82,29 +161,48 @@ def main() -> int:
     parser.add_argument("--rebuild", action="store_true", help="build a fresh FORCE_CUDA=1 extension")
     args = parser.parse_args()
     cuobjdump = find_cuobjdump()
+    sass_required, ptx_required = required_code()
 
     library = None if args.rebuild else installed_extension()
-    rows = resource_usage(cuobjdump, library) if library else []
     with tempfile.TemporaryDirectory() as temporary:
-        if not {arch for arch, _, _ in rows} >= set(REQUIRED_ARCHS):
+        if library is None or not all(a >= b for a, b in zip(embedded_code(cuobjdump, library),
+                                                              (sass_required, ptx_required))):
             if library:
-                print(f"check_cuda_build: {library} lacks {REQUIRED_ARCHS} code, rebuilding", flush=True)
+                print(f"check_cuda_build: {library} lacks code for {build_config.CUDA_ARCHS}, rebuilding", flush=True)
             library = build_extension(Path(temporary))
-            rows = resource_usage(cuobjdump, library)
-        print(f"check_cuda_build: {library}")
-        print(f"{'arch':7} {'kernel':38} {'REG':>4} {'STACK':>6} {'SHARED':>7} {'LOCAL':>6}")
-        failures = []
-        for arch, function, fields in rows:
-            print(f"{arch:7} {short_name(function):38} {fields.get('REG', 0):4} {fields.get('STACK', 0):6} "
-                  f"{fields.get('SHARED', 0):7} {fields.get('LOCAL', 0):6}")
-            failures += [f"{arch} {short_name(function)}: {key}={fields[key]}" for key in FORBIDDEN if fields.get(key)]
-        for arch in REQUIRED_ARCHS:
-            found = {name for a, function, _ in rows if a == arch for name in KERNELS if name in function}
-            failures += [f"{arch}: no {name}" for name in KERNELS if name not in found]
+        sass, ptx = embedded_code(cuobjdump, library)
+        rows = resource_usage(cuobjdump, library)
+    print(f"check_cuda_build: {library}\n  SASS {sorted(sass)}, PTX {sorted(ptx)}")
+    failures = [f"no SASS for {arch}" for arch in sorted(sass_required - sass)]
+    failures += [f"no PTX for {arch}" for arch in sorted(ptx_required - ptx)]
+    print(f"{'arch':7} {'kernel':38} {'REG':>4} {'STACK':>6} {'LOCAL':>6} {'static':>7} {'+ max dynamic':>14} "
+          f"{'limit':>7}")
+    for arch, function, fields in rows:
+        limit = gpu_limits.SHARED_BYTES_PER_BLOCK_OPTIN.get(arch)
+        if limit is None:
+            failures.append(f"{arch}: no per-block shared memory limit in crepa_kernels.gpu_limits")
+            continue
+        static = fields.get("SHARED", 0) - gpu_limits.RESERVED_SHARED_BYTES_IN_CUBIN[arch]
+        dynamic = max_dynamic_shared(kernel_name(function), limit)
+        print(f"{arch:7} {short_name(function):38} {fields.get('REG', 0):4} {fields.get('STACK', 0):6} "
+              f"{fields.get('LOCAL', 0):6} {static:7} {dynamic:14} {limit:7}")
+        failures += [f"{arch} {short_name(function)}: {key}={fields[key]}" for key in FORBIDDEN if fields.get(key)]
+        if static + dynamic > limit:
+            failures.append(f"{arch} {short_name(function)}: {static} bytes of static shared memory + up to {dynamic} "
+                            f"dynamic > {limit}")
+    for arch in sorted(sass_required):
+        found = {kernel_name(function) for a, function, _ in rows if a == arch}
+        failures += [f"{arch}: no {name}" for name in KERNELS if name not in found]
+    print("check_cuda_build: the benchmark presets' shared memory\n" + "\n".join(preset_lines()))
+    for arch in sorted(sass_required & set(gpu_limits.SHARED_BYTES_PER_BLOCK_OPTIN), key=lambda a: int(a[3:])):
+        limit = gpu_limits.SHARED_BYTES_PER_BLOCK_OPTIN[arch]
+        widest = ", ".join(f"F={widest_full_band(limit, acc)} in {str(acc).removeprefix('torch.')}" for acc in ACC_DTYPES)
+        print(f"  {arch} ({limit} bytes per block): every frame a neighbour of every other fits up to {widest}")
     if failures:
         print("check_cuda_build: FAILED\n  " + "\n  ".join(failures))
         return 1
-    print(f"check_cuda_build: OK, {len(rows)} kernels for {', '.join(REQUIRED_ARCHS)}, no stack frame or local memory")
+    print(f"check_cuda_build: OK, {len(rows)} kernels for {', '.join(sorted(sass))} + PTX {', '.join(sorted(ptx))}: "
+          "no stack frame or local memory, shared memory within every limit")
     return 0
 
 

@@ -93,15 +93,20 @@ def _load():
         return _module
 
 
+def _require():
+    """The loaded extension module; raises with the reason it cannot load."""
+    module = _load()
+    if module is None:
+        raise RuntimeError(_load_error)
+    return module
+
+
 def build_info() -> dict:
     """How the loaded extension was compiled, and which build of the CPU kernels runs here; raises if unusable.
 
     {'cuda': bool, 'openmp': bool, 'torch': str, 'cpu_isa': 'avx2' or 'baseline'}
     """
-    module = _load()
-    if module is None:
-        raise RuntimeError(_load_error)
-    return dict(module.build_info())
+    return dict(_require().build_info())
 
 
 def set_poison_buffers(enabled: bool) -> None:
@@ -129,45 +134,60 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+def _accumulation_bytes(dtype: torch.dtype) -> int:
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype: expected the accumulation dtype, torch.float32 or torch.float64, got {dtype}")
+    return 8 if dtype == torch.float64 else 4
+
+
+def _plan_arguments(shape, options: LossOptions, dtype: torch.dtype) -> tuple:
+    if len(shape) != 4:
+        raise ValueError(f"shape: expected [B, F, N, D], got {tuple(shape)}")
+    cumulative = options.neighbor_mode == "cumulative"
+    return (*(int(size) for size in shape), options.neighbors, cumulative, _accumulation_bytes(dtype))
+
+
+def cuda_launch_plan(shape, options: LossOptions, dtype: torch.dtype) -> dict:
+    """How the CUDA kernels launch for [B, F, N, D] inputs accumulating in ``dtype`` (float32 or float64).
+
+    {'forward' | 'reduce' | 'backward': {'grid': blocks per launch, 'launches', 'threads': per block,
+    'shared_bytes': dynamic}}, from the planner the CUDA launcher itself uses (csrc/crepa_cuda_plan.h). Runs on any
+    build, no GPU needed.
+    """
+    return dict(_require().cuda_launch_plan(*_plan_arguments(shape, options, dtype)))
+
+
+def cuda_shape_unsupported_reason(shape, options: LossOptions, dtype: torch.dtype, shared_limit: int) -> str | None:
+    """Why the CUDA kernels cannot run these sizes where a block may use ``shared_limit`` bytes of shared memory
+    (cudaDevAttrMaxSharedMemoryPerBlockOptin), or None: the check the CUDA forward makes before any work."""
+    return _require().cuda_unsupported_reason(*_plan_arguments(shape, options, dtype), int(shared_limit))
+
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # csrc/crepa_ops.cpp check_floating
-# csrc/crepa_cuda.cu: kMaxSharedBytes (no opt-in past the default per-block limit), kChunk, kWarp, kMaxThreads
-CUDA_MAX_SHARED_BYTES = 48 * 1024
-_CUDA_CHUNK, _CUDA_WARP, _CUDA_MAX_THREADS = 8, 32, 256
-_INT32_MAX = 2**31 - 1
-
-
-def cuda_shared_bytes(kernel: str, shape, proj_dtype, target_dtype, options: LossOptions) -> int:
-    """Dynamic shared memory per block of the CUDA kernels (mirrors launch_forward / launch_backward)."""
-    _, num_frames, _, dim = shape
-    width = band_width(num_frames, options.neighbors, options.neighbor_mode == "cumulative")
-    stats_per_frame = 2 + width
-    element = 8 if torch.float64 in (proj_dtype, target_dtype) else 4
-    if kernel == "forward":
-        chunks = -(-dim // _CUDA_CHUNK)
-        threads = min(-(-chunks // _CUDA_WARP) * _CUDA_WARP, _CUDA_MAX_THREADS)
-        count = num_frames * width + num_frames * stats_per_frame + (threads // _CUDA_WARP) * stats_per_frame
-    else:
-        count = 3 * num_frames * width + num_frames * stats_per_frame + 2 * num_frames
-    return count * element
+# the oldest GPUs the CUDA build has code for (csrc/build_config.py CUDA_ARCHS starts at 8.0)
+CUDA_MIN_CAPABILITY = (8, 0)
 
 
 def call_unsupported_reason(proj, target, options: LossOptions) -> str | None:
-    """None if the kernel for proj.device can run this call (see crepa_kernels.backends); limits that depend on the
-    shape are checked only when proj.shape is known."""
+    """Why this extension cannot run this call, or None (see crepa_kernels.backends: tensors, or specs with their
+    shape, dtype and device; shape None while torch.compile traces, checked again by the CUDA forward itself).
+
+    The CPU kernel runs any shape. The CUDA kernels hold the band's [F][W] coefficient table in shared memory, so
+    wide cumulative bands at large F (more so in fp64) can exceed the device's per-block limit.
+    """
     for name, x in (("proj", proj), ("target", target)):
         if x.dtype not in SUPPORTED_DTYPES:
             return f"the C++/CUDA kernels take {', '.join(map(str, SUPPORTED_DTYPES))}; {name} is {x.dtype}"
-    if proj.device.type != "cuda" or proj.shape is None:
+    if proj.device.type != "cuda":
         return None
-    batch, num_frames, num_tokens, _ = proj.shape
-    if batch * num_tokens > _INT32_MAX:
-        return f"the CUDA kernels launch one block per token column: B * N = {batch * num_tokens} > {_INT32_MAX}"
-    for kernel in ("forward", "backward"):  # the backward needs more; both are refused before the forward runs
-        need = cuda_shared_bytes(kernel, proj.shape, proj.dtype, target.dtype, options)
-        if need > CUDA_MAX_SHARED_BYTES:
-            return (f"the CUDA {kernel} kernel needs {need} bytes of shared memory per block for F={num_frames} with "
-                    f"{options.neighbor_mode} d={options.neighbors}, more than its limit of {CUDA_MAX_SHARED_BYTES}")
-    return None
+    capability = torch.cuda.get_device_capability(proj.device)
+    if capability < CUDA_MIN_CAPABILITY:
+        return (f"the CUDA kernels are built for compute capability >= {CUDA_MIN_CAPABILITY[0]}."
+                f"{CUDA_MIN_CAPABILITY[1]}, {proj.device} has {capability[0]}.{capability[1]}")
+    if proj.shape is None:
+        return None
+    limit = torch.cuda.get_device_properties(proj.device).shared_memory_per_block_optin
+    return cuda_shape_unsupported_reason(proj.shape, options, compute_dtype(proj, target), limit)
 
 
 def per_frame_loss(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:

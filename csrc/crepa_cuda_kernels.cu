@@ -1,4 +1,6 @@
-// The CUDA kernel: one thread block per token column (b, n), threads across D in chunks of 8 elements.
+// The CUDA kernels: one thread block per token column (b, n), threads across D in chunks of 8 elements. The grid,
+// block and shared memory of each launch come from crepa_cuda_plan.h, which the tests check without a GPU; the
+// ATen side (checks, allocation, device guard, stream) is crepa_cuda.cpp, and this file includes no torch header.
 //
 // Forward: per frame, each stats entry (|p_f|^2, |y_f|^2, the band's dots) is a block-wide sum: per-thread partials
 // over its chunks, a warp butterfly, then the warps summed in order by one thread, so the result is bitwise
@@ -9,51 +11,25 @@
 // Each row of the column is read from DRAM once per pass; the band's repeated reads of a neighbour row hit L1/L2
 // (a bf16 column of F=13, D=768 is 20 KB). Chunks use 16-byte loads and stores when every row is 16-byte aligned and
 // D % 8 == 0 (checked at run time), element loads with strides and bounds otherwise. Offsets are int64.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <torch/library.h>
+#include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
-#include "crepa_ops.h"
+#include "crepa_cuda_launch.h"
+#include "crepa_cuda_plan.h"
 
 namespace crepa {
 namespace {
 
-constexpr int kChunk = 8;  // elements per thread step: one 16-byte load of bf16 / fp16
-constexpr int kWarp = 32;
-constexpr int kMaxThreads = 256;
-constexpr int kReduceThreads = 256;
-constexpr int64_t kMaxSharedBytes = 48 * 1024;
-
-enum class Dtype : int { kFloat, kDouble, kBFloat16, kHalf };
-
-Dtype dtype_of(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return Dtype::kFloat;
-    case at::kDouble: return Dtype::kDouble;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    case at::kHalf: return Dtype::kHalf;
-    default: TORCH_CHECK(false, "crepa_kernels: unsupported dtype ", type);
-  }
-}
-
-// A [B, F, N, D] tensor by raw pointer, element strides and dtype (passed by value to the kernels).
-struct Strided {
-  void* data;
-  int64_t stride[4];
-  Dtype dtype;
-};
-
-Strided strided(const at::Tensor& x) {
-  return Strided{const_cast<void*>(x.data_ptr()), {x.stride(0), x.stride(1), x.stride(2), x.stride(3)},
-                 dtype_of(x.scalar_type())};
-}
+constexpr int kChunk = static_cast<int>(kCudaChunk);
+constexpr int kWarp = static_cast<int>(kCudaWarp);
+constexpr int kReduceThreads = static_cast<int>(kCudaReduceThreads);
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t load_element(const void* data, Dtype dtype, int64_t index) {
@@ -209,21 +185,25 @@ __device__ void fill_coefficients(acc_t* coefficients, const Band& band, acc_t t
   }
 }
 
+// Block i takes token column first_column + i (B * N beyond the grid limit takes several launches: a grid-stride
+// loop instead doubled the scalar kernel's registers). The column's stats are written to `stats` and read back
+// from there after the barriers (they stay in L1/L2), so shared memory holds only the band's coefficient table and
+// the warps' partial sums.
 template <typename acc_t, bool kVector>
-__global__ void forward_kernel(Strided proj, Strided target, int64_t N, int64_t D, Band band, acc_t tau,
-                               bool normalize_weights, acc_t eps, acc_t* __restrict__ stats,
+__global__ void forward_kernel(Strided proj, Strided target, int64_t first_column, int64_t N, int64_t D, Band band,
+                               acc_t tau, bool normalize_weights, acc_t eps, acc_t* __restrict__ stats,
                                acc_t* __restrict__ token_similarity) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const int64_t F = band.frames, W = band.width(), S = band.stats_per_frame();
   acc_t* coefficients = reinterpret_cast<acc_t*>(shared_bytes);  // [F][W]
-  acc_t* token = coefficients + F * W;                              // [F][S], this column's stats
-  acc_t* warp_sums = token + F * S;                                 // [warps][S]
-  const int64_t column = blockIdx.x;
-  const int64_t b = column / N, n = column % N;
+  acc_t* warp_sums = coefficients + F * W;                          // [warps][S]
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  const int64_t column = first_column + blockIdx.x;
+  const int64_t b = column / N, n = column % N;
   const int64_t p_column = b * proj.stride[0] + n * proj.stride[2];
   const int64_t y_column = b * target.stride[0] + n * target.stride[2];
-  fill_coefficients(coefficients, band, tau, normalize_weights);
+  acc_t* token = stats + column * F * S;  // [F][S]
+  fill_coefficients(coefficients, band, tau, normalize_weights);  // first read after the frames' barriers
 
   for (int64_t f = 0; f < F; ++f) {
     const int64_t p_row = p_column + f * proj.stride[1];
@@ -248,66 +228,68 @@ __global__ void forward_kernel(Strided proj, Strided target, int64_t N, int64_t 
       for (int w = 0; w < warps; ++w) total += warp_sums[w * S + s];
       if (s < kFirstDot) total = sqrt_of(total);
       token[f * S + s] = total;
-      stats[(column * F + f) * S + s] = total;
     }
-    __syncthreads();  // warp_sums is reused by the next frame
+    __syncthreads();  // warp_sums is reused by the next frame; the frame's stats are visible to the whole block
   }
   for (int64_t f = threadIdx.x; f < F; f += blockDim.x) {
-    token_similarity[column * F + f] = frame_similarity(token, coefficients, band, f, eps);
+    token_similarity[column * F + f] = frame_similarity<acc_t>(token, coefficients, band, f, eps);
   }
 }
 
 // loss[b, f] = scale * sum_n token_similarity[b, n, f], one block per (b, f), in a fixed tree.
 template <typename acc_t>
-__global__ void reduce_tokens_kernel(const acc_t* __restrict__ token_similarity, int64_t N, int64_t F, double scale,
-                                     acc_t* __restrict__ loss) {
+__global__ void reduce_tokens_kernel(const acc_t* __restrict__ token_similarity, int64_t B, int64_t N, int64_t F,
+                                     double scale, acc_t* __restrict__ loss) {
   __shared__ double partial[kReduceThreads];  // double: N can be large, and this pass is tiny
-  const int64_t b = blockIdx.x / F, f = blockIdx.x % F;
-  double sum = 0.0;
-  for (int64_t n = threadIdx.x; n < N; n += kReduceThreads) sum += token_similarity[(b * N + n) * F + f];
-  partial[threadIdx.x] = sum;
-  __syncthreads();
-  for (int width = kReduceThreads / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
+  for (int64_t item = blockIdx.x; item < B * F; item += gridDim.x) {
+    const int64_t b = item / F, f = item % F;
+    double sum = 0.0;
+    for (int64_t n = threadIdx.x; n < N; n += kReduceThreads) sum += token_similarity[(b * N + n) * F + f];
+    partial[threadIdx.x] = sum;
     __syncthreads();
+    for (int width = kReduceThreads / 2; width > 0; width /= 2) {
+      if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) loss[item] = static_cast<acc_t>(scale * partial[0]);
+    __syncthreads();  // partial[0] is read before the next item overwrites it
   }
-  if (threadIdx.x == 0) loss[blockIdx.x] = static_cast<acc_t>(scale * partial[0]);
 }
 
+// Block i takes token column first_column + i, as the forward does: the self coefficients of every frame at once,
+// then frame by frame the frame's direct coefficients (one per band slot) and the frame's gradient rows. Staging
+// one frame's direct coefficients at a time keeps shared memory at [F][W] + 2F + W values, not 3 [F][W] tables.
 template <typename acc_t, bool kVector>
 __global__ void backward_kernel(const acc_t* __restrict__ grad_loss, Strided proj, Strided target,
-                                const acc_t* __restrict__ stats, int64_t N, int64_t D, Band band, acc_t tau,
-                                bool normalize_weights, acc_t eps, acc_t scale, Strided grad_proj,
+                                const acc_t* __restrict__ stats, int64_t first_column, int64_t N, int64_t D, Band band,
+                                acc_t tau, bool normalize_weights, acc_t eps, acc_t scale, Strided grad_proj,
                                 Strided grad_target, bool needs_proj_grad, bool needs_target_grad) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const int64_t F = band.frames, W = band.width(), S = band.stats_per_frame();
   acc_t* coefficients = reinterpret_cast<acc_t*>(shared_bytes);  // [F][W]
-  acc_t* token = coefficients + F * W;                              // [F][S]
-  acc_t* proj_direct = token + F * S;                               // [F][W]
-  acc_t* target_direct = proj_direct + F * W;                       // [F][W]
-  acc_t* proj_self = target_direct + F * W;                         // [F]
+  acc_t* proj_self = coefficients + F * W;                          // [F]
   acc_t* target_self = proj_self + F;                               // [F]
-  const int64_t column = blockIdx.x;
+  acc_t* direct = target_self + F;                                  // [W]: the current frame's
+  const int64_t column = first_column + blockIdx.x;
   const int64_t b = column / N, n = column % N;
   const acc_t* grad_row = grad_loss + b * F;
+  const acc_t* token = stats + column * F * S;  // [F][S], read through L1
   fill_coefficients(coefficients, band, tau, normalize_weights);
-  for (int64_t e = threadIdx.x; e < F * S; e += blockDim.x) token[e] = stats[column * F * S + e];
   __syncthreads();
-  for (int64_t e = threadIdx.x; e < F * W; e += blockDim.x) {
-    const int64_t f = e / W, slot = e % W;
-    proj_direct[e] = proj_direct_coefficient(token, coefficients, grad_row, band, f, slot, scale, eps);
-    target_direct[e] = target_direct_coefficient(token, coefficients, grad_row, band, f, slot, scale, eps);
-  }
   for (int64_t f = threadIdx.x; f < F; f += blockDim.x) {
     proj_self[f] = proj_self_coefficient(token, coefficients, grad_row, band, f, scale, eps);
     target_self[f] = target_self_coefficient(token, coefficients, grad_row, band, f, scale, eps);
   }
-  __syncthreads();
 
   const int64_t p_column = b * proj.stride[0] + n * proj.stride[2];
   const int64_t y_column = b * target.stride[0] + n * target.stride[2];
-  // grad p_f = sum_slot proj_direct y_{f+o} - proj_self p_f; grad y_k = sum_slot target_direct p_{k-o} - target_self y_k
+  // grad p_f = sum_slot direct[slot] y_{f+o} - proj_self p_f; grad y_k = sum_slot direct[slot] p_{k-o} - target_self y_k
   for (int64_t f = 0; needs_proj_grad && f < F; ++f) {
+    __syncthreads();  // the self coefficients are written; the previous frame's direct coefficients are read
+    for (int64_t slot = threadIdx.x; slot < W; slot += blockDim.x) {
+      direct[slot] = proj_direct_coefficient(token, coefficients, grad_row, band, f, slot, scale, eps);
+    }
+    __syncthreads();
     const int64_t out_row = ((b * F + f) * N + n) * D;
     for (int64_t i = int64_t(threadIdx.x) * kChunk; i < D; i += int64_t(blockDim.x) * kChunk) {
       acc_t out[kChunk], row[kChunk];
@@ -316,7 +298,7 @@ __global__ void backward_kernel(const acc_t* __restrict__ grad_loss, Strided pro
       for (int j = 0; j < kChunk; ++j) out[j] = -proj_self[f] * row[j];
       for (int64_t slot = 0; slot < W; ++slot) {
         if (!band.lands(f, slot)) continue;
-        const acc_t coefficient = proj_direct[f * W + slot];
+        const acc_t coefficient = direct[slot];
         load_chunk<acc_t, kVector>(target, y_column + (f + band.offset(slot)) * target.stride[1], i, D, row);
 #pragma unroll
         for (int j = 0; j < kChunk; ++j) out[j] += coefficient * row[j];
@@ -324,8 +306,12 @@ __global__ void backward_kernel(const acc_t* __restrict__ grad_loss, Strided pro
       store_chunk<acc_t, kVector>(grad_proj, out_row, i, D, out);
     }
   }
-  if (!needs_target_grad) return;
-  for (int64_t k = 0; k < F; ++k) {
+  for (int64_t k = 0; needs_target_grad && k < F; ++k) {
+    __syncthreads();
+    for (int64_t slot = threadIdx.x; slot < W; slot += blockDim.x) {
+      direct[slot] = target_direct_coefficient(token, coefficients, grad_row, band, k, slot, scale, eps);
+    }
+    __syncthreads();
     const int64_t out_row = ((b * F + k) * N + n) * D;
     for (int64_t i = int64_t(threadIdx.x) * kChunk; i < D; i += int64_t(blockDim.x) * kChunk) {
       acc_t out[kChunk], row[kChunk];
@@ -334,7 +320,7 @@ __global__ void backward_kernel(const acc_t* __restrict__ grad_loss, Strided pro
       for (int j = 0; j < kChunk; ++j) out[j] = -target_self[k] * row[j];
       for (int64_t slot = 0; slot < W; ++slot) {
         if (!target_slot_lands(band, k, slot)) continue;
-        const acc_t coefficient = target_direct[k * W + slot];
+        const acc_t coefficient = direct[slot];
         load_chunk<acc_t, kVector>(proj, p_column + (k - band.offset(slot)) * proj.stride[1], i, D, row);
 #pragma unroll
         for (int j = 0; j < kChunk; ++j) out[j] += coefficient * row[j];
@@ -344,122 +330,103 @@ __global__ void backward_kernel(const acc_t* __restrict__ grad_loss, Strided pro
   }
 }
 
-// 16-byte chunk access is valid when every row starts 16-byte aligned and D is a whole number of chunks.
-bool rows_are_16_byte_aligned(const at::Tensor& x) {
-  if (x.size(3) % kChunk != 0 || x.stride(3) != 1) return false;
-  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) return false;
-  for (int dim = 0; dim < 3; ++dim) {
-    if (x.size(dim) > 1 && (x.stride(dim) * x.element_size()) % 16 != 0) return false;
+#define CREPA_RETURN_IF_ERROR(expression)        \
+  do {                                            \
+    const cudaError_t crepa_error = (expression); \
+    if (crepa_error != cudaSuccess) return crepa_error; \
+  } while (0)
+
+// A kernel may use more than 48 KB of dynamic shared memory only after opting in, per kernel and device. It opts in
+// to the device's whole limit (less its static shared memory) once, which covers every later launch there.
+template <typename Kernel>
+cudaError_t allow_shared_bytes(Kernel kernel, int64_t bytes, int device) {
+  if (bytes <= kCudaDefaultSharedBytes) return cudaSuccess;
+  static std::mutex mutex;  // one per kernel instantiation
+  static std::vector<bool> opted_in;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (static_cast<size_t>(device) >= opted_in.size()) opted_in.resize(device + 1, false);
+  if (opted_in[device]) return cudaSuccess;
+  int64_t limit = 0;
+  CREPA_RETURN_IF_ERROR(shared_limit_of(device, &limit));
+  cudaFuncAttributes attributes;
+  CREPA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, kernel));
+  const int64_t dynamic_limit = limit - static_cast<int64_t>(attributes.sharedSizeBytes);
+  CREPA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_limit)));
+  opted_in[device] = true;
+  return cudaSuccess;
+}
+
+template <typename acc_t, bool kVector>
+cudaError_t launch_forward_columns(const ForwardLaunch<acc_t>& a, const CudaKernelLaunch& plan, int device,
+                                   cudaStream_t stream) {
+  const auto kernel = forward_kernel<acc_t, kVector>;
+  CREPA_RETURN_IF_ERROR(allow_shared_bytes(kernel, plan.shared_bytes, device));
+  const int64_t columns = a.B * a.N;
+  for (int64_t first = 0; first < columns; first += plan.grid) {
+    const unsigned blocks = static_cast<unsigned>(std::min(plan.grid, columns - first));
+    kernel<<<blocks, plan.threads, plan.shared_bytes, stream>>>(a.proj, a.target, first, a.N, a.D, a.band, a.tau,
+                                                                a.normalize_weights, a.eps, a.stats,
+                                                                a.token_similarity);
+    CREPA_RETURN_IF_ERROR(cudaGetLastError());
   }
-  return true;
-}
-
-int threads_for(int64_t D) {
-  const int64_t chunks = (D + kChunk - 1) / kChunk;
-  const int64_t threads = (chunks + kWarp - 1) / kWarp * kWarp;
-  return static_cast<int>(threads < kMaxThreads ? threads : kMaxThreads);
-}
-
-int64_t grid_for(int64_t columns) {
-  TORCH_CHECK(columns <= int64_t(INT32_MAX), "crepa_kernels CUDA: B * N = ", columns, " exceeds the grid limit");
-  return columns;
-}
-
-void check_shared_bytes(int64_t bytes, const Band& band) {
-  TORCH_CHECK(bytes <= kMaxSharedBytes, "crepa_kernels CUDA: F = ", band.frames, " with a band of ", band.width(),
-              " slots needs ", bytes, " bytes of shared memory per block, more than ", kMaxSharedBytes);
+  return cudaSuccess;
 }
 
 template <typename acc_t, bool kVector>
-void launch_forward(const at::Tensor& proj, const at::Tensor& target, const Band& band, double tau,
-                    bool normalize_weights, double eps, at::Tensor& loss, at::Tensor& stats) {
-  const int64_t B = proj.size(0), F = proj.size(1), N = proj.size(2), D = proj.size(3);
-  const int threads = threads_for(D);
-  const int64_t shared = (F * band.width() + F * band.stats_per_frame() + (threads / kWarp) * band.stats_per_frame()) *
-                         int64_t(sizeof(acc_t));
-  check_shared_bytes(shared, band);
-  at::Tensor token_similarity = new_buffer({B, N, F}, loss.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  forward_kernel<acc_t, kVector><<<grid_for(B * N), threads, shared, stream>>>(
-      strided(proj), strided(target), N, D, band, static_cast<acc_t>(tau), normalize_weights,
-      static_cast<acc_t>(eps), stats.data_ptr<acc_t>(), token_similarity.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  reduce_tokens_kernel<acc_t><<<B * F, kReduceThreads, 0, stream>>>(
-      token_similarity.data_ptr<acc_t>(), N, F, -1.0 / static_cast<double>(N), loss.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename acc_t, bool kVector>
-void launch_backward(const at::Tensor& grad_loss, const at::Tensor& proj, const at::Tensor& target,
-                     const at::Tensor& stats, const Band& band, double tau, bool normalize_weights, double eps,
-                     at::Tensor& grad_proj, at::Tensor& grad_target, bool needs_proj_grad, bool needs_target_grad) {
-  const int64_t B = proj.size(0), F = proj.size(1), N = proj.size(2), D = proj.size(3);
-  const int threads = threads_for(D);
-  const int64_t shared = (3 * F * band.width() + F * band.stats_per_frame() + 2 * F) * int64_t(sizeof(acc_t));
-  check_shared_bytes(shared, band);
-  // a gradient that is not asked for is an empty [0] tensor, never written: any view of a real one stands in
-  const Strided grad_proj_view = needs_proj_grad ? strided(grad_proj) : strided(grad_target);
-  const Strided grad_target_view = needs_target_grad ? strided(grad_target) : strided(grad_proj);
-  backward_kernel<acc_t, kVector><<<grid_for(B * N), threads, shared, c10::cuda::getCurrentCUDAStream()>>>(
-      grad_loss.data_ptr<acc_t>(), strided(proj), strided(target), stats.data_ptr<acc_t>(), N, D, band,
-      static_cast<acc_t>(tau), normalize_weights, static_cast<acc_t>(eps), acc_t(-1) / static_cast<acc_t>(N),
-      grad_proj_view, grad_target_view, needs_proj_grad, needs_target_grad);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-std::tuple<at::Tensor, at::Tensor> align_forward_cuda(const at::Tensor& proj, const at::Tensor& target,
-                                                      int64_t neighbors, bool cumulative, double tau,
-                                                      bool normalize_weights, double eps) {
-  check_inputs(proj, target, neighbors, tau, eps);
-  TORCH_CHECK(proj.is_cuda(), "align_forward_cuda: expected CUDA tensors");
-  const c10::cuda::CUDAGuard device_guard(proj.device());
-  const int64_t B = proj.size(0), F = proj.size(1), N = proj.size(2);
-  const Band band = Band::make(F, neighbors, cumulative);
-  const auto options = proj.options().dtype(accumulate_type(proj, target));
-  at::Tensor loss = new_buffer({B, F}, options);
-  at::Tensor stats = new_buffer({B, N, F, band.stats_per_frame()}, options);
-  const bool vector = rows_are_16_byte_aligned(proj) && rows_are_16_byte_aligned(target);
-  const bool wide = options.dtype() == at::kDouble;
-  if (wide && vector) launch_forward<double, true>(proj, target, band, tau, normalize_weights, eps, loss, stats);
-  if (wide && !vector) launch_forward<double, false>(proj, target, band, tau, normalize_weights, eps, loss, stats);
-  if (!wide && vector) launch_forward<float, true>(proj, target, band, tau, normalize_weights, eps, loss, stats);
-  if (!wide && !vector) launch_forward<float, false>(proj, target, band, tau, normalize_weights, eps, loss, stats);
-  return {loss, stats};
-}
-
-std::tuple<at::Tensor, at::Tensor> align_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& proj,
-                                                       const at::Tensor& target, const at::Tensor& stats,
-                                                       int64_t neighbors, bool cumulative, double tau,
-                                                       bool normalize_weights, double eps, bool needs_proj_grad,
-                                                       bool needs_target_grad) {
-  check_inputs(proj, target, neighbors, tau, eps);
-  TORCH_CHECK(proj.is_cuda(), "align_backward_cuda: expected CUDA tensors");
-  const c10::cuda::CUDAGuard device_guard(proj.device());
-  const Band band = Band::make(proj.size(1), neighbors, cumulative);
-  check_backward_inputs(grad_loss, proj, target, stats, band);
-  const auto acc = accumulate_type(proj, target);
-  const at::Tensor grad = grad_loss.to(acc).contiguous();  // [B, F]; expanded (stride 0) after a mean
-  auto [grad_proj, grad_target] = new_gradients(proj, target, needs_proj_grad, needs_target_grad);
-  if (!needs_proj_grad && !needs_target_grad) return {grad_proj, grad_target};
-  const bool vector = rows_are_16_byte_aligned(proj) && rows_are_16_byte_aligned(target) &&
-                      (!needs_proj_grad || rows_are_16_byte_aligned(grad_proj)) &&
-                      (!needs_target_grad || rows_are_16_byte_aligned(grad_target));
-  const bool wide = acc == at::kDouble;
-#define CREPA_LAUNCH_BACKWARD(ACC, VECTOR)                                                                   \
-  launch_backward<ACC, VECTOR>(grad, proj, target, stats, band, tau, normalize_weights, eps, grad_proj, \
-                               grad_target, needs_proj_grad, needs_target_grad)
-  if (wide && vector) CREPA_LAUNCH_BACKWARD(double, true);
-  if (wide && !vector) CREPA_LAUNCH_BACKWARD(double, false);
-  if (!wide && vector) CREPA_LAUNCH_BACKWARD(float, true);
-  if (!wide && !vector) CREPA_LAUNCH_BACKWARD(float, false);
-#undef CREPA_LAUNCH_BACKWARD
-  return {grad_proj, grad_target};
+cudaError_t launch_backward_columns(const BackwardLaunch<acc_t>& a, const CudaKernelLaunch& plan, int device,
+                                    cudaStream_t stream) {
+  const auto kernel = backward_kernel<acc_t, kVector>;
+  CREPA_RETURN_IF_ERROR(allow_shared_bytes(kernel, plan.shared_bytes, device));
+  const int64_t columns = a.B * a.N;
+  const acc_t scale = acc_t(-1) / static_cast<acc_t>(a.N);
+  for (int64_t first = 0; first < columns; first += plan.grid) {
+    const unsigned blocks = static_cast<unsigned>(std::min(plan.grid, columns - first));
+    kernel<<<blocks, plan.threads, plan.shared_bytes, stream>>>(
+        a.grad_loss, a.proj, a.target, a.stats, first, a.N, a.D, a.band, a.tau, a.normalize_weights, a.eps, scale,
+        a.grad_proj, a.grad_target, a.needs_proj_grad, a.needs_target_grad);
+    CREPA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  return cudaSuccess;
 }
 
 }  // namespace
-}  // namespace crepa
 
-TORCH_LIBRARY_IMPL(crepa_kernels, CUDA, m) {
-  m.impl("align_forward", &crepa::align_forward_cuda);
-  m.impl("align_backward", &crepa::align_backward_cuda);
+cudaError_t shared_limit_of(int device, int64_t* bytes) {
+  static std::mutex mutex;
+  static std::vector<int64_t> limits;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (static_cast<size_t>(device) >= limits.size()) limits.resize(device + 1, -1);
+  if (limits[device] < 0) {
+    int value = 0;
+    CREPA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    limits[device] = value;
+  }
+  *bytes = limits[device];
+  return cudaSuccess;
 }
+
+template <typename acc_t>
+cudaError_t launch_forward(const ForwardLaunch<acc_t>& a, int device, cudaStream_t stream) {
+  const CudaLaunchPlan plan = plan_cuda_launch(a.B, a.band.frames, a.N, a.D, a.band, sizeof(acc_t));
+  const cudaError_t error = a.vector ? launch_forward_columns<acc_t, true>(a, plan.forward, device, stream)
+                                     : launch_forward_columns<acc_t, false>(a, plan.forward, device, stream);
+  if (error != cudaSuccess) return error;
+  reduce_tokens_kernel<acc_t><<<plan.reduce.grid, plan.reduce.threads, plan.reduce.shared_bytes, stream>>>(
+      a.token_similarity, a.B, a.N, a.band.frames, -1.0 / static_cast<double>(a.N), a.loss);
+  return cudaGetLastError();
+}
+
+template <typename acc_t>
+cudaError_t launch_backward(const BackwardLaunch<acc_t>& a, int device, cudaStream_t stream) {
+  const CudaLaunchPlan plan = plan_cuda_launch(a.B, a.band.frames, a.N, a.D, a.band, sizeof(acc_t));
+  return a.vector ? launch_backward_columns<acc_t, true>(a, plan.backward, device, stream)
+                  : launch_backward_columns<acc_t, false>(a, plan.backward, device, stream);
+}
+
+template cudaError_t launch_forward<float>(const ForwardLaunch<float>&, int, cudaStream_t);
+template cudaError_t launch_forward<double>(const ForwardLaunch<double>&, int, cudaStream_t);
+template cudaError_t launch_backward<float>(const BackwardLaunch<float>&, int, cudaStream_t);
+template cudaError_t launch_backward<double>(const BackwardLaunch<double>&, int, cudaStream_t);
+
+}  // namespace crepa

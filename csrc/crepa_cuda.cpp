@@ -1,0 +1,139 @@
+// The CUDA backend's ATen side: argument checks, the shared-memory check before any work, output allocation, the
+// device guard and the current stream, then the launches of crepa_cuda_kernels.cu (through crepa_cuda_launch.h).
+// Compiled by the host compiler, once; nvcc compiles only the kernels, once per architecture.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <string>
+
+#include "crepa_cuda_launch.h"
+#include "crepa_cuda_plan.h"
+#include "crepa_ops.h"
+
+namespace crepa {
+namespace {
+
+Dtype dtype_of(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return Dtype::kFloat;
+    case at::kDouble: return Dtype::kDouble;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    case at::kHalf: return Dtype::kHalf;
+    default: TORCH_CHECK(false, "crepa_kernels: unsupported dtype ", type);
+  }
+}
+
+Strided strided(const at::Tensor& x) {
+  return Strided{const_cast<void*>(x.data_ptr()), {x.stride(0), x.stride(1), x.stride(2), x.stride(3)},
+                 dtype_of(x.scalar_type())};
+}
+
+// 16-byte chunk access is valid when every row starts 16-byte aligned and D is a whole number of chunks.
+bool rows_are_16_byte_aligned(const at::Tensor& x) {
+  if (x.size(3) % kCudaChunk != 0 || x.stride(3) != 1) return false;
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) return false;
+  for (int dim = 0; dim < 3; ++dim) {
+    if (x.size(dim) > 1 && (x.stride(dim) * x.element_size()) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// Raises, before anything is allocated or launched, when the forward or the backward of these sizes would need more
+// shared memory per block than the current device allows.
+void check_supported(const at::Tensor& proj, const Band& band, at::ScalarType acc) {
+  int64_t limit = 0;
+  C10_CUDA_CHECK(shared_limit_of(proj.get_device(), &limit));
+  const std::string reason = cuda_unsupported_reason(proj.size(0), proj.size(1), proj.size(2), proj.size(3), band,
+                                                     at::elementSize(acc), limit);
+  TORCH_CHECK_NOT_IMPLEMENTED(reason.empty(), reason);
+}
+
+template <typename acc_t>
+void launch_forward_on(const at::Tensor& proj, const at::Tensor& target, const Band& band, double tau,
+                       bool normalize_weights, double eps, at::Tensor& loss, at::Tensor& stats) {
+  const int64_t B = proj.size(0), F = proj.size(1), N = proj.size(2), D = proj.size(3);
+  at::Tensor token_similarity = new_buffer({B, N, F}, loss.options());
+  const ForwardLaunch<acc_t> launch{
+      .proj = strided(proj), .target = strided(target), .B = B, .N = N, .D = D, .band = band,
+      .tau = static_cast<acc_t>(tau), .eps = static_cast<acc_t>(eps), .normalize_weights = normalize_weights,
+      .vector = rows_are_16_byte_aligned(proj) && rows_are_16_byte_aligned(target), .stats = stats.data_ptr<acc_t>(),
+      .token_similarity = token_similarity.data_ptr<acc_t>(), .loss = loss.data_ptr<acc_t>()};
+  C10_CUDA_CHECK(launch_forward(launch, proj.get_device(), c10::cuda::getCurrentCUDAStream()));
+}
+
+template <typename acc_t>
+void launch_backward_on(const at::Tensor& grad_loss, const at::Tensor& proj, const at::Tensor& target,
+                        const at::Tensor& stats, const Band& band, double tau, bool normalize_weights, double eps,
+                        at::Tensor& grad_proj, at::Tensor& grad_target, bool needs_proj_grad,
+                        bool needs_target_grad) {
+  const bool vector = rows_are_16_byte_aligned(proj) && rows_are_16_byte_aligned(target) &&
+                      (!needs_proj_grad || rows_are_16_byte_aligned(grad_proj)) &&
+                      (!needs_target_grad || rows_are_16_byte_aligned(grad_target));
+  // a gradient that is not asked for is an empty [0] tensor, never written: any view of a real one stands in
+  const BackwardLaunch<acc_t> launch{
+      .grad_loss = grad_loss.data_ptr<acc_t>(), .proj = strided(proj), .target = strided(target),
+      .stats = stats.data_ptr<acc_t>(), .B = proj.size(0), .N = proj.size(2), .D = proj.size(3), .band = band,
+      .tau = static_cast<acc_t>(tau), .eps = static_cast<acc_t>(eps), .normalize_weights = normalize_weights,
+      .vector = vector, .grad_proj = needs_proj_grad ? strided(grad_proj) : strided(grad_target),
+      .grad_target = needs_target_grad ? strided(grad_target) : strided(grad_proj),
+      .needs_proj_grad = needs_proj_grad, .needs_target_grad = needs_target_grad};
+  C10_CUDA_CHECK(launch_backward(launch, proj.get_device(), c10::cuda::getCurrentCUDAStream()));
+}
+
+std::tuple<at::Tensor, at::Tensor> align_forward_cuda(const at::Tensor& proj, const at::Tensor& target,
+                                                      int64_t neighbors, bool cumulative, double tau,
+                                                      bool normalize_weights, double eps) {
+  check_inputs(proj, target, neighbors, tau, eps);
+  TORCH_CHECK(proj.is_cuda(), "align_forward_cuda: expected CUDA tensors");
+  const c10::cuda::CUDAGuard device_guard(proj.device());
+  const int64_t B = proj.size(0), F = proj.size(1), N = proj.size(2);
+  const Band band = Band::make(F, neighbors, cumulative);
+  const auto acc = accumulate_type(proj, target);
+  check_supported(proj, band, acc);  // the plan covers the backward too: refused here, before any work
+  const auto options = proj.options().dtype(acc);
+  at::Tensor loss = new_buffer({B, F}, options);
+  at::Tensor stats = new_buffer({B, N, F, band.stats_per_frame()}, options);
+  if (acc == at::kDouble) {
+    launch_forward_on<double>(proj, target, band, tau, normalize_weights, eps, loss, stats);
+  } else {
+    launch_forward_on<float>(proj, target, band, tau, normalize_weights, eps, loss, stats);
+  }
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> align_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& proj,
+                                                       const at::Tensor& target, const at::Tensor& stats,
+                                                       int64_t neighbors, bool cumulative, double tau,
+                                                       bool normalize_weights, double eps, bool needs_proj_grad,
+                                                       bool needs_target_grad) {
+  check_inputs(proj, target, neighbors, tau, eps);
+  TORCH_CHECK(proj.is_cuda(), "align_backward_cuda: expected CUDA tensors");
+  const c10::cuda::CUDAGuard device_guard(proj.device());
+  const Band band = Band::make(proj.size(1), neighbors, cumulative);
+  check_backward_inputs(grad_loss, proj, target, stats, band);
+  const auto acc = accumulate_type(proj, target);
+  check_supported(proj, band, acc);  // passes whenever the forward did
+  const at::Tensor grad = grad_loss.to(acc).contiguous();  // [B, F]; expanded (stride 0) after a mean
+  auto [grad_proj, grad_target] = new_gradients(proj, target, needs_proj_grad, needs_target_grad);
+  if (!needs_proj_grad && !needs_target_grad) return {grad_proj, grad_target};
+  if (acc == at::kDouble) {
+    launch_backward_on<double>(grad, proj, target, stats, band, tau, normalize_weights, eps, grad_proj, grad_target,
+                               needs_proj_grad, needs_target_grad);
+  } else {
+    launch_backward_on<float>(grad, proj, target, stats, band, tau, normalize_weights, eps, grad_proj, grad_target,
+                              needs_proj_grad, needs_target_grad);
+  }
+  return {grad_proj, grad_target};
+}
+
+}  // namespace
+}  // namespace crepa
+
+TORCH_LIBRARY_IMPL(crepa_kernels, CUDA, m) {
+  m.impl("align_forward", &crepa::align_forward_cuda);
+  m.impl("align_backward", &crepa::align_backward_cuda);
+}
