@@ -158,6 +158,7 @@ def test_call_unsupported_reason_on_cuda_tensors_uses_the_device_limit(arch, mon
     limit = gpu_limits.SHARED_BYTES_PER_BLOCK_OPTIN[arch]
     properties = types.SimpleNamespace(shared_memory_per_block_optin=limit)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: divmod(int(arch[3:]), 10))
     for proj_dtype, target_dtype in itertools.product(INPUT_DTYPES, repeat=2):
         acc = torch.float64 if torch.float64 in (proj_dtype, target_dtype) else torch.float32
         for frames, neighbors in ((13, 1), (61, 60), (120, 119), (300, 299)):
