@@ -1,4 +1,4 @@
-"""How the benchmark measures: step timing, memory, copy bandwidth and the machine description.
+"""How the benchmark measures: step timing, memory and the machine description.
 
 Timing. One repetition is one training step of the loss: forward, then backward of that same forward, with a
 timestamp at each boundary. Forward, backward and forward+backward are three readings of the same steps, so
@@ -102,20 +102,6 @@ class Timer:
         fwd = [start.elapsed_time(middle) / 1e3 for start, middle, _ in events]
         bwd = [middle.elapsed_time(end) / 1e3 for _, middle, end in events]
         return StepTimes(fwd, bwd)
-
-
-def copy_bandwidth(timer: Timer, megabytes: int, reps: int = 5) -> dict[str, float]:
-    """STREAM-style copy: GB/s = (bytes read + bytes written) / time of ``dst.copy_(src)``, median of ``reps``."""
-    count = megabytes * 2**20 // 4
-    src = torch.ones(count, dtype=torch.float32, device=timer.device)
-    dst = torch.zeros_like(src)  # touched here, so the timed copies pay no page faults
-    dst.copy_(src)
-    times = timer.steps(lambda: dst.copy_(src), lambda _: None, reps).fwd
-    seconds = statistics.median(times)
-    moved = 2 * src.numel() * src.element_size()
-    del src, dst
-    release_freed_memory()
-    return {"bytes": moved, "median_ms": seconds * 1e3, "gbps": moved / seconds / 1e9, "reps": reps}
 
 
 # ---------------------------------------------------------------------------------------------------- memory

@@ -15,6 +15,12 @@ def _ratio(value) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _round_range(stats: dict, digits=1) -> str:
+    """Smallest to largest round median."""
+    rounds = stats["round_medians_ms"]
+    return f"{min(rounds):.{digits}f}-{max(rounds):.{digits}f}"
+
+
 def format_case(result: dict) -> str:
     case = Case(**result["case"])
     traffic = result["min_bytes"]
@@ -23,8 +29,8 @@ def format_case(result: dict) -> str:
         f"  inputs {_mb(result['input_bytes'])} MB, gradients {_mb(result['grad_bytes'])} MB; minimum traffic "
         f"fwd {_mb(traffic['fwd'])} MB, bwd {_mb(traffic['bwd'])} MB",
     ]
-    header = (f"  {'implementation':<24}{'pass':<9}{'median ms':>11}{'IQR ms':>21}{'GB/s':>9}{'%copy':>7}"
-              f"{'vs eager':>10}{'vs compile':>11}{'held MB':>9}{'peak MB':>9}")
+    header = (f"  {'implementation':<24}{'pass':<9}{'median ms':>11}{'IQR ms':>21}{'rounds ms':>21}{'GB/s':>9}"
+              f"{'%copy':>7}{'vs eager':>10}{'vs compile':>11}{'held MB':>9}{'peak MB':>9}")
     lines += [header, "  " + "-" * (len(header) - 2)]
     for name, record in result["implementations"].items():
         title = name
@@ -39,7 +45,7 @@ def format_case(result: dict) -> str:
             spread = f"{stats['q1_ms']:.3f}-{stats['q3_ms']:.3f}"
             percent = stats["pct_of_copy_bandwidth"]
             row = (f"  {title if i == 0 else '':<24}{pass_name:<9}{stats['median_ms']:>11.3f}{spread:>21}"
-                   f"{stats['gbps']:>9.2f}{'-' if percent is None else f'{percent:.0f}%':>7}"
+                   f"{_round_range(stats, 3):>21}{stats['gbps']:>9.2f}{'-' if percent is None else f'{percent:.0f}%':>7}"
                    f"{_ratio(stats['speedup_vs_eager']):>10}{_ratio(stats['speedup_vs_compile']):>11}")
             if i == 0:
                 row += f"{_mb(memory.get('held_bytes')):>9}{_mb(memory.get('peak_bytes')):>9}"
@@ -48,29 +54,30 @@ def format_case(result: dict) -> str:
 
 
 def format_summary(results: list[dict]) -> str:
-    """Forward+backward of the fastest package backend per case against both baselines."""
+    """Forward+backward of the fastest package backend per case against both baselines (ratios per round)."""
     header = (f"{'case':<44}{'eager ms':>10}{'compile ms':>12}{'best backend':>14}{'ms':>10}{'vs eager':>10}"
               f"{'vs compile':>11}{'peak MB':>9}{'eager peak':>11}")
     lines = ["summary (forward+backward medians)", header, "-" * len(header)]
     for result in results:
         records = result["implementations"]
-
-        def median(name):
-            passes = records.get(name, {}).get("passes")
-            return passes["fwd+bwd"]["median_ms"] if passes else None
-
-        backends = [n for n in records if n not in BASELINES and median(n) is not None]
-        eager, compiled = median("eager"), median("compile")
-        best = min(backends, key=median) if backends else None
-        best_ms = median(best) if best else None
+        backends = [n for n in records if n not in BASELINES and _total(records, n) is not None]
+        best = min(backends, key=lambda n: _total(records, n)["median_ms"]) if backends else None
+        stats = _total(records, best) if best else None
+        eager, compiled = _total(records, "eager"), _total(records, "compile")
         eager_peak = (records.get("eager", {}).get("memory") or {}).get("peak_bytes")
         best_peak = (records.get(best, {}).get("memory") or {}).get("peak_bytes") if best else None
         lines.append(
-            f"{Case(**result['case']).short_label():<44}{_num(eager):>10}{_num(compiled):>12}{best or '-':>14}"
-            f"{_num(best_ms):>10}{_ratio(eager / best_ms if eager and best_ms else None):>10}"
-            f"{_ratio(compiled / best_ms if compiled and best_ms else None):>11}{_mb(best_peak):>9}"
-            f"{_mb(eager_peak):>11}")
+            f"{Case(**result['case']).short_label():<44}{_num(eager and eager['median_ms']):>10}"
+            f"{_num(compiled and compiled['median_ms']):>12}{best or '-':>14}{_num(stats and stats['median_ms']):>10}"
+            f"{_ratio(stats and stats['speedup_vs_eager']):>10}{_ratio(stats and stats['speedup_vs_compile']):>11}"
+            f"{_mb(best_peak):>9}{_mb(eager_peak):>11}")
     return "\n".join(lines)
+
+
+def _total(records: dict, name: str) -> dict | None:
+    """The fwd+bwd statistics of an implementation, or None when it did not run or failed."""
+    passes = records.get(name, {}).get("passes")
+    return passes["fwd+bwd"] if passes else None
 
 
 def _num(value) -> str:
@@ -85,7 +92,9 @@ def format_header(report: dict) -> str:
         f"triton {report['versions']['triton']}  python {report['versions']['python']}",
         f"device {report['device']}: CPU {machine['cpu_model']} ({machine['cpu_count']} cores, "
         f"{machine['torch_threads']} torch threads, {_mb(machine['memory_bytes'])} MB RAM), GPU {gpu}",
-        f"copy bandwidth {copy['gbps']:.2f} GB/s (copy_ of {_mb(copy['bytes'] // 2)} MB: read + write)",
+        f"copy bandwidth {copy['gbps']:.2f} GB/s (copy_ of {_mb(copy['bytes'] // 2)} MB: read + write; rounds "
+        f"{min(copy['round_gbps']):.2f}-{max(copy['round_gbps']):.2f})",
+        f"{len(report['schedule'])} interleaved rounds; load average {_load(machine)}",
     ]
     probe = report["memory_probe"]
     if report["memory_method_unavailable"]:
@@ -98,25 +107,37 @@ def format_header(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _load(machine: dict) -> str:
+    start, end = machine.get("load_average"), machine.get("load_average_end")
+    if not start:
+        return "unknown"
+    return f"{start[0]:.1f} at the start" + (f", {end[0]:.1f} at the end" if end else "")
+
+
+def _run_line(report: dict) -> str:
+    machine, copy = report["machine"], report["copy_bandwidth"]
+    return (f"Measured {report['timestamp']} on {report['device']}: {machine['cpu_model']}, {machine['cpu_count']} "
+            f"cores, {machine['torch_threads']} torch threads"
+            + (f", GPU {machine['gpu']['name']}" if machine["gpu"] else "")
+            + f"; load average {_load(machine)}; copy bandwidth {copy['gbps']:.2f} GB/s "
+            f"(rounds {min(copy['round_gbps']):.2f}-{max(copy['round_gbps']):.2f}); {len(report['schedule'])} "
+            f"interleaved rounds. torch {report['versions']['torch']}.")
+
+
 def markdown_results(report: dict) -> str:
     """The measured results as one markdown table (for docs/benchmarks.md), with the machine it ran on."""
-    machine, copy = report["machine"], report["copy_bandwidth"]
-    load = machine.get("load_average")
     lines = [
-        f"Measured {report['timestamp']} on {report['device']}: {machine['cpu_model']}, {machine['cpu_count']} cores, "
-        f"{machine['torch_threads']} torch threads" + (f", GPU {machine['gpu']['name']}" if machine["gpu"] else "")
-        + (f"; load average {load[0]:.1f} at the start" if load else "")
-        + f"; copy bandwidth {copy['gbps']:.2f} GB/s. torch {report['versions']['torch']}.",
+        _run_line(report),
         "",
-        "| case | implementation | fwd ms | bwd ms | fwd+bwd ms (IQR) | fwd+bwd GB/s | % copy | vs eager | "
-        "vs compile | held MB | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | implementation | fwd ms | bwd ms | fwd+bwd ms (IQR) | round medians ms | fwd+bwd GB/s | % copy | "
+        "vs eager | vs compile | held MB | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in report["results"]:
         label = Case(**result["case"]).short_label()
         for name, record in result["implementations"].items():
             if "error" in record:
-                lines.append(f"| {label} | {name} | failed: {record['error']} |" + " |" * 8)
+                lines.append(f"| {label} | {name} | failed: {record['error']} |" + " |" * 9)
                 continue
             passes, memory = record["passes"], record.get("memory") or {}
             total = passes["fwd+bwd"]
@@ -127,11 +148,62 @@ def markdown_results(report: dict) -> str:
                 title += f" ({record['compile_s']:.1f} s to compile{cached})"
             lines.append(
                 f"| {label} | {title} | {passes['fwd']['median_ms']:.1f} | {passes['bwd']['median_ms']:.1f} | "
-                f"{total['median_ms']:.1f} ({total['q1_ms']:.1f}-{total['q3_ms']:.1f}) | {total['gbps']:.2f} | "
-                f"{'-' if percent is None else f'{percent:.0f}%'} | {_ratio(total['speedup_vs_eager'])} | "
-                f"{_ratio(total['speedup_vs_compile'])} | {_mb(memory.get('held_bytes'))} | "
-                f"{_mb(memory.get('peak_bytes'))} |")
+                f"{total['median_ms']:.1f} ({total['q1_ms']:.1f}-{total['q3_ms']:.1f}) | {_round_range(total)} | "
+                f"{total['gbps']:.2f} | {'-' if percent is None else f'{percent:.0f}%'} | "
+                f"{_ratio(total['speedup_vs_eager'])} | {_ratio(total['speedup_vs_compile'])} | "
+                f"{_mb(memory.get('held_bytes'))} | {_mb(memory.get('peak_bytes'))} |")
     return "\n".join(lines)
+
+
+def _with_range(value, bounds, digits: int, suffix: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}{suffix} ({bounds[0]:.{digits}f}-{bounds[1]:.{digits}f})"
+
+
+def _percent_of_copy(percent, bounds) -> str:
+    return "-" if percent is None else f"{percent:.0f}%; {bounds[0]:.0f}-{bounds[1]:.0f}%"
+
+
+def readme_table(report: dict) -> str:
+    """The README's Performance table: per case, eager, torch.compile and each package backend (the reference,
+    which is the eager formulation, left out) over forward + backward. Ranges in brackets are the smallest and
+    largest round (for times: round medians; for ratios and % of copy: the per-round values)."""
+    names = [n for n in report["implementations_run"] if n not in BASELINES and n != "reference"]
+    blocks = [_run_line(report)]
+    for name in names:
+        lines = [
+            "",
+            f"| case | eager | `torch.compile(eager)` | `{name}` backend | vs eager | vs compile | "
+            f"`{name}` GB/s (% of copy) | held between fwd and bwd: eager / `{name}` |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for result in report["results"]:
+            records = result["implementations"]
+            stats = _total(records, name)
+            if stats is None:
+                lines.append(f"| {Case(**result['case']).short_label()} | failed: "
+                             f"{records.get(name, {}).get('error', 'not run')} |" + " |" * 6)
+                continue
+
+            def median(other):
+                other_stats = _total(records, other)
+                return "-" if other_stats is None else f"{other_stats['median_ms']:.1f} ms"
+
+            def held(other):
+                return _mb((records.get(other, {}).get("memory") or {}).get("held_bytes"))
+
+            rounds = stats["round_medians_ms"]
+            percent = stats["pct_of_copy_bandwidth"]
+            lines.append(
+                f"| {Case(**result['case']).short_label()} | {median('eager')} | {median('compile')} | "
+                f"**{stats['median_ms']:.1f} ms** ({min(rounds):.1f}-{max(rounds):.1f}) | "
+                f"{_with_range(stats['speedup_vs_eager'], stats['speedup_vs_eager_range'], 1, 'x')} | "
+                f"{_with_range(stats['speedup_vs_compile'], stats['speedup_vs_compile_range'], 2, 'x')} | "
+                f"{stats['gbps']:.1f} ({_percent_of_copy(percent, stats['pct_of_copy_bandwidth_range'])}) | "
+                f"{held('eager')} MB / {held(name)} MB |")
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
 
 
 def save_plot(results: list[dict], path: Path) -> str:

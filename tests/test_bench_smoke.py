@@ -1,5 +1,7 @@
-"""benchmarks/bench_loss.py on a tiny shape: it runs, and its JSON holds every field with consistent numbers."""
+"""benchmarks/bench_loss.py on a tiny shape: it runs, its timings are interleaved, and its JSON holds every field
+with consistent numbers."""
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +13,16 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import bench_loss  # noqa: E402
+from measure import Timer  # noqa: E402
+from report import readme_table  # noqa: E402
+from rounds import Slot, run_rounds, steps_per_round  # noqa: E402
 from traffic import eager_bytes_estimate, minimum_bytes  # noqa: E402
 
 SHAPE = dict(batch=2, frames=3, tokens=256, dim=96)  # 2 x 196 KB fp32 inputs: RSS growth is above page noise
 TINY = ["--batch", "2", "--frames", "3", "--tokens", "256", "--dim", "96", "--dtype", "fp32",
         "--neighbors", "1", "--mode", "adjacent", "--min-reps", "3", "--max-reps", "5", "--budget", "0.01",
-        "--copy-mb", "16", "--threads", "1"]  # one thread: small ops on a busy 2-core machine wait on OpenMP
+        "--copy-mb", "16", "--threads", "1", "--rounds", "3"]  # one thread: small ops on a busy machine wait on OpenMP
+ROUNDS = 3
 
 
 def expected_min_bytes(batch, frames, tokens, dim, element_size=4):
@@ -32,14 +38,19 @@ def check_pass_statistics(stats, min_bytes, reps_range):
     assert stats["min_ms"] > 0
     assert reps_range[0] <= stats["reps"] <= reps_range[1]
     assert stats["gbps"] == pytest.approx(min_bytes / (stats["median_ms"] / 1e3) / 1e9)
-    assert stats["pct_of_copy_bandwidth"] > 0
+    rounds = stats["round_medians_ms"]
+    assert len(rounds) == ROUNDS and all(stats["min_ms"] <= ms <= stats["max_ms"] for ms in rounds)
+    assert stats["round_spread_pct"] == pytest.approx(100 * (max(rounds) - min(rounds)) / statistics.median(rounds))
+    low, high = stats["pct_of_copy_bandwidth_range"]
+    assert 0 < low <= stats["pct_of_copy_bandwidth"] <= high
 
 
 @pytest.fixture(scope="module")
 def cli_report(tmp_path_factory):
     """The real command line, as `make bench ARGS=...` runs it, with every usable implementation."""
     path = tmp_path_factory.mktemp("bench") / "out.json"
-    run = subprocess.run([sys.executable, str(BENCHMARKS / "bench_loss.py"), *TINY, "--json", str(path), "--plot"],
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "bench_loss.py"), *TINY, "--json", str(path), "--plot",
+                          "--markdown"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     return json.loads(path.read_text()), run.stdout, path
@@ -56,8 +67,11 @@ def test_report_describes_machine_versions_and_options(cli_report):
     assert report["versions"]["torch"] == torch.__version__
     assert {"python", "triton", "crepa_kernels"} <= set(report["versions"])
     assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert report["copy_bandwidth"]["gbps"] > 0
-    assert report["copy_bandwidth"]["bytes"] == 2 * 16 * 2**20
+    copy = report["copy_bandwidth"]
+    assert copy["gbps"] > 0 and len(copy["round_gbps"]) == ROUNDS and min(copy["round_gbps"]) > 0
+    assert copy["bytes"] == 2 * 16 * 2**20
+    assert report["recompiles_during_timing"] == 0
+    assert len(report["machine"]["load_average_end"]) == 3
     # every backend is either run or skipped with its reason
     for name in bench_loss.IMPLEMENTATIONS:
         assert (name in report["implementations_run"]) != (name in report["skipped"]), name
@@ -78,11 +92,15 @@ def test_every_implementation_has_every_measurement(cli_report):
         assert record["first_call_s"] > 0
         passes = record["passes"]
         assert set(passes) == {"fwd", "bwd", "fwd+bwd"}
+        assert record["steps_per_round"] == 1  # --min-reps 3 over 3 rounds, --max-reps 5
         for pass_name, stats in passes.items():
             check_pass_statistics(stats, result["min_bytes"][pass_name], (3, 5))
             for baseline in ("eager", "compile"):
-                base = records[baseline]["passes"][pass_name]["median_ms"]
-                assert stats[f"speedup_vs_{baseline}"] == pytest.approx(base / stats["median_ms"])
+                # ratios are paired within each round, then summarised
+                base = records[baseline]["passes"][pass_name]["round_medians_ms"]
+                ratios = [b / t for b, t in zip(base, stats["round_medians_ms"])]
+                assert stats[f"speedup_vs_{baseline}"] == pytest.approx(statistics.median(ratios))
+                assert stats[f"speedup_vs_{baseline}_range"] == pytest.approx([min(ratios), max(ratios)])
         # fwd+bwd is per step fwd + bwd, so its extremes bound theirs
         assert passes["fwd+bwd"]["min_ms"] >= passes["fwd"]["min_ms"] + passes["bwd"]["min_ms"] - 1e-9
         assert passes["fwd+bwd"]["max_ms"] <= passes["fwd"]["max_ms"] + passes["bwd"]["max_ms"] + 1e-9
@@ -106,7 +124,8 @@ def test_stdout_table_and_plot(cli_report):
     report, stdout, path = cli_report
     for name in report["implementations_run"]:
         assert f"\n  {name}" in stdout
-    for column in ("median ms", "IQR ms", "GB/s", "%copy", "vs eager", "vs compile", "held MB", "peak MB"):
+    for column in ("median ms", "IQR ms", "rounds ms", "GB/s", "%copy", "vs eager", "vs compile", "held MB",
+                   "peak MB"):
         assert column in stdout
     assert "summary" in stdout and str(path) in stdout
     png = path.with_suffix(".png")
@@ -120,7 +139,7 @@ def test_without_baselines_speedups_are_absent(tmp_path, capsys):
     stats = result["implementations"]["reference"]["passes"]["fwd"]
     assert stats["speedup_vs_eager"] is None and stats["speedup_vs_compile"] is None
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  reference")]
-    assert row.split()[6:8] == ["-", "-"]  # the vs eager and vs compile columns
+    assert row.split()[7:9] == ["-", "-"]  # the vs eager and vs compile columns
 
 
 def test_a_baseline_that_disagrees_with_the_package_is_reported_not_timed(tmp_path, monkeypatch):
@@ -162,3 +181,68 @@ def test_render_a_saved_run_as_markdown(cli_report, capsys):
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith("| cogvideox-5b*")]
     assert [row.split(" | ")[1].split(" (")[0] for row in rows] == report["implementations_run"]
+
+
+def test_every_round_times_every_slot_in_a_new_order():
+    calls = []
+    slots = [Slot(f"0:{name}", lambda name=name: calls.append(name), lambda _: None, steps)
+             for name, steps in (("a", 1), ("b", 2), ("c", 1), ("d", 3))]
+    schedule = run_rounds(slots, 6, Timer(torch.device("cpu")), seed=0, progress=lambda _: None)
+    labels = [slot.label for slot in slots]
+    assert len(schedule) == 6 and all(sorted(order) == labels for order in schedule)
+    assert len({tuple(order) for order in schedule}) > 1  # not one fixed order
+    # each slot ran its steps together, in the order of the schedule
+    assert calls == [label[2:] for order in schedule for label in order
+                     for _ in range(next(s.steps_per_round for s in slots if s.label == label))]
+    for slot in slots:
+        assert len(slot.round_medians) == 6 and len(slot.fwd) == 6 * slot.steps_per_round
+
+
+def test_a_slot_that_raises_keeps_its_error_and_leaves_the_rounds():
+    def broken():
+        raise RuntimeError("boom")
+
+    good = Slot("0:good", lambda: None, lambda _: None, 1)
+    bad = Slot("0:bad", broken, lambda _: None, 1)
+    schedule = run_rounds([good, bad], 3, Timer(torch.device("cpu")), seed=1, progress=lambda _: None)
+    assert bad.error == "RuntimeError: boom" and sum(order.count("0:bad") for order in schedule) == 1
+    assert len(good.round_medians) == 3
+
+
+def test_steps_per_round_spends_the_budget_within_the_bounds():
+    assert steps_per_round(0.01, budget=1.0, rounds=5, min_reps=5, max_reps=50) == 10  # 50 steps of 10 ms
+    assert steps_per_round(0.001, budget=1.0, rounds=5, min_reps=5, max_reps=50) == 10  # capped by max_reps
+    assert steps_per_round(2.0, budget=1.0, rounds=5, min_reps=5, max_reps=50) == 1  # at least one per round
+    assert steps_per_round(2.0, budget=1.0, rounds=2, min_reps=5, max_reps=50) == 3  # at least min_reps in all
+
+
+def test_ratios_are_paired_within_rounds():
+    """A load spike in one round slows every implementation timed in it; pairing cancels it, a ratio of
+    medians over all rounds would not."""
+    def record(round_ms):
+        stats = {"median_ms": statistics.median(round_ms), "round_medians_ms": round_ms}
+        return {"passes": {name: dict(stats) for name in ("fwd", "bwd", "fwd+bwd")}}
+
+    result = {"min_bytes": {"fwd": 10**9, "bwd": 10**9, "fwd+bwd": 2 * 10**9},
+              "implementations": {"eager": record([10.0, 30.0, 20.0]), "compile": record([4.0, 12.0, 8.0]),
+                                  "cpu": record([1.0, 3.0, 8.0])}}
+    bench_loss.add_derived_numbers(result, copy_round_gbps=[200.0, 100.0, 100.0])
+    stats = result["implementations"]["cpu"]["passes"]["fwd"]
+    assert stats["speedup_vs_eager"] == pytest.approx(10.0)  # rounds: 10, 10, 2.5; medians alone: 20 / 3
+    assert stats["speedup_vs_eager_range"] == pytest.approx([2.5, 10.0])
+    assert stats["speedup_vs_compile"] == pytest.approx(4.0)
+    # 1 GB in 1, 3, 8 ms: 1000, 333, 125 GB/s against 200, 100, 100 GB/s of copy in the same rounds
+    assert stats["pct_of_copy_bandwidth"] == pytest.approx(100 * 1000 / 3 / 100)
+    assert stats["pct_of_copy_bandwidth_range"] == pytest.approx([125.0, 500.0])
+
+
+def test_readme_table_has_a_row_per_case(cli_report):
+    report, stdout, _ = cli_report
+    table = readme_table(report)
+    assert table in stdout  # --markdown prints it
+    backends = [name for name in report["implementations_run"] if name not in ("eager", "compile", "reference")]
+    assert backends, "no fused backend ran"
+    headers = [line for line in table.splitlines() if line.startswith("| case |")]
+    assert [header.split(" | ")[3] for header in headers] == [f"`{name}` backend" for name in backends]
+    rows = [line for line in table.splitlines() if line.startswith("| cogvideox-5b*")]
+    assert len(rows) == len(backends) * len(report["results"]) and all("**" in row for row in rows)
