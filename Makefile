@@ -1,6 +1,7 @@
-# The two commands of the README, each doing its own set-up in ./.venv:
-#   make bench   the main job: benchmarks/bench_loss.py on this machine
-#   make test    the test suite, plus the ahead-of-time GPU compile checks
+# The commands of the README, each doing its own set-up in ./.venv:
+#   make bench       the main job: benchmarks/bench_loss.py on this machine
+#   make test        the test suite, plus the ahead-of-time GPU compile checks
+#   make gpu-check   on a machine with a GPU: the GPU tests, the benchmark on the presets, one report
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed
 # the CUDA toolkit prefix; torch's own guess (from the nvcc on PATH) can miss the libraries
 export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
 
-.PHONY: bench test setup
+.PHONY: bench test gpu-check setup
 setup: $(STAMP)
 
 $(STAMP): requirements-test.txt pyproject.toml setup.py $(wildcard csrc/*)
@@ -19,6 +20,11 @@ $(STAMP): requirements-test.txt pyproject.toml setup.py $(wildcard csrc/*)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_loss.py $(ARGS)
+
+# Exits 2 with a one-line reason without a GPU; else writes gpu_check_results/gpu_check.{json,md} (1 if anything
+# is flagged).
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 # pytest (CPU; Triton under its interpreter, GPU-only tests skip), then the ahead-of-time checks that the GPU
 # kernels compile without register spills or local memory (Triton for sm_80 and sm_90; the CUDA extension for every
