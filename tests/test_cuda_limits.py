@@ -147,6 +147,12 @@ def test_plan_arguments_are_checked():
         extension.cuda_launch_plan((2, 3, 4), options, torch.float32)
 
 
+def test_a_stale_build_says_to_rebuild(monkeypatch):
+    monkeypatch.setattr(extension, "_module", types.SimpleNamespace(__file__="old/_C.so"))
+    with pytest.raises(RuntimeError, match="old/_C.so has no cuda_launch_plan.*rebuild"):
+        extension.cuda_launch_plan((1, 2, 3, 4), options_for(1, "adjacent"), torch.float32)
+
+
 def test_call_unsupported_reason_is_none_on_cpu():
     proj, target = random_pair((1, 300, 2, 3), torch.float64)
     assert extension.call_unsupported_reason(proj, target, options_for(299, "cumulative")) is None

@@ -147,6 +147,16 @@ def _plan_arguments(shape, options: LossOptions, dtype: torch.dtype) -> tuple:
     return (*(int(size) for size in shape), options.neighbors, cumulative, _accumulation_bytes(dtype))
 
 
+def _planner(name: str):
+    """A launch-planning function of the extension; a clear error from a build older than its Python side."""
+    module = _require()
+    if not hasattr(module, name):
+        raise RuntimeError(f"the loaded extension {getattr(module, '__file__', module)} has no {name}: it was built "
+                           "from older sources; rebuild it (pip install --no-build-isolation -e ., or "
+                           "python setup.py build_ext --inplace)")
+    return getattr(module, name)
+
+
 def cuda_launch_plan(shape, options: LossOptions, dtype: torch.dtype) -> dict:
     """How the CUDA kernels launch for [B, F, N, D] inputs accumulating in ``dtype`` (float32 or float64).
 
@@ -154,13 +164,13 @@ def cuda_launch_plan(shape, options: LossOptions, dtype: torch.dtype) -> dict:
     'shared_bytes': dynamic}}, from the planner the CUDA launcher itself uses (csrc/crepa_cuda_plan.h). Runs on any
     build, no GPU needed.
     """
-    return dict(_require().cuda_launch_plan(*_plan_arguments(shape, options, dtype)))
+    return dict(_planner("cuda_launch_plan")(*_plan_arguments(shape, options, dtype)))
 
 
 def cuda_shape_unsupported_reason(shape, options: LossOptions, dtype: torch.dtype, shared_limit: int) -> str | None:
     """Why the CUDA kernels cannot run these sizes where a block may use ``shared_limit`` bytes of shared memory
     (cudaDevAttrMaxSharedMemoryPerBlockOptin), or None: the check the CUDA forward makes before any work."""
-    return _require().cuda_unsupported_reason(*_plan_arguments(shape, options, dtype), int(shared_limit))
+    return _planner("cuda_unsupported_reason")(*_plan_arguments(shape, options, dtype), int(shared_limit))
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # csrc/crepa_ops.cpp check_floating
