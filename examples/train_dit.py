@@ -4,6 +4,8 @@ lambda * CREPA on synthetic videos, run in lockstep with the reference loss and 
     python examples/train_dit.py                                   # lockstep: reference vs --backend (auto)
     python examples/train_dit.py --backend triton --steps 3        # under TRITON_INTERPRET=1 on the CPU
     torchrun --nproc_per_node 2 examples/train_dit.py              # the same under DistributedDataParallel
+    torchrun --nproc_per_node 2 examples/train_dit.py --fsdp joint # FSDP2 (separate: each projector its own unit)
+    torchrun --nproc_per_node 3 examples/train_dit.py --sequence-parallel  # CREPA on sequence shards
 
 Both runs start from the same seed and see the same batches; per step the total loss, the alignment loss and the
 gradient norm are compared, and the parameters at the end. The exit status is 1 past tolerance. Nothing is
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crepa_kernels.backends import select_backend
+from crepa_kernels.distributed.training import SequenceParallelRegularizer, full_tensor, shard_model, sum_gradients
 from crepa_kernels.training import (
     CrepaRegularizer,
     CrepaTransformer,
@@ -127,6 +130,8 @@ class TrainConfig:
     diagnostics_t: float = 0.1  # ... at this fixed noise level, where the DiT can see each frame's content
     encoder: str = "stand-in"  # the targets' encoder: the stand-in, a checkpoint, or random:MODEL_TYPE[:SEED]
     feature_cache: str | None = None  # read the targets from this cache (--build-feature-cache) instead of encoding
+    fsdp: str = "off"  # under torchrun: FSDP2 instead of DDP, the projectors "joint" with the model or "separate"
+    sequence_parallel: bool = False  # under torchrun: every rank the whole batch, the CREPA loss on its sequence shard
 
 
 
@@ -189,14 +194,18 @@ def build_model(config: TrainConfig, backend: str, device: torch.device, encoder
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     blocks = align_blocks(config)
-    regularizer = CrepaRegularizer(
+    # under --sequence-parallel the transformer runs whole on every rank (no enable_parallelism on a CPU): the
+    # regulariser takes each rank's shard of the captured states as diffusers' context-parallel plan would
+    regularizer_class, parallel = ((SequenceParallelRegularizer, dict(shard_full_states=True))
+                                   if config.sequence_parallel else (CrepaRegularizer, {}))
+    regularizer = regularizer_class(
         transformer.config.num_attention_heads * transformer.config.attention_head_dim, encoder_dim,
         loss_weight=build_schedule(config), tau=config.tau, neighbors=config.neighbors,
         neighbor_mode=config.neighbor_mode, normalize_weights=config.normalize_weights, reduction=config.reduction,
         backend=backend, projector=config.projector, projector_width=config.projector_width,
         projector_depth=config.projector_depth, checkpoint_projector=config.checkpoint_projector,
         num_layers=len(blocks), share_projector=config.share_projector,
-        layer_names=[f"block{index}" for index in blocks],
+        layer_names=[f"block{index}" for index in blocks], **parallel,
     )
     return CrepaTransformer(transformer, regularizer, blocks).to(device)
 
@@ -234,10 +243,13 @@ def loss_weighting(config: TrainConfig, t: torch.Tensor, targets: torch.Tensor):
     return sample_weight, frame_mask
 
 
-def wrap_model(model: CrepaTransformer, device: torch.device) -> nn.Module:
-    """The module the step calls: the model itself, or its data-parallel wrapper under torchrun."""
-    if rank_and_world()[1] == 1:
+def wrap_model(model: CrepaTransformer, config: TrainConfig, device: torch.device) -> nn.Module:
+    """The module the step calls: the model itself, or its data-parallel wrapper under torchrun (DDP, or FSDP2 in
+    place; with --sequence-parallel the model itself: the gradients are summed over ranks after backward)."""
+    if rank_and_world()[1] == 1 or config.sequence_parallel:
         return model
+    if config.fsdp != "off":
+        return shard_model(model, config.fsdp)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -355,8 +367,15 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
     if config.reduction == "none":
         raise ValueError("reduction='none' gives no scalar loss to train on")
     rank, world = rank_and_world()
-    if config.global_batch % world != 0:
-        raise ValueError(f"global batch {config.global_batch} does not split over {world} processes")
+    if config.fsdp not in ("off", "joint", "separate") or (config.fsdp != "off" and config.sequence_parallel):
+        raise ValueError(f"fsdp: expected 'off', 'joint' or 'separate', not with --sequence-parallel; "
+                         f"got {config.fsdp!r}, sequence_parallel={config.sequence_parallel}")
+    if config.sequence_parallel and (world == 1 or config.diagnostics_every):
+        raise ValueError("--sequence-parallel runs under torchrun (2 or more processes), without --diagnostics-every "
+                         "(which needs whole projected states)")
+    if crepa_state and config.fsdp != "off":
+        raise ValueError("--save-crepa-state is not supported with --fsdp (the projectors are sharded DTensors)")
+    if not config.sequence_parallel and config.global_batch % world != 0:  # else every rank sees every sample
     device = torch.device(config.device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if compute_dtype(config) == torch.bfloat16
                 else contextlib.nullcontext())
@@ -367,7 +386,7 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
     grid = token_grid(config, PATCH_SIZE)
     targets_of = target_source(config, frozen, device, grid)  # the encoder and the cache leave the RNG alone
     model = build_model(config, backend, device, targets_of.feature_dim)
-    trained = wrap_model(model, device)
+    trained = wrap_model(model, config, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
 
     def model_inputs(batch: dict[str, torch.Tensor], ids: list[str], shard: slice = slice(None)):
@@ -390,7 +409,8 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
                 memory.step_peak_mib()  # the step's peak below leaves the diagnostics out
 
             batch = synthetic_batch(config, step)
-            shard = slice(rank * config.global_batch // world, (rank + 1) * config.global_batch // world)
+            shard = (slice(None) if config.sequence_parallel
+                     else slice(rank * config.global_batch // world, (rank + 1) * config.global_batch // world))
             noisy, t, text, velocity, targets = model_inputs(batch, sample_ids(config, step), shard)
             sample_weight, frame_mask = loss_weighting(config, t, targets)
 
@@ -403,11 +423,15 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
                 flow_loss = flow_matching_loss(output[0], velocity)
             loss = flow_loss + alignment.loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if config.sequence_parallel:  # the flow loss is computed whole on every rank, the alignment per shard
+                (flow_loss / world + alignment.loss).backward()
+                sum_gradients(model.parameters())
+            else:
+                loss.backward()
             # the projector's gradient comes from the alignment loss alone: the most sensitive check of its backward
             projector_grad_norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in model.regularizer.projectors.parameters()]))
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                torch.stack([full_tensor(p.grad).norm() for p in model.regularizer.projectors.parameters()]))
+            grad_norm = full_tensor(nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
             optimizer.step()
             model.regularizer.end_step(alignment)  # advances lambda's schedule (all ranks agree on the cutoff)
             if device.type == "cuda":
@@ -431,7 +455,7 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
     return RunResult(
         backend=select_backend(backend, device).__name__,
         records=records,
-        params={name: value.detach().cpu().clone() for name, value in model.named_parameters()},
+        params={name: full_tensor(value.detach()).cpu().clone() for name, value in model.named_parameters()},
         step_time_s=statistics.median(times[1:]) if len(times) > 1 else times[0],
         memory=memory.figures,
     )
@@ -512,7 +536,8 @@ def main(argv=None) -> int:
                       reports["lockstep"], dtype)
     if args.compare_with:
         other_config, other = load_run(args.compare_with)
-        ignored = ("device", "diagnostics_every", "diagnostics_json", "feature_cache")  # not the trajectory
+        ignored = ("device", "diagnostics_every", "diagnostics_json", "feature_cache", "fsdp",
+                   "sequence_parallel")  # not the trajectory
         differing = [k for k, v in dataclasses.asdict(config).items() if k not in ignored and other_config[k] != v]
         if differing:
             raise SystemExit(f"--compare-with {args.compare_with}: a different configuration ({differing})")
