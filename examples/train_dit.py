@@ -376,6 +376,7 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
     if crepa_state and config.fsdp != "off":
         raise ValueError("--save-crepa-state is not supported with --fsdp (the projectors are sharded DTensors)")
     if not config.sequence_parallel and config.global_batch % world != 0:  # else every rank sees every sample
+        raise ValueError(f"global batch {config.global_batch} does not split over {world} processes")
     device = torch.device(config.device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if compute_dtype(config) == torch.bfloat16
                 else contextlib.nullcontext())

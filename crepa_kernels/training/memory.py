@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from .projector import PROJECTOR_KINDS
 
@@ -41,6 +42,8 @@ class SavedTensorMeter:
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
+    if isinstance(tensor, DTensor):  # FSDP2's sharded parameters: the storage is the local shard's
+        tensor = tensor.to_local()
     return tensor.device, tensor.untyped_storage().data_ptr()
 
 
