@@ -1,6 +1,7 @@
 """Hardware limits of the NVIDIA architectures the kernels are built and checked for, usable without a GPU.
 
-From the CUDA C++ Programming Guide, "Technical Specifications per Compute Capability". The per-block shared
+From the CUDA C++ Programming Guide, "Technical Specifications per Compute Capability", and the same figures in
+CCCL's cuda::arch_traits (shared memory per SM minus the 1 KB the driver reserves per block). The per-block shared
 memory figure is the opt-in maximum (cudaDevAttrMaxSharedMemoryPerBlockOptin), static plus dynamic; without the
 opt-in a kernel gets 48 KB of dynamic shared memory.
 """

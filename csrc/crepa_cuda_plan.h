@@ -61,8 +61,14 @@ inline int64_t cuda_threads_for(int64_t D) {
   return threads < kCudaMaxThreads ? threads : kCudaMaxThreads;
 }
 
+// The most blocks a plan puts on grid.x: kCudaMaxGridX, or fewer under the test switch (crepa_ops.cpp), so that
+// small inputs take the several-launch path that only B * N > 2^31 - 1 takes otherwise.
+int64_t cuda_grid_limit();
+void set_cuda_grid_limit(int64_t blocks);  // 0 restores kCudaMaxGridX
+
 inline int64_t cuda_grid_for(int64_t work_items) {
-  return work_items < kCudaMaxGridX ? work_items : kCudaMaxGridX;
+  const int64_t limit = cuda_grid_limit();
+  return work_items < limit ? work_items : limit;
 }
 
 // acc_bytes: sizeof the accumulation type, 4 (fp32) or 8 (fp64).

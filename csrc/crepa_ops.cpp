@@ -20,9 +20,18 @@ namespace crepa {
 
 namespace {
 std::atomic<bool> poison_buffers{false};
-}
+std::atomic<int64_t> grid_limit{kCudaMaxGridX};
+}  // namespace
 
 void set_poison_buffers(bool enabled) { poison_buffers.store(enabled); }
+
+int64_t cuda_grid_limit() { return grid_limit.load(); }
+
+void set_cuda_grid_limit(int64_t blocks) {
+  TORCH_CHECK_VALUE(blocks >= 0 && blocks <= kCudaMaxGridX, "blocks: expected 0 (no cap) to ", kCudaMaxGridX,
+                    ", got ", blocks);
+  grid_limit.store(blocks == 0 ? kCudaMaxGridX : blocks);
+}
 
 namespace {
 
@@ -186,6 +195,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "An fp32 buffer as the kernels allocate theirs (all NaN while poisoning is on).");
   m.def("set_cpu_baseline_forced", &crepa::set_cpu_baseline_forced,
         "Test switch: run the CPU kernels' baseline-ISA build even where the AVX2 + FMA build could run.");
+  m.def("set_cuda_grid_limit", &crepa::set_cuda_grid_limit,
+        "Test switch: the CUDA launch plans put at most this many blocks on grid.x (0: CUDA's limit), so small "
+        "inputs take the several-launch path.");
   m.def("set_poison_buffers", &crepa::set_poison_buffers,
         "Test switch: fill every buffer the kernels allocate with NaN before they write it.");
 }

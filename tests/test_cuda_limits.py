@@ -147,6 +147,28 @@ def test_plan_arguments_are_checked():
         extension.cuda_launch_plan((2, 3, 4), options, torch.float32)
 
 
+@pytest.fixture
+def grid_limit():
+    """Caps the blocks per launch (test switch); restores CUDA's limit afterwards."""
+    yield extension.set_cuda_grid_limit
+    extension.set_cuda_grid_limit(0)
+
+
+def test_a_capped_grid_takes_several_launches(grid_limit):
+    """The several-launch path of B * N > 2^31 - 1, on small sizes: 2 * 10 columns in launches of 7, 7 and 6."""
+    options = options_for(2, "cumulative")
+    grid_limit(7)
+    plan = extension.cuda_launch_plan((2, 5, 10, 33), options, torch.float32)
+    for kernel in ("forward", "backward"):
+        assert (plan[kernel]["grid"], plan[kernel]["launches"]) == (7, 3)
+    assert (plan["reduce"]["grid"], plan["reduce"]["launches"]) == (7, 1)  # grid-strides over B * F = 10
+    grid_limit(0)
+    plan = extension.cuda_launch_plan((2, 5, 10, 33), options, torch.float32)
+    assert (plan["forward"]["grid"], plan["forward"]["launches"], plan["reduce"]["grid"]) == (20, 1, 10)
+    with pytest.raises(ValueError, match="blocks: expected 0"):
+        grid_limit(-1)
+
+
 def test_a_stale_build_says_to_rebuild(monkeypatch):
     monkeypatch.setattr(extension, "_module", types.SimpleNamespace(__file__="old/_C.so"))
     with pytest.raises(RuntimeError, match="old/_C.so has no cuda_launch_plan.*rebuild"):
@@ -208,3 +230,15 @@ def test_cuda_wide_bands_match_reference(frames, neighbors, dtype):
     proj, target = random_pair((2, frames, 3, 771), dtype, seed=31, device="cuda")
     assert_backend_matches_reference("cuda", proj, target, neighbors=neighbors, neighbor_mode="cumulative",
                                      normalize_weights=True)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("blocks", [1, 7])
+def test_cuda_several_launches_match_reference(grid_limit, blocks):
+    """Column offsets of later launches and the reduction's grid-stride loop, which otherwise only B * N > 2^31 - 1
+    and B * F > 2^31 - 1 reach."""
+    grid_limit(blocks)
+    for shape, dtype in (((2, 5, 10, 40), torch.float32), ((3, 4, 3, 33), torch.bfloat16)):
+        proj, target = random_pair(shape, dtype, seed=33, device="cuda")
+        assert_backend_matches_reference("cuda", proj, target, neighbors=2, neighbor_mode="cumulative")

@@ -115,6 +115,12 @@ def set_poison_buffers(enabled: bool) -> None:
     _module.set_poison_buffers(enabled)
 
 
+def set_cuda_grid_limit(blocks: int) -> None:
+    """Test switch: the CUDA launch plans use at most ``blocks`` blocks per launch (0: CUDA's grid limit), so small
+    inputs take the several-launch path that only B * N > 2^31 - 1 takes otherwise."""
+    _planner("set_cuda_grid_limit")(int(blocks))
+
+
 def set_cpu_baseline_forced(forced: bool) -> None:
     """Test switch: the CPU kernels run their baseline-ISA build even where the AVX2 + FMA build could."""
     build_info()
