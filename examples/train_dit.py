@@ -158,11 +158,9 @@ def build_transformer(config: TrainConfig) -> nn.Module:
 
 @torch.no_grad()
 def _diagnostics_record(step: int, config: TrainConfig, model: CrepaTransformer, noisy, t, text, velocity,
-                        targets) -> dict | None:
-    """The diagnostics of the model's projected states on the fixed diagnostics batch (diagnostics_batch); None
-    once lambda is 0 (nothing is projected any more)."""
-    if not model.regularizer.active:
-        return None
+                        targets) -> dict:
+    """The diagnostics of the model's projected states on the fixed diagnostics batch (diagnostics_batch), while
+    lambda > 0 (afterwards nothing is projected any more)."""
     from crepa_kernels import diagnostics  # imported lazily: optional for training
 
     autocast = (torch.autocast(noisy.device.type, dtype=torch.bfloat16)
@@ -229,16 +227,16 @@ def build_schedule(config: TrainConfig) -> LambdaSchedule:
     )
 
 
-def loss_weighting(config: TrainConfig, t: torch.Tensor, targets: torch.Tensor):
-    """The per-video weights [B] (from the diffusion time) and the frame mask [B, F] (False on the conditioning
-    frames) of a batch, each None when not asked for."""
+def loss_weighting(config: TrainConfig, t: torch.Tensor, token_frames: int):
+    """The per-video weights [B] (from the diffusion times t [B]) and the frame mask [B, token_frames] (False on the
+    conditioning frames) of a batch, each None when not asked for."""
     sample_weight = None if config.sample_weighting == "none" else timestep_weight(config.sample_weighting, t)
     frame_mask = None
     if config.condition_frames:
-        if not 0 < config.condition_frames < targets.shape[1]:
-            raise ValueError(f"condition_frames: expected fewer than the {targets.shape[1]} token frames, "
+        if not 0 < config.condition_frames < token_frames:
+            raise ValueError(f"condition_frames: expected fewer than the {token_frames} token frames, "
                              f"got {config.condition_frames}")
-        frame_mask = torch.ones(targets.shape[:2], dtype=torch.bool, device=targets.device)
+        frame_mask = torch.ones((t.shape[0], token_frames), dtype=torch.bool, device=t.device)
         frame_mask[:, :config.condition_frames] = False
     return sample_weight, frame_mask
 
@@ -391,18 +389,20 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
 
     def model_inputs(batch: dict[str, torch.Tensor], ids: list[str], shard: slice = slice(None)):
-        """The DiT's inputs, the flow target and the alignment targets of (a shard of) a batch."""
+        """The DiT's inputs, the flow target and the alignment targets of (a shard of) a batch; no targets (no
+        encoder forward, no cache read) while lambda is 0."""
         batch = {name: value[shard].to(device) for name, value in batch.items()}
         latents = vae(batch["video"])
         noisy, velocity = rectified_flow_pair(latents, batch["noise"], batch["t"])
-        targets = targets_of(batch["video"], grid, ids[shard])
+        targets = targets_of(batch["video"], grid, ids[shard]) if model.regularizer.active else None
         return noisy, batch["t"], batch["text"], velocity, targets
 
     records, times = [], []
     with PeakMemory(device) as memory:
         for step in range(config.steps):
             last = step == config.steps - 1
-            diagnose = config.diagnostics_every and rank == 0 and (step % config.diagnostics_every == 0 or last)
+            diagnose = (config.diagnostics_every and rank == 0 and model.regularizer.active
+                        and (step % config.diagnostics_every == 0 or last))
             if diagnose:  # the model as it is before this step's update: step 0 is the initialisation
                 diagnostics_ids = sample_ids(config, -1, config.diagnostics_videos)
                 entry = _diagnostics_record(step, config, model,
@@ -413,7 +413,7 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
             shard = (slice(None) if config.sequence_parallel
                      else slice(rank * config.global_batch // world, (rank + 1) * config.global_batch // world))
             noisy, t, text, velocity, targets = model_inputs(batch, sample_ids(config, step), shard)
-            sample_weight, frame_mask = loss_weighting(config, t, targets)
+            sample_weight, frame_mask = loss_weighting(config, t, grid[0])
 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -445,7 +445,7 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
                           saved_mib=saved.bytes / 2**20)
             records.append(record)
 
-            if diagnose and entry is not None:
+            if diagnose:
                 entry["align_loss"] = record["align_loss"]  # of the training batch
                 with open(config.diagnostics_json, "a") as out:
                     out.write(json.dumps(entry) + "\n")

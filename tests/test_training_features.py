@@ -420,6 +420,33 @@ def test_trainer_lockstep_with_all_features_under_bf16_autocast_and_projector_ch
     assert fused.records[4]["align_loss"] is None and math.isfinite(fused.records[3]["align_loss"])
     assert not any(name.startswith("regularizer.projectors.1.") for name in fused.params)  # one shared projector
 
+def test_trainer_computes_no_targets_once_lambda_is_zero(monkeypatch):
+    # the encoder forward (or the cache read) is alignment work too: none of it once the schedule has cut lambda off
+    calls = []
+    real_source = trainer.target_source
+
+    def counting_source(*args):
+        source = real_source(*args)
+
+        def targets_of(video, grid, ids):
+            calls.append(len(ids))
+            return source(video, grid, ids)
+
+        targets_of.feature_dim = source.feature_dim
+        return targets_of
+
+    monkeypatch.setattr(trainer, "target_source", counting_source)
+    config = dataclasses.replace(FEATURES, steps=3, cutoff_step=1, warmup_steps=0)
+    run = trainer.train(config, "reference")
+    assert calls == [config.global_batch]  # step 0 only
+    assert [r["lambda"] for r in run.records][1:] == [0.0, 0.0] and run.records[0]["align_loss"] is not None
+    model = trainer.build_model(config, "reference", torch.device("cpu"), config.encoder_dim)
+    with pytest.raises(ValueError, match="targets: lambda > 0"):
+        model(torch.randn(2, 4, 3, 4, 6), torch.tensor([1.0, 2.0]), torch.randn(2, 7, 32), targets=None,
+              return_dict=False)
+    model.remove_hooks()
+
+
 def test_trainer_measures_what_projector_checkpointing_frees():
     config = dataclasses.replace(FEATURES, steps=1, sample_weighting="none", condition_frames=0)
     plain = trainer.train(config, "reference")

@@ -16,7 +16,9 @@ class CrepaTransformer(nn.Module):
     ``block_index``: one block index, or one per layer of a regulariser built with ``num_layers`` > 1. Wrap this
     module, not the transformer alone, in DistributedDataParallel: the projectors' gradients are then averaged over
     ranks like the transformer's. The capture hooks sit on the transformer inside, which keeps calling them under
-    the wrapper. While the regulariser's lambda is 0 the blocks are not captured and nothing is computed.
+    the wrapper. While the regulariser's lambda is 0 the blocks are not captured and nothing is computed: the targets
+    are not needed then (pass ``targets=None`` and skip the encoder or the cache read when ``regularizer.active`` is
+    False).
 
         model = CrepaTransformer(transformer, CrepaRegularizer(hidden_dim, encoder_dim), block_index=8)
         output, alignment = model(noisy, timestep, text, targets=targets, return_dict=False)
@@ -34,12 +36,15 @@ class CrepaTransformer(nn.Module):
         self.regularizer = regularizer
         self.capture = HiddenStateCapture(transformer, block_index, blocks=blocks, output_index=output_index)
 
-    def forward(self, *args, targets: torch.Tensor | Sequence[torch.Tensor],
+    def forward(self, *args, targets: torch.Tensor | Sequence[torch.Tensor] | None,
                 sample_weight: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None,
                 **kwargs) -> tuple[object, AlignmentOutput]:
         """The transformer's output as it returns it, and the alignment of this forward's captured states with
-        ``targets`` ([B, F, N, encoder_dim] on the DiT's token grid, or one such tensor per teacher)."""
+        ``targets`` ([B, F, N, encoder_dim] on the DiT's token grid, or one such tensor per teacher; None is
+        accepted while lambda is 0)."""
         active = self.regularizer.active
+        if active and targets is None:
+            raise ValueError("targets: lambda > 0 this step, so the alignment needs the encoder targets, got None")
         self.capture.enabled = active
         output = self.transformer(*args, **kwargs)
         if not active:
