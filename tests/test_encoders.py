@@ -249,6 +249,19 @@ def test_describe_changes_with_everything_that_changes_the_features():
     assert adapter_for(random_encoder("dinov2", seed=9), temporal_ratio=4).describe((2, 3, 5)) == base
 
 
+def test_weights_digest_follows_the_weights_as_they_are_now():
+    adapter = adapter_for(random_encoder("dinov2", seed=9), temporal_ratio=4)
+    before = adapter.describe((2, 3, 5))["encoder"]["weights_sha256"]
+    other = random_encoder("dinov2", seed=10)
+    adapter.model.load_state_dict(other.state_dict())  # new weights into the same adapter: new features, new key
+    assert adapter.describe((2, 3, 5))["encoder"]["weights_sha256"] == \
+        adapter_for(other, temporal_ratio=4).describe((2, 3, 5))["encoder"]["weights_sha256"] != before
+    adapter.model.register_buffer("scale", torch.tensor(2.0))  # a 0-dim tensor is hashed too
+    with_scale = adapter.weights_sha256()
+    adapter.model.scale.fill_(3.0)
+    assert adapter.weights_sha256() != with_scale
+
+
 def test_bad_input_is_rejected_with_the_argument_named():
     model = random_encoder("dinov2")
     adapter = adapter_for(model, temporal_ratio=4)

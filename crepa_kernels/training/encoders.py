@@ -116,7 +116,6 @@ class EncoderAdapter(nn.Module):
         self.resolution = self._check_resolution(resolution)
         self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1), False)
         self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1), False)
-        self._weights_sha256 = None
 
     def train(self, mode: bool = True) -> EncoderAdapter:
         """The encoder stays in eval mode, whatever its parent module is put in (DINOv3 jitters its positions in
@@ -240,14 +239,13 @@ class EncoderAdapter(nn.Module):
         return self.model.config.hidden_size
 
     def weights_sha256(self) -> str:
-        """A digest of the encoder's weights and buffers (computed once)."""
-        if self._weights_sha256 is None:
-            digest = hashlib.sha256()
-            for name, tensor in sorted(self.model.state_dict().items()):
-                digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            self._weights_sha256 = digest.hexdigest()
-        return self._weights_sha256
+        """A digest of the encoder's weights and buffers as they are now (recomputed on every call, once per cache
+        build: a digest kept from before a ``load_state_dict`` would key new features with the old weights)."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def describe(self, token_grid: tuple[int, int, int]) -> dict:
         """Everything that changes the features this adapter gives for ``token_grid``, as plain JSON values: the key
