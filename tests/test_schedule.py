@@ -131,6 +131,10 @@ def test_bad_arguments_raise_clear_errors():
         LambdaSchedule().load_state_dict({"steps_done": 3})
     with pytest.raises(ValueError, match="steps_done"):
         LambdaSchedule().load_state_dict({"steps_done": -1, "similarity_ema": None, "threshold_step": None})
+    with pytest.raises(ValueError, match="similarity_ema"):
+        LambdaSchedule().load_state_dict({"steps_done": 3, "similarity_ema": "0.5", "threshold_step": None})
+    with pytest.raises(ValueError, match="threshold_step"):  # the cutoff happens at a step already done
+        LambdaSchedule().load_state_dict({"steps_done": 3, "similarity_ema": 0.5, "threshold_step": 3})
 
 
 # ----------------------------------------------------------------------------------------------- 2 processes

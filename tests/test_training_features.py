@@ -359,6 +359,8 @@ def test_projectors_and_schedule_save_and_load_round_trip(tmp_path):
 
 
 def test_loading_into_the_wrong_shape_fails_clearly(tmp_path):
+    from safetensors.torch import save_file
+
     path = tmp_path / "crepa.safetensors"
     save_crepa_state(path, CrepaRegularizer(H, 7, projector_width=12))
     wider = CrepaRegularizer(H, 7, projector_width=16)
@@ -371,8 +373,15 @@ def test_loading_into_the_wrong_shape_fails_clearly(tmp_path):
         load_crepa_state(path, CrepaRegularizer(H, 7, projector="linear"))
     with pytest.raises(ValueError, match="missing"):
         load_crepa_state(path, CrepaRegularizer(H, 7, projector_width=12, num_layers=2))
-    from safetensors.torch import save_file
 
+    # a file whose schedule state is not valid changes nothing either, the projectors included
+    tensors = {name: torch.randn(value.shape) for name, value in wider.state_dict().items()}
+    bad = tmp_path / "bad_schedule.safetensors"
+    for schedule in ('{"steps_done": -1, "similarity_ema": null, "threshold_step": null}', "{not json"):
+        save_file(tensors, str(bad), metadata={"format": "crepa_kernels.training.state/1", "schedule": schedule})
+        with pytest.raises(ValueError, match="schedule state in the file's metadata is not valid"):
+            load_crepa_state(bad, wider)
+        assert all(torch.equal(before[k], v) for k, v in wider.state_dict().items())
     other = tmp_path / "model.safetensors"
     save_file({"weight": torch.zeros(2)}, str(other))
     with pytest.raises(ValueError, match="not a CREPA regulariser state"):

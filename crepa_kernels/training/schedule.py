@@ -138,15 +138,23 @@ class LambdaSchedule:
                 "threshold_step": self.threshold_step}
 
     def load_state_dict(self, state: dict) -> None:
+        self.steps_done, self.similarity_ema, self.threshold_step = self.checked_state(state)
+
+    def checked_state(self, state: dict) -> tuple[int, float | None, int | None]:
+        """(steps_done, similarity_ema, threshold_step) of ``state``, validated without loading it (so that a
+        caller loading more than the schedule can check everything before changing anything)."""
         expected = set(self.state_dict())
-        if set(state) != expected:
-            raise ValueError(f"state: expected the keys {sorted(expected)}, got {sorted(state)}")
+        if not isinstance(state, dict) or set(state) != expected:
+            raise ValueError(f"state: expected a dict with the keys {sorted(expected)}, got {state!r}")
         steps_done, ema, threshold_step = state["steps_done"], state["similarity_ema"], state["threshold_step"]
         if not isinstance(steps_done, int) or steps_done < 0:
             raise ValueError(f"state['steps_done']: expected an int >= 0, got {steps_done!r}")
-        self.steps_done = steps_done
-        self.similarity_ema = None if ema is None else float(ema)
-        self.threshold_step = None if threshold_step is None else int(threshold_step)
+        if ema is not None and not (isinstance(ema, (int, float)) and math.isfinite(ema)):
+            raise ValueError(f"state['similarity_ema']: expected a finite number or None, got {ema!r}")
+        if threshold_step is not None and not (isinstance(threshold_step, int) and 0 <= threshold_step < steps_done):
+            raise ValueError(f"state['threshold_step']: expected None or an int in [0, steps_done = {steps_done}), "
+                             f"got {threshold_step!r}")
+        return steps_done, None if ema is None else float(ema), threshold_step
 
     def metrics(self) -> dict[str, float]:
         """lambda and the schedule's state, as floats to log (NaN for an EMA not started yet)."""

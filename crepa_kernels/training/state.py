@@ -26,8 +26,8 @@ def save_crepa_state(path: str | os.PathLike, regularizer: CrepaRegularizer) -> 
 def load_crepa_state(path: str | os.PathLike, regularizer: CrepaRegularizer) -> None:
     """Load a file written by :func:`save_crepa_state` into ``regularizer`` (on its parameters' device).
 
-    Raises ValueError, before changing anything, when the file is not such a file, or its tensors differ from the
-    regulariser's in names or shapes (another hidden_dim, encoder_dim, projector kind, width, depth, number of
+    Raises ValueError, before changing anything, when the file is not such a file, its schedule state is not valid,
+    or its tensors differ from the regulariser's in names or shapes (another hidden_dim, encoder_dim, projector kind, width, depth, number of
     layers or teachers, or sharing)."""
     from safetensors import safe_open
 
@@ -49,8 +49,12 @@ def load_crepa_state(path: str | os.PathLike, regularizer: CrepaRegularizer) -> 
             if shape != tuple(expected[name].shape):
                 raise ValueError(f"{path}: {name} has shape {shape} in the file, this regulariser's is "
                                  f"{tuple(expected[name].shape)} (another hidden_dim, encoder_dim or width?)")
+        try:
+            schedule = json.loads(metadata["schedule"])
+            regularizer.schedule.checked_state(schedule)
+        except (KeyError, json.JSONDecodeError, ValueError) as error:
+            raise ValueError(f"{path}: the schedule state in the file's metadata is not valid: {error}") from None
         tensors = {name: source.get_tensor(name) for name in names}
-    schedule = json.loads(metadata["schedule"])
     with torch.no_grad():
         regularizer.load_state_dict(tensors)
     regularizer.schedule.load_state_dict(schedule)
