@@ -258,7 +258,9 @@ __global__ void reduce_tokens_kernel(const acc_t* __restrict__ token_similarity,
 
 // Block i takes token column first_column + i, as the forward does: the self coefficients of every frame at once,
 // then frame by frame the frame's direct coefficients (one per band slot) and the frame's gradient rows. Staging
-// one frame's direct coefficients at a time keeps shared memory at [F][W] + 2F + W values, not 3 [F][W] tables.
+// one frame's direct coefficients at a time keeps shared memory at [F][W] + 2F + 2W values, not 3 [F][W] tables;
+// two alternating stages need one barrier per frame: a stage is rewritten two frames later, after every thread has
+// passed the barrier of the frame in between, so after its last read.
 template <typename acc_t, bool kVector>
 __global__ void backward_kernel(const acc_t* __restrict__ grad_loss, Strided proj, Strided target,
                                 const acc_t* __restrict__ stats, int64_t first_column, int64_t N, int64_t D, Band band,
@@ -269,7 +271,7 @@ __global__ void backward_kernel(const acc_t* __restrict__ grad_loss, Strided pro
   acc_t* coefficients = reinterpret_cast<acc_t*>(shared_bytes);  // [F][W]
   acc_t* proj_self = coefficients + F * W;                          // [F]
   acc_t* target_self = proj_self + F;                               // [F]
-  acc_t* direct = target_self + F;                                  // [W]: the current frame's
+  acc_t* direct_stages = target_self + F;                           // [2][W]: one frame's, alternating
   const int64_t column = first_column + blockIdx.x;
   const int64_t b = column / N, n = column % N;
   const acc_t* grad_row = grad_loss + b * F;
@@ -284,12 +286,13 @@ __global__ void backward_kernel(const acc_t* __restrict__ grad_loss, Strided pro
   const int64_t p_column = b * proj.stride[0] + n * proj.stride[2];
   const int64_t y_column = b * target.stride[0] + n * target.stride[2];
   // grad p_f = sum_slot direct[slot] y_{f+o} - proj_self p_f; grad y_k = sum_slot direct[slot] p_{k-o} - target_self y_k
+  int64_t stage = 0;  // counts the frames of both loops, so consecutive frames alternate stages
   for (int64_t f = 0; needs_proj_grad && f < F; ++f) {
-    __syncthreads();  // the self coefficients are written; the previous frame's direct coefficients are read
+    acc_t* direct = direct_stages + (stage++ % 2) * W;
     for (int64_t slot = threadIdx.x; slot < W; slot += blockDim.x) {
       direct[slot] = proj_direct_coefficient(token, coefficients, grad_row, band, f, slot, scale, eps);
     }
-    __syncthreads();
+    __syncthreads();  // this frame's direct coefficients (and, first, the self coefficients) are written
     const int64_t out_row = ((b * F + f) * N + n) * D;
     for (int64_t i = int64_t(threadIdx.x) * kChunk; i < D; i += int64_t(blockDim.x) * kChunk) {
       acc_t out[kChunk], row[kChunk];
@@ -307,7 +310,7 @@ __global__ void backward_kernel(const acc_t* __restrict__ grad_loss, Strided pro
     }
   }
   for (int64_t k = 0; needs_target_grad && k < F; ++k) {
-    __syncthreads();
+    acc_t* direct = direct_stages + (stage++ % 2) * W;
     for (int64_t slot = threadIdx.x; slot < W; slot += blockDim.x) {
       direct[slot] = target_direct_coefficient(token, coefficients, grad_row, band, k, slot, scale, eps);
     }

@@ -7,7 +7,7 @@
 //             blocks each; dynamic shared memory: the band's [F][W] coefficient table and [warps][S] warp sums
 //   reduce    one launch, each block grid-strides over the B * F items (b, f); static shared memory only
 //   backward  like the forward; dynamic shared memory: the [F][W] table, the [F] self coefficients of proj and of
-//             target, and one frame's [W] direct coefficients
+//             target, and two alternating stages of one frame's [W] direct coefficients
 #pragma once
 
 #include <cstdint>
@@ -78,7 +78,7 @@ inline CudaLaunchPlan plan_cuda_launch(int64_t B, int64_t F, int64_t N, int64_t 
   const int64_t W = band.width(), S = band.stats_per_frame();
   const int64_t table = saturating_product(F, W);
   const int64_t forward_elements = saturating_sum(table, (threads / kCudaWarp) * S);
-  const int64_t backward_elements = saturating_sum(table, saturating_sum(saturating_product(2, F), W));
+  const int64_t backward_elements = saturating_sum(table, saturating_product(2, saturating_sum(F, W)));
   const int64_t columns = saturating_product(B, N);
   const int64_t grid = cuda_grid_for(columns);
   const int64_t launches = (columns - 1) / grid + 1;

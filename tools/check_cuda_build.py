@@ -177,7 +177,7 @@ def main() -> int:
     failures += [f"no PTX for {arch}" for arch in sorted(ptx_required - ptx)]
     print(f"{'arch':7} {'kernel':38} {'REG':>4} {'STACK':>6} {'LOCAL':>6} {'static':>7} {'+ max dynamic':>14} "
           f"{'limit':>7}")
-    for arch, function, fields in rows:
+    for arch, function, fields in sorted(rows, key=lambda row: (int(row[0][3:]), short_name(row[1]))):
         limit = gpu_limits.SHARED_BYTES_PER_BLOCK_OPTIN.get(arch)
         if limit is None:
             failures.append(f"{arch}: no per-block shared memory limit in crepa_kernels.gpu_limits")
@@ -201,7 +201,7 @@ def main() -> int:
     if failures:
         print("check_cuda_build: FAILED\n  " + "\n  ".join(failures))
         return 1
-    print(f"check_cuda_build: OK, {len(rows)} kernels for {', '.join(sorted(sass))} + PTX {', '.join(sorted(ptx))}: "
+    print(f"check_cuda_build: OK, {len(rows)} kernels for {', '.join(sorted(sass, key=lambda a: int(a[3:])))} + PTX {', '.join(sorted(ptx))}: "
           "no stack frame or local memory, shared memory within every limit")
     return 0
 
