@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from crepa_kernels.training.memory import reset_peak_rss
+
 L2_FLUSH_BYTES = 256 * 2**20
 
 
@@ -138,14 +140,6 @@ def _peak_resident_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _reset_peak_resident() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
 
 def cpu_memory_method() -> str | None:
     """Why CPU memory cannot be measured here, or None when it can."""
@@ -153,7 +147,7 @@ def cpu_memory_method() -> str | None:
         return "no /proc/self/statm (not Linux)"
     if _LIBC is None:
         return "not glibc: freed memory may stay resident, so resident growth would mislead"
-    if not _reset_peak_resident():
+    if not reset_peak_rss():
         return "/proc/self/clear_refs is not writable: the peak cannot be reset"
     return None
 
@@ -183,7 +177,7 @@ class MemoryMeter:
             before = torch.cuda.memory_allocated(self.device)
         else:
             release_freed_memory()
-            _reset_peak_resident()
+            reset_peak_rss()
             before = _resident_bytes()
 
         start = time.perf_counter()

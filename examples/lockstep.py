@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from crepa_kernels.training.memory import reset_peak_rss
+
 # Largest relative difference allowed between the reference run and the fused run, by compute dtype. Per step:
 # the total loss, the alignment loss, the gradient norm before clipping, and that of the projector alone (only the
 # alignment loss feeds it, so it is the most direct check of a fused backward); at the end: all parameters as one
@@ -58,7 +60,7 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.rss_reset = _reset_peak_rss()
+        self.rss_reset = reset_peak_rss()
         self.rss_start_mib = _rss_mib("VmRSS")
         self.peaks = {"rss": 0.0, "cuda": 0.0}  # the run's peaks over the steps already measured
         return self
@@ -66,7 +68,7 @@ class PeakMemory:
     def _read_and_reset(self) -> dict[str, float]:
         current = {"rss": _rss_mib("VmHWM")}
         if self.rss_reset:
-            _reset_peak_rss()
+            reset_peak_rss()
         if self.device.type == "cuda":
             current["cuda"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -84,15 +86,6 @@ class PeakMemory:
                         "peak_rss_is_per_run": self.rss_reset}
         if self.device.type == "cuda":
             self.figures["max_memory_allocated_mib"] = self.peaks["cuda"]
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _rss_mib(field: str) -> float:

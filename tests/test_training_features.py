@@ -23,6 +23,7 @@ from crepa_kernels.training import (
     load_crepa_state,
     projector_activation_bytes,
     reduce_weighted,
+    reset_peak_rss,
     save_crepa_state,
     sigmoid_timestep_weight,
     snr_timestep_weight,
@@ -329,6 +330,19 @@ def test_checkpointed_projector_same_results_and_frees_what_the_formula_says(kin
 
 
 # ----------------------------------------------------------------------------------------------- saving
+
+
+@pytest.mark.skipif(not reset_peak_rss(), reason="no writable /proc/self/clear_refs (not Linux)")
+def test_reset_peak_rss_lets_a_later_peak_be_read_on_its_own():
+    def peak_kib():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+    block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, touched
+    high = peak_kib()
+    del block
+    assert reset_peak_rss()
+    assert peak_kib() < high - 32 * 1024  # the freed block no longer counts in the peak
 
 
 def test_projectors_and_schedule_save_and_load_round_trip(tmp_path):

@@ -8,7 +8,7 @@ from .distributed import mean_over_ranks, rank_and_world
 from .encoders import EncoderAdapter, adapter_for
 from .feature_cache import FeatureCache, build_feature_cache
 from .flow import flow_matching_loss, rectified_flow_pair
-from .memory import SavedTensorMeter, projector_activation_bytes
+from .memory import SavedTensorMeter, projector_activation_bytes, reset_peak_rss
 from .model import CrepaTransformer
 from .projector import PROJECTOR_KINDS, build_projector
 from .regularizer import AlignmentOutput, CrepaRegularizer
@@ -61,6 +61,7 @@ __all__ = [
     "rank_and_world",
     "rectified_flow_pair",
     "reduce_weighted",
+    "reset_peak_rss",
     "resize_frames",
     "save_crepa_state",
     "sigmoid_timestep_weight",

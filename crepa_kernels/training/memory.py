@@ -1,5 +1,6 @@
 """How much memory a step keeps for its backward: a meter of the tensors autograd saves, and the size of what the
-projector alone saves, to project the measured figures to other shapes."""
+projector alone saves, to project the measured figures to other shapes; and the reset of the process's peak RSS
+that per-step peak memory on the CPU needs."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -39,6 +40,18 @@ class SavedTensorMeter:
 
     def __exit__(self, *exc_info) -> None:
         self._hooks.__exit__(*exc_info)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak resident set size (VmHWM in /proc/self/status) to its current size, so that the
+    peak of a step or a run can be read on its own; False where that is not possible (not Linux, or
+    /proc/self/clear_refs not writable)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # 5: reset the peak RSS (Documentation/filesystems/proc.rst)
+        return True
+    except OSError:
+        return False
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
