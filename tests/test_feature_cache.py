@@ -274,6 +274,21 @@ def test_command_line_on_generated_video_files(tmp_path, capsys):
         encode_videos_main([*command[3:-4], "--dtype", "bf16", "--no-progress"])
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--resolution", "20x", "expected a shorter side in pixels, HxW or token_grid, got '20x'"),
+    ("--resolution", "-3", "expected a shorter side in pixels"),
+    ("--size", "80xab", "expected 2 positive ints separated by 'x', got '80xab'"),
+    ("--patch-size", "1,2", "expected 3 positive ints separated by ',', got '1,2'"),
+])
+def test_command_line_rejects_bad_numbers_naming_the_flag(tmp_path, capsys, flag, value, message):
+    arguments = {"--videos": str(tmp_path), "--out": str(tmp_path / "cache"), "--encoder": "random:dinov2",
+                 "--frames": "9", "--size": "80x128", flag: value}
+    with pytest.raises(SystemExit) as exit_info:
+        encode_videos_main([text for pair in arguments.items() for text in pair])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
 def test_trainer_from_the_cache_follows_the_encoder_run_step_for_step(tmp_path):
     """examples/train_dit.py with --encoder (a small random DINOv2) against --feature-cache built with it."""
     pytest.importorskip("diffusers")

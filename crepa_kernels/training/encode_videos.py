@@ -20,12 +20,24 @@ from .token_grid import dit_token_grid, latent_frame_count
 from .video_files import VIDEO_SUFFIXES, list_videos, read_video
 
 
-def _int_tuple(text: str, separator: str, count: int, flag: str) -> tuple[int, ...]:
-    values = tuple(int(v) for v in text.lower().split(separator))
-    if len(values) != count or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{flag}: expected {count} positive ints separated by {separator!r}, "
-                                         f"got {text!r}")
-    return values
+def _int_tuple(text: str, separator: str, count: int) -> tuple[int, ...]:
+    """``count`` positive ints separated by ``separator``; argparse names the flag in its error."""
+    parts = text.lower().split(separator)
+    if len(parts) != count or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected {count} positive ints separated by {separator!r}, got {text!r}")
+    return tuple(int(part) for part in parts)
+
+
+def _resolution(text: str) -> int | str | tuple[int, ...]:
+    if text == "token_grid":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    try:
+        return _int_tuple(text, "x", 2)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a shorter side in pixels, HxW or token_grid, got {text!r}") \
+            from None
 
 
 def main(argv=None) -> int:
@@ -36,14 +48,15 @@ def main(argv=None) -> int:
     parser.add_argument("--encoder", required=True,
                         help="checkpoint name or folder (DINOv2, DINOv3, V-JEPA 2), or random:MODEL_TYPE[:SEED]")
     parser.add_argument("--frames", type=int, required=True, help="pixel frames per video: 1 + k * temporal ratio")
-    parser.add_argument("--size", required=True, type=lambda t: _int_tuple(t, "x", 2, "--size"),
+    parser.add_argument("--size", required=True, type=lambda text: _int_tuple(text, "x", 2),
                         help="HxW the videos are resized to, as for the latent cache")
     parser.add_argument("--temporal-ratio", type=int, default=4, help="the VAE's (4: Wan, CogVideoX; 8: LTX)")
     parser.add_argument("--spatial-ratio", type=int, default=8, help="the VAE's (8 for Wan, CogVideoX; 32: LTX)")
-    parser.add_argument("--patch-size", default="1,2,2", type=lambda t: _int_tuple(t, ",", 3, "--patch-size"),
+    parser.add_argument("--patch-size", default="1,2,2", type=lambda text: _int_tuple(text, ",", 3),
                         help="the DiT's (p_t, p_h, p_w)")
     parser.add_argument("--temporal-mode", default="mean", choices=("mean", "subsample"))
-    parser.add_argument("--resolution", help="encoder input: shorter side, HxW, or token_grid (default: its own)")
+    parser.add_argument("--resolution", type=_resolution,
+                        help="encoder input: shorter side, HxW, or token_grid (default: its own)")
     parser.add_argument("--dtype", default="bf16", choices=tuple(STORAGE_DTYPES), help="storage dtype")
     parser.add_argument("--chunk-size", type=int, default=16, help="frames (V-JEPA 2: videos) per encoder forward")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -59,10 +72,7 @@ def main(argv=None) -> int:
     options = {"temporal_patch": args.patch_size[0], "temporal_mode": args.temporal_mode,
                "chunk_size": args.chunk_size}
     if args.resolution:
-        resolution = args.resolution
-        if resolution != "token_grid":
-            resolution = int(resolution) if resolution.isdigit() else _int_tuple(resolution, "x", 2, "--resolution")
-        options["resolution"] = resolution
+        options["resolution"] = args.resolution
     adapter = load_encoder(args.encoder, temporal_ratio=args.temporal_ratio, **options).to(args.device)
     videos = list_videos(args.videos)
     if not videos:
