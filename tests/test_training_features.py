@@ -292,6 +292,26 @@ def test_no_capture_and_no_loss_compute_once_lambda_is_zero(monkeypatch):
     assert not regularizer(torch.randn(2, tokens, 32), targets).computed and calls == []
 
 
+def test_end_step_with_gradient_accumulation_sees_every_micro_batch():
+    # the EMA (decay 0: the step's similarity itself) is over all frames of all micro-batches, not the last one's
+    schedule = LambdaSchedule(0.5, similarity_threshold=2.0, similarity_ema_decay=0.0)
+    regularizer = CrepaRegularizer(H, 7, loss_weight=schedule, projector_width=12, backend="reference").double()
+    (hidden,), (target,) = _inputs()
+    mask, _ = _mask_and_weights()
+    nothing = torch.zeros(B, F, dtype=torch.bool)
+    micro = [regularizer(hidden[:2], target[:2], frame_mask=mask[:2]),
+             regularizer(hidden[2:], target[2:], frame_mask=mask[2:]),
+             regularizer(hidden[2:], target[2:], frame_mask=nothing[2:])]  # no frame: a NaN similarity, no weight
+    assert [m.included_frames.item() for m in micro] == [7, 3, 0] and math.isnan(micro[2].self_similarity)
+    regularizer.end_step(micro)
+    whole = regularizer(hidden, target, frame_mask=mask)  # the same frames in one batch
+    torch.testing.assert_close(torch.tensor(schedule.similarity_ema, dtype=torch.float64), whole.self_similarity,
+                               rtol=1e-12, atol=0)
+    one = LambdaSchedule(0.5, similarity_threshold=2.0, similarity_ema_decay=0.0)
+    CrepaRegularizer(H, 7, loss_weight=one, projector_width=12).end_step(micro[0])  # a single alignment as before
+    assert one.similarity_ema == pytest.approx(micro[0].self_similarity.item(), rel=1e-15)
+
+
 # ----------------------------------------------------------------------------------------------- projectors
 
 

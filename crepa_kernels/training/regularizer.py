@@ -139,13 +139,21 @@ class CrepaRegularizer(nn.Module):
         return (f"backend={self.backend!r}, {self.options}, layers={self.layer_names}, teachers={self.teacher_names}, "
                 f"checkpoint_projector={self.checkpoint_projector}, schedule={self.schedule}")
 
-    def end_step(self, alignment: AlignmentOutput) -> None:
+    def end_step(self, alignment: AlignmentOutput | Sequence[AlignmentOutput]) -> None:
         """Advance the schedule after the optimizer step, feeding it this step's similarity (collective when a
-        similarity threshold is watched: call it on every rank)."""
-        if alignment.computed:
-            self.schedule.step(alignment.self_similarity, alignment.included_frames)
-        else:
+        similarity threshold is watched: call it on every rank). With gradient accumulation pass the alignments
+        of all the step's micro-batches: the schedule then sees their similarity over all the frames they
+        included, not the last micro-batch's alone."""
+        alignments = [alignment] if isinstance(alignment, AlignmentOutput) else list(alignment)
+        computed = [a for a in alignments if a.computed]
+        if not computed:
             self.schedule.step()
+            return
+        counts = torch.stack([a.included_frames for a in computed])
+        # a micro-batch that included no frame has a NaN similarity and adds nothing
+        similarities = torch.stack([a.self_similarity.double() for a in computed]).where(counts > 0, 0.0)
+        total = counts.sum()
+        self.schedule.step((similarities * counts).sum() / total.clamp(min=1), total)
 
     def _per_frame_loss(self, proj: torch.Tensor, target: torch.Tensor, neighbors: int) -> torch.Tensor:
         o = self.options
