@@ -8,6 +8,7 @@ Padding tokens hold NaN, so a kernel that read them would fail the comparison.
 """
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import random
@@ -209,9 +210,60 @@ def run_case(case: Case, rank: int, world: int, seed: int) -> None:
         assert_matches(grads[1], expected_target, f"{case.name}: target grad (rank {rank})")
 
 
+def check_nan_propagates(rank: int, world: int) -> None:
+    """A NaN in one real token of one rank's shard makes the loss NaN on every rank."""
+    from crepa_kernels.distributed import sequence_parallel_align_loss
+
+    proj, target = random_pair((1, 35, 6), seed=7, target_requires_grad=False)
+    proj = proj.detach().clone()
+    proj[0, 20, 3] = float("nan")
+    chunk = math.ceil(35 / world)
+    local = _pad(proj, chunk * world)[:, rank * chunk : (rank + 1) * chunk]
+    loss = sequence_parallel_align_loss(local, target, num_frames=5)
+    assert torch.isnan(loss), loss
+
+
+def check_sub_mesh_groups(rank: int, world: int) -> None:
+    """On a (dp=2, cp=2) mesh each dp row is its own sequence-parallel group: group=mesh["cp"], its ProcessGroup, and
+    a DTensor [Shard(0), Shard(1)] all give each row the single-process loss and gradients of its own samples."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from crepa_kernels import cross_frame_align_loss
+    from crepa_kernels.distributed import sequence_parallel_align_loss
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    dp, cp = mesh.get_local_rank("dp"), mesh.get_local_rank("cp")
+    proj, target = random_pair((4, 35, 6), seed=11, target_requires_grad=False)
+    rows, tokens = slice(2 * dp, 2 * dp + 2), slice(18 * cp, 18 * cp + 18)  # torch.chunk of 35 tokens: 18, 17
+    options = dict(num_frames=5, neighbors=2, neighbor_mode="cumulative")
+    mine = proj[rows].detach().requires_grad_(True)
+    expected = cross_frame_align_loss(mine, target[rows], **options)
+    (expected_grad,) = torch.autograd.grad(expected, [mine])
+    for how in ("sub-mesh", "process group", "dtensor"):
+        local = proj[rows, tokens].detach().clone().requires_grad_(True)
+        if how == "dtensor":
+            local_target = DTensor.from_local(target[rows], mesh, [Shard(0), Replicate()], run_check=False,
+                                              shape=target.shape, stride=target.stride())
+            argument = DTensor.from_local(local, mesh, [Shard(0), Shard(1)], run_check=False, shape=proj.shape,
+                                          stride=proj.stride())
+            loss = sequence_parallel_align_loss(argument, local_target, **options)
+        else:
+            group = mesh["cp"] if how == "sub-mesh" else mesh["cp"].get_group()
+            loss = sequence_parallel_align_loss(local, target[rows], group=group, shard_sizes=[18, 17], **options)
+        (grad,) = torch.autograd.grad(loss, [local])
+        assert_matches(loss, expected.detach(), f"{how}: loss (rank {rank})")
+        assert_matches(grad, expected_grad[:, tokens], f"{how}: proj grad (rank {rank})")
+
+
+EXTRA_CHECKS = {2: [check_nan_propagates], 3: [check_nan_propagates], 4: [check_nan_propagates, check_sub_mesh_groups]}
+
+
 def _worker(rank: int, world: int, port: int, names: list[str]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a short timeout: a rank that fails a case leaves the others waiting in a collective, which must not hang CI
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=90))
     failures = []
     try:
         for index, case in enumerate(c for c in CASES if c.name in names):
@@ -219,6 +271,11 @@ def _worker(rank: int, world: int, port: int, names: list[str]) -> None:
                 run_case(case, rank, world, seed=100 * world + index)
             except Exception:  # collect every failing case, then fail once
                 failures.append(f"[world {world} rank {rank}] {case.name}:\n{traceback.format_exc()}")
+        for check in EXTRA_CHECKS[world]:
+            try:
+                check(rank, world)
+            except Exception:
+                failures.append(f"[world {world} rank {rank}] {check.__name__}:\n{traceback.format_exc()}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
