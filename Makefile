@@ -2,6 +2,7 @@
 #   make bench       the main job: benchmarks/bench_loss.py on this machine
 #   make test        the test suite, plus the ahead-of-time GPU compile checks
 #   make gpu-check   on a machine with a GPU: the GPU tests, the benchmark on the presets, one report
+#   make mutate      mutation testing (slow, not part of CI): does the suite catch small realistic bugs?
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 # the CUDA toolkit prefix; torch's own guess (from the nvcc on PATH) can miss the libraries
 export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
 
-.PHONY: bench test gpu-check setup
+.PHONY: bench test gpu-check setup mutate
 setup: $(STAMP)
 
 $(STAMP): requirements-test.txt pyproject.toml setup.py $(wildcard csrc/*)
@@ -33,3 +34,8 @@ test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)
 	$(PY) tools/compile_triton.py
 	$(PY) tools/check_cuda_build.py
+
+# Applies each mutant of tools/mutants.py to a scratch copy of the tree and runs the tests covering its file
+# (docs/testing.md); ARGS="--only 'cpu-*'" for a subset, ARGS="--doc docs/testing.md" to record the result.
+mutate: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) tools/mutate.py $(ARGS)

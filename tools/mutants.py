@@ -1,0 +1,200 @@
+"""The mutants of `make mutate` (tools/mutate.py) and the tests that cover each source file.
+
+A mutant is one small, realistic bug: ``original`` (found exactly once in ``path``) replaced by ``replacement``.
+When a mutant survives, add a test that kills it; never weaken the mutant. tests/test_mutants.py checks in CI that
+every mutant still applies, so a refactor that moves the code shows up here instead of silently testing nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    original: str
+    replacement: str
+    bug: str  # the bug it models, in a few words
+
+
+# pytest arguments that cover each mutated file: tight selections, run with -x -m "not slow".
+COVERING_TESTS = {
+    "crepa_kernels/spec.py": ["tests/test_reference.py", "tests/test_api.py"],
+    "crepa_kernels/reference.py": ["tests/test_reference.py"],
+    "crepa_kernels/ops/triton_loss.py": ["tests/test_triton_backend.py"],
+    "csrc/crepa_cpu.cpp": ["tests/test_cpu_backend.py"],
+    "csrc/crepa_math.h": ["tests/test_cpu_backend.py"],
+    "crepa_kernels/training/token_grid.py": ["tests/test_training.py", "-k", "temporal or spatial or token_grid"],
+    "crepa_kernels/training/regularizer.py": ["tests/test_training.py", "tests/test_training_features.py", "-k",
+                                              "regularizer or layers or mask"],
+    "crepa_kernels/training/weighting.py": ["tests/test_training_features.py", "-k", "weight or mask or reduction"],
+    "crepa_kernels/training/schedule.py": ["tests/test_schedule.py"],
+    "crepa_kernels/training/encoders.py": ["tests/test_encoders.py"],
+    "crepa_kernels/distributed/layout.py": ["tests/test_distributed_plan.py"],
+    "crepa_kernels/distributed/collectives.py": ["tests/test_distributed_plan.py", "tests/test_distributed.py"],
+    "crepa_kernels/backends.py": ["tests/test_api.py", "tests/test_backend_selection.py"],
+    "crepa_kernels/training/capture.py": ["tests/test_training.py", "-k", "capture or checkpoint or hook"],
+    "crepa_kernels/training/projector.py": ["tests/test_training.py", "-k", "projector"],
+}
+
+SPEC = "crepa_kernels/spec.py"
+REFERENCE = "crepa_kernels/reference.py"
+TRITON = "crepa_kernels/ops/triton_loss.py"
+CPU = "csrc/crepa_cpu.cpp"
+MATH = "csrc/crepa_math.h"
+TOKEN_GRID = "crepa_kernels/training/token_grid.py"
+REGULARIZER = "crepa_kernels/training/regularizer.py"
+CAPTURE = "crepa_kernels/training/capture.py"
+PROJECTOR = "crepa_kernels/training/projector.py"
+WEIGHTING = "crepa_kernels/training/weighting.py"
+SCHEDULE = "crepa_kernels/training/schedule.py"
+ENCODERS = "crepa_kernels/training/encoders.py"
+LAYOUT = "crepa_kernels/distributed/layout.py"
+COLLECTIVES = "crepa_kernels/distributed/collectives.py"
+BACKENDS = "crepa_kernels/backends.py"
+
+MUTANTS = [
+    # --- spec.py: options, neighbour structure, layouts -------------------------------------------------------
+    Mutant("spec-adjacent-d0", SPEC, 'return (-d, d) if 0 < d < num_frames else ()',
+           'return (-d, d) if 0 <= d < num_frames else ()', "d = 0 counts the frame itself twice"),
+    Mutant("spec-cumulative-range", SPEC, 'tuple(range(1, d + 1))', 'tuple(range(1, d))',
+           "cumulative mode stops one offset short"),
+    Mutant("spec-weight-sign", SPEC, 'return math.exp(-abs(offset) / self.tau)',
+           'return math.exp(-offset / self.tau)', "weight of a negative offset without abs"),
+    Mutant("spec-z-without-self", SPEC, 'z = sum(row) if self.normalize_weights else 1.0',
+           'z = sum(row) - row[f] if self.normalize_weights else 1.0', "Z_f without the frame's own weight"),
+    Mutant("spec-eps-zero-allowed", SPEC, 'math.isfinite(options.eps) and options.eps > 0',
+           'math.isfinite(options.eps) and options.eps >= 0', "eps = 0 accepted"),
+    Mutant("spec-token-major", SPEC, 'frames = x.unflatten(1, (num_frames, x.shape[1] // num_frames))',
+           'frames = x.unflatten(1, (x.shape[1] // num_frames, num_frames)).transpose(1, 2)',
+           "3-D input read token-major instead of frame-major"),
+    Mutant("spec-fp64-needs-both", SPEC, 'if proj.dtype == torch.float64 or target.dtype == torch.float64:',
+           'if proj.dtype == torch.float64 and target.dtype == torch.float64:', "fp64 only when both are fp64"),
+    Mutant("spec-frame-sum-axis", SPEC, 'return per_frame.sum(dim=1).mean()', 'return per_frame.sum(dim=0).mean()',
+           "frame_sum sums over the batch"),
+    # --- reference.py: the specification ------------------------------------------------------------------------
+    Mutant("reference-eps-ignored", REFERENCE, 'p_hat = F.normalize(proj.to(dtype), dim=-1, eps=options.eps)',
+           'p_hat = F.normalize(proj.to(dtype), dim=-1)', "eps option ignored for proj"),
+    Mutant("reference-eps-added", REFERENCE, 'y_hat = F.normalize(target.to(dtype), dim=-1, eps=options.eps)',
+           'y_hat = target.to(dtype) / (target.to(dtype).norm(dim=-1, keepdim=True) + options.eps)',
+           "eps added to the norm instead of clamping it"),
+    Mutant("reference-unweighted-neighbour", REFERENCE, 'similarity = similarity + F.pad(w * neighbour, pad)',
+           'similarity = similarity + F.pad(neighbour, pad)', "neighbour term without its weight"),
+    Mutant("reference-z-counts", REFERENCE, 'F.pad(torch.full((last - first,), w, dtype=dtype',
+           'F.pad(torch.full((last - first,), 1.0, dtype=dtype', "Z_f counts neighbours instead of weighing them"),
+    Mutant("reference-pad-swapped", REFERENCE, 'pad = (first, num_frames - last)', 'pad = (num_frames - last, first)',
+           "neighbour term lands on the wrong frames"),
+    Mutant("reference-normalize-inverted", REFERENCE, 'if options.normalize_weights:',
+           'if not options.normalize_weights:', "normalize_weights inverted"),
+    # --- Triton kernels ---------------------------------------------------------------------------------------
+    Mutant("triton-forward-write-mask", TRITON,
+           'writes = frame_ok & (frames >= first_row) & (frames < first_row + rows_per_tile)\n        out_ok',
+           'writes = frame_ok & (frames >= first_row) & (frames <= first_row + rows_per_tile)\n        out_ok',
+           "forward tile also writes its neighbour tile's first row (a race on a GPU)"),
+    Mutant("triton-backward-write-mask", TRITON,
+           'writes = frame_ok & (frames >= first_row) & (frames < first_row + rows_per_tile)\n        write_ok',
+           'writes = frame_ok & (frames >= first_row) & (frames <= first_row + rows_per_tile)\n        write_ok',
+           "backward tile also writes its neighbour tile's first row (a race on a GPU)"),
+    Mutant("triton-split-proj-lo", TRITON,
+           'grad_p = tl.dot(a_hi, y, tl.dot(a_lo, y, out_dtype=tl.float32), out_dtype=tl.float32)',
+           'grad_p = tl.dot(a_hi, y, out_dtype=tl.float32)', "bf16 split drops a_lo (grad proj)"),
+    Mutant("triton-split-target-lo", TRITON,
+           'grad_y = tl.dot(a_t_hi, p, tl.dot(a_t_lo, p, out_dtype=tl.float32), out_dtype=tl.float32)',
+           'grad_y = tl.dot(a_t_hi, p, out_dtype=tl.float32)', "bf16 split drops a_lo (grad target)"),
+    Mutant("triton-radial-term-clamped", TRITON, 'p_scale = tl.where(p_norm > eps,',
+           'p_scale = tl.where(p_norm >= eps,', "radial gradient term kept for clamped norms"),
+    Mutant("triton-neighbour-distance", TRITON, 'is_neighbour = (distance >= near) & (distance <= far)',
+           'is_neighbour = (distance > near) & (distance <= far)', "nearest neighbour distance dropped"),
+    Mutant("triton-z-edge", TRITON, 'z += tl.where(frames - offset >= 0, w, 0.0)',
+           'z += tl.where(frames - offset > 0, w, 0.0)', "Z_f misses the neighbour at frame 0"),
+    Mutant("triton-norm-plus-eps", TRITON, 'p_norm = tl.maximum(tl.sqrt(p_squares), eps)',
+           'p_norm = tl.sqrt(p_squares) + eps', "eps added to |p| instead of clamping it"),
+    Mutant("triton-scalar-split", TRITON, '    return hi, lo\n', '    return hi, 0.0\n',
+           "fp64 kernels get tau and eps rounded to fp32"),
+    Mutant("triton-halo-z", TRITON, 'for offset in range(near, z_far + 1):', 'for offset in range(near, z_far):',
+           "Z_f misses the farthest neighbour"),
+    # --- CPU kernel ---------------------------------------------------------------------------------------------
+    Mutant("cpu-partial-per-task", CPU,
+           '    acc_t* block_sum = a.partials + block * F;\n    for (int64_t f = 0; f < F; ++f) block_sum[f] = acc_t(0);',
+           '    for (int64_t f = 0; f < F; ++f) a.partials[block * F + f] = acc_t(0);\n'
+           '    acc_t* block_sum = a.partials + std::max(begin, b * a.blocks) * F;',
+           "one running loss sum per parallel task: the result depends on the thread split"),
+    Mutant("cpu-mean-over-padded-tokens", CPU, 'out[b * F + f] = static_cast<acc_t>(-sum / static_cast<double>(N));',
+           'out[b * F + f] = static_cast<acc_t>(-sum / static_cast<double>(blocks * kTokensPerBlock));',
+           "token mean over whole blocks"),
+    Mutant("cpu-dot-tail", CPU, 'for (int64_t l = 0; l < n - body; ++l) {',
+           'for (int64_t l = 0; l + 1 < n - body; ++l) {', "vector dot drops the last tail element"),
+    Mutant("cpu-strided-read", CPU, 'for (int64_t i = 0; i < d; ++i) row[i] = widen<acc_t>(source[i * d_stride]);',
+           'for (int64_t i = 0; i < d; ++i) row[i] = widen<acc_t>(source[i]);', "strided D read as contiguous"),
+    # --- the maths shared by the CPU and CUDA kernels ------------------------------------------------------------
+    Mutant("math-live-at-eps", MATH, 'return raw_norm >= eps;', 'return raw_norm > eps;',
+           "radial term dropped for a norm exactly equal to eps (autograd of clamp_min keeps it)"),
+    Mutant("math-clamp-adds-eps", MATH, 'return raw_norm > eps ? raw_norm : eps;', 'return raw_norm + eps;',
+           "eps added to the norm instead of clamping it"),
+    Mutant("math-cumulative-offset", MATH, 'return slot <= reach ? slot - reach - 1 : slot - reach;',
+           'return slot < reach ? slot - reach - 1 : slot - reach;', "cumulative slot offsets shifted"),
+    Mutant("math-z-out-of-range", MATH, 'if (band.lands(frame, s)) weight_sum += neighbour_weight(band.offset(s), tau);',
+           'weight_sum += neighbour_weight(band.offset(s), tau);', "Z_f counts neighbours outside [0, F)"),
+    Mutant("math-weight-times-tau", MATH, 'return exp_of(-distance / tau);', 'return exp_of(-distance * tau);',
+           "weight exp(-d tau)"),
+    Mutant("math-target-self-norm", MATH, 'return alpha_cos / (ny * ny);', 'return alpha_cos / ny;',
+           "radial term of grad y divided by |y| once"),
+    # --- training helpers -------------------------------------------------------------------------------------
+    Mutant("token-grid-patch-first-frame", TOKEN_GRID,
+           'return groups.mean(dim=2) if mode == "mean" else groups[:, :, -1]',
+           'return groups.mean(dim=2) if mode == "mean" else groups[:, :, 0]',
+           "temporal patch subsampling takes the first frame"),
+    Mutant("token-grid-vae-first-frame", TOKEN_GRID,
+           'pooled = groups.mean(dim=2) if mode == "mean" else groups[:, :, -1]',
+           'pooled = groups.mean(dim=2) if mode == "mean" else groups[:, :, 0]',
+           "VAE-group subsampling takes the first frame"),
+    Mutant("token-grid-align-corners", TOKEN_GRID, 'mode="bilinear", align_corners=False',
+           'mode="bilinear", align_corners=True', "corner-aligned instead of half-pixel resampling"),
+    Mutant("token-grid-latent-count", TOKEN_GRID, 'return (num_pixel_frames - 1) // temporal_ratio + 1',
+           'return num_pixel_frames // temporal_ratio + 1', "latent frame count without the causal first frame"),
+    Mutant("regularizer-unweighted", REGULARIZER, 'loss=weight * align_loss,', 'loss=align_loss,',
+           "lambda not applied"),
+    Mutant("regularizer-figure-ignores-mask", REGULARIZER,
+           '(neighbour_terms * included).sum() / (included * neighbour_weight).sum())',
+           'neighbour_terms.sum() / (included * neighbour_weight).sum())',
+           "neighbour similarity counts masked frames"),
+    Mutant("capture-rearmed-in-backward", CAPTURE, 'if _inside_backward():\n            return\n        self._states',
+           'if False:\n            return\n        self._states', "recomputation in backward overwrites the capture"),
+    Mutant("capture-keeps-last-call", CAPTURE, '        self._armed[position] = False\n        self._states[position]',
+           '        self._states[position]', "every call of the block overwrites the capture"),
+    Mutant("projector-no-first-activation", PROJECTOR, 'if i > 0:', 'if i > 1:',
+           "no SiLU after the first Linear"),
+    # --- backend selection ------------------------------------------------------------------------------------
+    Mutant("backends-env-overrides-named", BACKENDS, 'if backend == "auto" and override:', 'if override:',
+           "CREPA_KERNELS_BACKEND overrides an explicitly named backend"),
+    # --- training: schedule, weights and masks, encoders ---------------------------------------------------------
+    Mutant("schedule-warmup-from-zero", SCHEDULE, 'return self.weight * (step + 1) / self.warmup_steps',
+           'return self.weight * step / self.warmup_steps', "warm-up starts at lambda = 0"),
+    Mutant("schedule-ema-swapped", SCHEDULE,
+           'self.similarity_ema = decay * self.similarity_ema + (1 - decay) * mean',
+           'self.similarity_ema = (1 - decay) * self.similarity_ema + decay * mean', "EMA weights swapped"),
+    Mutant("schedule-cutoff-late", SCHEDULE, 'if self.cutoff_step is not None and step >= self.cutoff_step:',
+           'if self.cutoff_step is not None and step > self.cutoff_step:', "cutoff one step late"),
+    Mutant("weighting-renormalised", WEIGHTING, 'return weighted.sum() / included.sum().clamp(min=1)',
+           'return weighted.sum() / scale.sum().clamp(min=1e-12)', "mean divides by the sum of weights"),
+    Mutant("weighting-frame-sum-empty-videos", WEIGHTING, 'videos = (included.sum(dim=1) > 0).sum().clamp(min=1)',
+           'videos = (included.sum(dim=1) >= 0).sum().clamp(min=1)', "frame_sum counts fully masked videos"),
+    Mutant("encoder-registers-kept", ENCODERS, 'return 1 + getattr(self.model.config, "num_register_tokens", 0)',
+           'return 1', "register tokens taken as patch tokens"),
+    Mutant("encoder-subsample-group-end", ENCODERS, 'return frames[:, ::self.temporal_ratio]',
+           'return frames[:, self.temporal_ratio - 1::self.temporal_ratio]',
+           "subsampled frames off by one against the causal first frame"),
+    # --- distributed sequence-parallel loss ---------------------------------------------------------------------
+    Mutant("layout-exact-past-end", LAYOUT, 'all(piece.first_frame <= k < piece.end_frame for k in',
+           'all(piece.first_frame <= k <= piece.end_frame for k in',
+           "a frame whose neighbour lies just past the piece counted as exact"),
+    Mutant("layout-padding-counted", LAYOUT, 'return start, min(start + self.shard_sizes[rank], self.seq_len)',
+           'return start, start + self.shard_sizes[rank]', "padding tokens treated as real"),
+    Mutant("layout-term-reads-whole-frame", LAYOUT,
+           'last = (term.end_frame - 1 + term.offset) * n + piece.end_token',
+           'last = (term.end_frame - 1 + term.offset) * n + n', "halo reads the rest of the last frame"),
+    Mutant("collectives-replicated-grad-local", COLLECTIVES,
+           'return funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", ctx.group_name)), None',
+           'return grad, None', "a replicated target keeps only this rank's gradient"),
+]
