@@ -7,9 +7,9 @@
 //   cos(a, b) = a.b / (max(|a|, eps) max(|b|, eps))          (F.normalize; the clamped norm is a constant)
 //   L[b, f]   = -(1/N) sum_n sum_slot C[f][slot] cos(p_f, y_{f+o_slot})
 //   alpha     = -grad_L[b, f] C[f][slot] / N
-//   grad p_f  = sum_slot alpha y_k / (np_f ny_k) - [|p_f| >= eps] (sum_slot alpha cos_fk) p_f / np_f^2
-//   grad y_k  = sum_{(f, slot): f + o = k} alpha p_f / (np_f ny_k) - [|y_k| >= eps] (same sum of alpha cos) y_k / ny_k^2
-// The indicator uses >=, as autograd of clamp_min does (torch passes the gradient where |x| >= eps).
+//   grad p_f  = sum_slot alpha y_k / (np_f ny_k) - [|p_f| > eps] (sum_slot alpha cos_fk) p_f / np_f^2
+//   grad y_k  = sum_{(f, slot): f + o = k} alpha p_f / (np_f ny_k) - [|y_k| > eps] (same sum of alpha cos) y_k / ny_k^2
+// The indicator uses >, as autograd of clamp_min does (torch passes no gradient at |x| = eps exactly).
 #pragma once
 
 #include <cmath>
@@ -95,10 +95,10 @@ CREPA_HD T clamped_norm(T raw_norm, T eps) {
   return raw_norm > eps ? raw_norm : eps;
 }
 
-// d max(|x|, eps) / d|x|: zero where the clamp holds the norm constant.
+// d max(|x|, eps) / d|x|: zero where the clamp holds the norm constant, and at |x| = eps (as torch's clamp_min).
 template <typename T>
 CREPA_HD bool norm_is_live(T raw_norm, T eps) {
-  return raw_norm >= eps;
+  return raw_norm > eps;
 }
 
 // Per-token helpers. `stats` is one token's [frames][stats_per_frame] block, `coefficients` the band's

@@ -59,6 +59,20 @@ def pair_straddling_eps(shape, eps, dtype=torch.float32, *, seed=0, device="cpu"
     return tuple(pair)
 
 
+# |(0.375, 0.5)| = 0.625 exactly, in every float dtype
+EXACT_NORM_EPS = 0.625
+
+
+def pair_with_norms_equal_to_eps(dtype=torch.float64, *, device="cpu"):
+    """Random [1, 3, 4, 2] inputs with one proj and one target token of norm exactly EXACT_NORM_EPS: there the
+    clamp max(|x|, eps) is at its kink, and torch's clamp_min passes no gradient (the radial term vanishes)."""
+    proj, target = (x.detach() for x in random_pair((1, 3, 4, 2), torch.float64, seed=37))
+    proj[0, 1, 2] = torch.tensor([0.375, 0.5])
+    target[0, 2, 1] = torch.tensor([-0.5, 0.375])
+    assert proj[0, 1, 2].norm().item() == target[0, 2, 1].norm().item() == EXACT_NORM_EPS
+    return tuple(x.to(device=device, dtype=dtype).requires_grad_(True) for x in (proj, target))
+
+
 def random_grad_output(loss: torch.Tensor, seed=1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return (torch.rand(loss.shape, generator=generator, dtype=torch.float64) * 2.5 - 0.5).to(loss.dtype).to(

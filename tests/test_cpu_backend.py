@@ -15,6 +15,7 @@ from crepa_kernels.ops import extension
 from crepa_kernels.reference import per_frame_loss as reference_per_frame_loss
 from crepa_kernels.spec import LossOptions
 from harness import (
+    EXACT_NORM_EPS,
     EXTREME_TAUS,
     OPTION_GRID,
     SHAPES,
@@ -22,6 +23,7 @@ from harness import (
     assert_backend_matches_reference,
     assert_close_and_finite,
     pair_straddling_eps,
+    pair_with_norms_equal_to_eps,
     random_grad_output,
     random_pair,
     reference_in_float64,
@@ -544,3 +546,10 @@ def test_large_eps_reaches_the_kernel(eps, dtype):
     for options in (dict(neighbors=1, reduction="none"), dict(neighbors=2, neighbor_mode="cumulative",
                                                               normalize_weights=True)):
         assert_backend_matches_reference("cpu", proj, target, eps=eps, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_norm_exactly_eps_gets_the_references_gradient(dtype):
+    """|x| = eps exactly: the clamped norm's derivative is autograd's for clamp_min there, 0 (no radial term)."""
+    proj, target = pair_with_norms_equal_to_eps(dtype)
+    assert_backend_matches_reference("cpu", proj, target, eps=EXACT_NORM_EPS, neighbors=1, reduction="none")

@@ -3,7 +3,16 @@ import pytest
 import torch
 
 from crepa_kernels import cross_frame_align_loss
-from harness import EXTREME_TAUS, OPTION_GRID, SHAPES, pair_straddling_eps, random_grad_output, random_pair
+from harness import (
+    EXACT_NORM_EPS,
+    EXTREME_TAUS,
+    OPTION_GRID,
+    SHAPES,
+    pair_straddling_eps,
+    pair_with_norms_equal_to_eps,
+    random_grad_output,
+    random_pair,
+)
 from naive import naive_loss
 
 
@@ -112,3 +121,13 @@ def test_default_eps_is_that_of_f_normalize():
     # and eps really is an argument: the same inputs with eps = 1e-6 (every norm below it) give another loss
     other = cross_frame_align_loss(proj, target, neighbors=1, reduction="none", eps=1e-6, backend="reference")
     assert (other - loss).abs().max() > 1e-3
+
+
+def test_norm_exactly_eps_follows_clamp_min():
+    """At |x| = eps the clamp is at its kink: the reference takes autograd's choice for clamp_min there (no radial
+    term), the naive loops too; the fused kernels must agree (tests/test_*_backend.py)."""
+    proj, target = pair_with_norms_equal_to_eps()
+    _compare_with_naive(proj, target, eps=EXACT_NORM_EPS, neighbors=1, reduction="none")
+    x = torch.tensor([EXACT_NORM_EPS], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(x.clamp_min(EXACT_NORM_EPS), x)
+    assert grad.item() == 0.0

@@ -18,14 +18,16 @@ from crepa_kernels.ops import triton_loss  # noqa: E402
 from crepa_kernels.reference import per_frame_loss as reference  # noqa: E402
 from crepa_kernels.spec import LossOptions  # noqa: E402
 from harness import (  # noqa: E402
+    EXACT_NORM_EPS,
     EXTREME_TAUS,
     OPTION_GRID,
     SHAPES,
     assert_backend_matches_reference,
     assert_close_and_finite,
     assert_within_ulps,
-    pair_straddling_eps,
     loss_and_grads,
+    pair_straddling_eps,
+    pair_with_norms_equal_to_eps,
     random_pair,
     reference_in_float64,
 )
@@ -381,3 +383,10 @@ def test_large_eps_reaches_the_kernels(eps, dtype):
     for options in (dict(neighbors=1, reduction="none"), dict(neighbors=2, neighbor_mode="cumulative",
                                                               normalize_weights=True)):
         assert_backend_matches_reference("triton", proj, target, eps=eps, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_norm_exactly_eps_gets_the_references_gradient(dtype):
+    """|x| = eps exactly: the clamped norm's derivative is autograd's for clamp_min there, 0 (no radial term)."""
+    proj, target = pair_with_norms_equal_to_eps(dtype, device=DEVICE)
+    assert_backend_matches_reference("triton", proj, target, eps=EXACT_NORM_EPS, neighbors=1, reduction="none")

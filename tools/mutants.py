@@ -128,8 +128,8 @@ MUTANTS = [
     Mutant("cpu-strided-read", CPU, 'for (int64_t i = 0; i < d; ++i) row[i] = widen<acc_t>(source[i * d_stride]);',
            'for (int64_t i = 0; i < d; ++i) row[i] = widen<acc_t>(source[i]);', "strided D read as contiguous"),
     # --- the maths shared by the CPU and CUDA kernels ------------------------------------------------------------
-    Mutant("math-live-at-eps", MATH, 'return raw_norm >= eps;', 'return raw_norm > eps;',
-           "radial term dropped for a norm exactly equal to eps (autograd of clamp_min keeps it)"),
+    Mutant("math-live-at-eps", MATH, 'return raw_norm > eps;', 'return raw_norm >= eps;',
+           "radial term kept for a norm exactly equal to eps (autograd of clamp_min drops it)"),
     Mutant("math-clamp-adds-eps", MATH, 'return raw_norm > eps ? raw_norm : eps;', 'return raw_norm + eps;',
            "eps added to the norm instead of clamping it"),
     Mutant("math-cumulative-offset", MATH, 'return slot <= reach ? slot - reach - 1 : slot - reach;',
