@@ -1,8 +1,11 @@
 """The reference against the naive loop implementation, and gradcheck in float64."""
+import math
+
 import pytest
 import torch
 
 from crepa_kernels import cross_frame_align_loss
+from crepa_kernels.spec import LossOptions
 from harness import (
     EXACT_NORM_EPS,
     EXTREME_TAUS,
@@ -13,7 +16,7 @@ from harness import (
     random_grad_output,
     random_pair,
 )
-from naive import naive_loss
+from naive import _neighbour_frames, naive_loss
 
 
 def _compare_with_naive(proj, target, **options):
@@ -131,3 +134,18 @@ def test_norm_exactly_eps_follows_clamp_min():
     x = torch.tensor([EXACT_NORM_EPS], dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(x.clamp_min(EXACT_NORM_EPS), x)
     assert grad.item() == 0.0
+
+
+@pytest.mark.parametrize("options", OPTION_GRID[::3], ids=str)
+def test_frame_coefficients_are_the_naive_weights(options):
+    """LossOptions.frame_coefficients (used by the regulariser's figures and the distributed plan) against the
+    weights of the naive loops: C[f][f] = 1 / Z_f and C[f][k] = w(|k - f|) / Z_f for k in K(f), 0 elsewhere."""
+    spec = LossOptions(**options)
+    for num_frames in (1, 2, 5, 11):
+        coefficients = spec.frame_coefficients(num_frames)
+        for f in range(num_frames):
+            neighbours = _neighbour_frames(f, num_frames, options["neighbors"], options["neighbor_mode"])
+            weights = {f: 1.0, **{k: math.exp(-abs(k - f) / options["tau"]) for k in neighbours}}
+            z = sum(weights.values()) if options["normalize_weights"] else 1.0
+            assert coefficients[f] == pytest.approx([weights.get(k, 0.0) / z for k in range(num_frames)],
+                                                    rel=1e-14, abs=0)
