@@ -64,7 +64,6 @@ class EncoderAdapter(nn.Module):
     """
 
     tubelet_size = 1  # frames per encoder token in time
-    pixel_argument = "pixel_values"
 
     def __init__(
         self,
@@ -157,7 +156,7 @@ class EncoderAdapter(nn.Module):
     def _encode_chunk(self, pixels: torch.Tensor) -> torch.Tensor:
         """[n, 3, h, w] normalised frames -> [n, 1, h / p, w / p, D] patch features."""
         grid = (pixels.shape[-2] // self.patch_size[0], pixels.shape[-1] // self.patch_size[1])
-        hidden = self.model(**{self.pixel_argument: pixels}).last_hidden_state
+        hidden = self.model(pixel_values=pixels).last_hidden_state
         expected = self.prefix_tokens + grid[0] * grid[1]
         if hidden.shape[1] != expected:
             raise RuntimeError(f"{type(self.model).__name__} returned {hidden.shape[1]} tokens for a {grid} patch grid,"
@@ -286,8 +285,6 @@ class ImageEncoderAdapter(EncoderAdapter):
 class VideoEncoderAdapter(EncoderAdapter):
     """V-JEPA 2 (``VJEPA2Model``): tokens are tubelets of ``tubelet_size`` frames x patch x patch, no CLS token.
     ``chunk_size`` counts videos here: attention spans all the frames of a video."""
-
-    pixel_argument = "pixel_values_videos"
 
     def __init__(self, model: nn.Module, **kwargs) -> None:
         self.tubelet_size = model.config.tubelet_size
