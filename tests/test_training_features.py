@@ -100,6 +100,12 @@ def test_weights_and_masks_are_checked():
         reduce_weighted(per_frame, "mean", frame_mask=torch.ones(B, F))
     with pytest.raises(ValueError, match="kind"):
         timestep_weight("exponential", torch.rand(3))
+    # another device than the loss's (meta stands in for a GPU here): named, not a failure inside the reduction
+    with pytest.raises(ValueError, match="sample_weight: expected a tensor on cpu"):
+        reduce_weighted(per_frame, "mean", torch.ones(B, device="meta"))
+    with pytest.raises(ValueError, match="frame_mask: expected a tensor on cpu"):
+        CrepaRegularizer(H, 7, projector_width=12)(torch.randn(B, F * N, H), torch.randn(B, F, N, 7),
+                                                   frame_mask=torch.ones(B, F, dtype=torch.bool, device="meta"))
 
 
 def test_timestep_weight_shapes():

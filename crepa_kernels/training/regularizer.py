@@ -191,7 +191,7 @@ class CrepaRegularizer(nn.Module):
                 raise ValueError(f"targets[{t}]: every teacher needs the same [B, F, N] grid, got "
                                  f"{tuple(target.shape[:3])} and {tuple(teachers[0].shape[:3])}")
         batch, frames, tokens, _ = teachers[0].shape
-        check_weights(torch.Size((batch, frames)), sample_weight, frame_mask)
+        check_weights(torch.Size((batch, frames)), sample_weight, frame_mask, teachers[0].device)
 
         term_losses, term_self, term_neighbor, term_weights, terms, logs = [], [], [], [], {}, {}
         projected = None

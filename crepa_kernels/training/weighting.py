@@ -67,8 +67,14 @@ def timestep_weight(kind: str, t: torch.Tensor, **options) -> torch.Tensor:
 
 
 def check_weights(per_frame_shape: torch.Size, sample_weight: torch.Tensor | None,
-                  frame_mask: torch.Tensor | None) -> None:
+                  frame_mask: torch.Tensor | None, device: torch.device | None = None) -> None:
+    """Shapes and dtypes of the weights and the mask against the per-frame loss [B, F], and their device against
+    ``device`` (where the loss is computed) when given."""
     batch, frames = per_frame_shape
+    for name, value in (("sample_weight", sample_weight), ("frame_mask", frame_mask)):
+        if value is not None and device is not None and value.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device}, where the loss is computed, got one on "
+                             f"{value.device}")
     if sample_weight is not None and tuple(sample_weight.shape) != (batch,):
         raise ValueError(f"sample_weight: expected shape [{batch}] (one weight per video), "
                          f"got {tuple(sample_weight.shape)}")
@@ -87,7 +93,7 @@ def reduce_weighted(per_frame: torch.Tensor, reduction: str, sample_weight: torc
     :func:`crepa_kernels.spec.reduce_frames`)."""
     if sample_weight is None and frame_mask is None:
         return reduce_frames(per_frame, reduction)
-    check_weights(per_frame.shape, sample_weight, frame_mask)
+    check_weights(per_frame.shape, sample_weight, frame_mask, per_frame.device)
     scale = torch.ones_like(per_frame)
     if frame_mask is not None:
         scale = scale * frame_mask.to(per_frame.dtype)
