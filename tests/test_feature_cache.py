@@ -289,6 +289,15 @@ def test_command_line_rejects_bad_numbers_naming_the_flag(tmp_path, capsys, flag
     assert f"argument {flag}: {message}" in capsys.readouterr().err
 
 
+def test_command_line_rejects_a_frame_count_the_vae_cannot_take(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        encode_videos_main(["--videos", str(tmp_path), "--out", str(tmp_path / "cache"), "--encoder", "random:dinov2",
+                            "--frames", "10", "--size", "80x128"])
+    assert exit_info.value.code == 2
+    assert "--frames 10, --size 80x128, --patch-size 1,2,2: num_pixel_frames: a causal VAE with temporal ratio 4 " \
+           "needs 1 + k * 4 frames, got 10" in capsys.readouterr().err
+
+
 def test_trainer_from_the_cache_follows_the_encoder_run_step_for_step(tmp_path):
     """examples/train_dit.py with --encoder (a small random DINOv2) against --feature-cache built with it."""
     pytest.importorskip("diffusers")

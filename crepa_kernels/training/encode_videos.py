@@ -66,9 +66,13 @@ def main(argv=None) -> int:
     height, width = args.size
     if height % args.spatial_ratio or width % args.spatial_ratio:
         parser.error(f"--size {height}x{width}: not a multiple of --spatial-ratio {args.spatial_ratio}")
-    latent = (latent_frame_count(args.frames, args.temporal_ratio), height // args.spatial_ratio,
-              width // args.spatial_ratio)
-    token_grid = dit_token_grid(latent, args.patch_size)
+    try:
+        latent = (latent_frame_count(args.frames, args.temporal_ratio), height // args.spatial_ratio,
+                  width // args.spatial_ratio)
+        token_grid = dit_token_grid(latent, args.patch_size)
+    except ValueError as error:  # a frame count or patch size the VAE and the DiT cannot take
+        parser.error(f"--frames {args.frames}, --size {height}x{width}, --patch-size "
+                     f"{','.join(map(str, args.patch_size))}: {error}")
     options = {"temporal_patch": args.patch_size[0], "temporal_mode": args.temporal_mode,
                "chunk_size": args.chunk_size}
     if args.resolution:
