@@ -3,6 +3,7 @@ check of the sequence-parallel regulariser inside diffusers' own context paralle
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 
 import pytest
@@ -31,7 +32,8 @@ MODES = {  # name -> the configuration's changes
 
 def _train_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))  # a failing rank must not hang CI
     try:
         for index, (name, changes) in enumerate(MODES.items()):
             result = trainer.train(dataclasses.replace(CONFIG, **changes), "auto")

@@ -151,6 +151,23 @@ def plan_rank(layout: SequenceLayout, rank: int, options: LossOptions) -> tuple[
     )
 
 
+def piece_range(piece: Piece, first_frame: int, end_frame: int) -> tuple[int, int]:
+    """The rank's local tokens [start, end) of frames [first_frame, end_frame) of a piece."""
+    start = piece.local_start + (first_frame - piece.first_frame) * piece.tokens
+    return start, start + (end_frame - first_frame) * piece.tokens
+
+
+def call_ranges(plans) -> tuple[tuple[int, int], ...]:
+    """The local token ranges of proj the fused calls of a rank's plan read, each once, in order of first use."""
+    ranges = []
+    for plan in plans:
+        piece = plan.piece
+        if any(plan.exact):
+            ranges.append(piece_range(piece, piece.first_frame, piece.end_frame))
+        ranges += [piece_range(piece, term.first_frame, term.end_frame) for term in plan.terms]
+    return tuple(dict.fromkeys(ranges))
+
+
 def term_target_range(piece: Piece, term: Term, tokens_per_frame: int) -> tuple[int, int]:
     """The target tokens [start, end) of the flattened sequence a term reads: one flat range (see Piece)."""
     n = tokens_per_frame

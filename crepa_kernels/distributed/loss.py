@@ -9,7 +9,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from ..backends import check_backend_name, select_backend
 from ..spec import LossOptions, _check_num_frames, compute_dtype, frames_view, reduce_frames
 from .collectives import exchange_rows, replicated_input, sum_over_ranks
-from .layout import SequenceLayout, any_halo, halo_exchange, plan_rank
+from .layout import SequenceLayout, any_halo, call_ranges, halo_exchange, plan_rank, piece_range
+from .views import token_range_views
 
 
 
@@ -62,14 +63,13 @@ def sequence_parallel_align_loss(
     shard = _resolve_shard(proj, target, target_sharded, shard_sizes, group)
     layout, target_source = _layout_and_target(shard, num_frames, seq_len, options)
 
-    start, end = layout.shard_range(shard.rank)
-    proj_real = shard.proj[:, : end - start]
     plans = plan_rank(layout, shard.rank, options)
     dtype = compute_dtype(shard.proj, shard.target)
-    partial = _local_partial(proj_real, target_source, plans, layout, options, backend, dtype)
+    proj_views = token_range_views(shard.proj, call_ranges(plans))
+    partial = _local_partial(proj_views, target_source, plans, layout, options, backend, dtype, shard.proj)
     # An empty slice of every differentiable input keeps it in this rank's graph even when the rank holds no real
     # token, so that every rank runs the backward collectives.
-    for anchor in (proj_real, *target_source.differentiable):
+    for anchor in (shard.proj, *target_source.differentiable):
         partial = partial + anchor.narrow(1, 0, 0).sum().to(dtype)
     return reduce_frames(sum_over_ranks(partial, shard.group_name), options.reduction)
 
@@ -265,19 +265,23 @@ def _fused_loss(proj: torch.Tensor, target: torch.Tensor, options: LossOptions, 
     return select_backend(backend, proj.device, proj, target, options).per_frame_loss(proj, target, options)
 
 
-def _piece_loss(proj_piece, target_source, plan, options: LossOptions, backend: str) -> torch.Tensor:
+def _piece_loss(proj_views, target_source, plan, options: LossOptions, backend: str) -> torch.Tensor:
     """L[b, f] restricted to the piece's tokens (a mean over them), [B, frames of the piece]."""
     piece = plan.piece
+
+    def proj_rows(first: int, end: int) -> torch.Tensor:
+        return proj_views[piece_range(piece, first, end)].unflatten(1, (end - first, piece.tokens))
+
     fused = None
     if any(plan.exact):
-        fused = _fused_loss(proj_piece, target_source.rows(piece, piece.first_frame, piece.end_frame, 0), options,
-                            backend)
+        fused = _fused_loss(proj_rows(piece.first_frame, piece.end_frame),
+                            target_source.rows(piece, piece.first_frame, piece.end_frame, 0), options, backend)
     repa_star = LossOptions(neighbors=0, eps=options.eps)
     terms_of_frame: dict[int, list[torch.Tensor]] = {}  # frame of the piece -> its [B, 1] single-offset terms
     for term in plan.terms:
         first = term.first_frame - piece.first_frame
         value = _fused_loss(
-            proj_piece[:, first : first + term.end_frame - term.first_frame],
+            proj_rows(term.first_frame, term.end_frame),
             target_source.rows(piece, term.first_frame, term.end_frame, term.offset),
             repa_star,
             backend,
@@ -298,21 +302,19 @@ def _piece_loss(proj_piece, target_source, plan, options: LossOptions, backend: 
     return columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
 
 
-def _local_partial(proj_real, target_source, plans, layout: SequenceLayout, options: LossOptions, backend: str,
-                   dtype) -> torch.Tensor:
+def _local_partial(proj_views, target_source, plans, layout: SequenceLayout, options: LossOptions, backend: str,
+                   dtype, proj) -> torch.Tensor:
     """This rank's share of the per-frame loss L[b, f], [B, F]: zero for the frames it holds no token of."""
-    batch = proj_real.shape[0]
+    batch = proj.shape[0]
     columns, covered = [], 0
     for plan in plans:
         piece = plan.piece
-        proj_piece = proj_real[:, piece.local_start : piece.local_start + piece.num_frames * piece.tokens]
-        proj_piece = proj_piece.unflatten(1, (piece.num_frames, piece.tokens))
         if piece.first_frame > covered:
-            columns.append(proj_real.new_zeros((batch, piece.first_frame - covered), dtype=dtype))
+            columns.append(proj.new_zeros((batch, piece.first_frame - covered), dtype=dtype))
         # the piece's mean over its tokens, weighted by its share of the frame's N tokens
-        loss = _piece_loss(proj_piece, target_source, plan, options, backend)
+        loss = _piece_loss(proj_views, target_source, plan, options, backend)
         columns.append(loss.to(dtype) * (piece.tokens / layout.tokens_per_frame))
         covered = piece.end_frame
     if covered < layout.num_frames:
-        columns.append(proj_real.new_zeros((batch, layout.num_frames - covered), dtype=dtype))
+        columns.append(proj.new_zeros((batch, layout.num_frames - covered), dtype=dtype))
     return torch.cat(columns, dim=1)
