@@ -371,6 +371,9 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
     if config.sequence_parallel and (world == 1 or config.diagnostics_every):
         raise ValueError("--sequence-parallel runs under torchrun (2 or more processes), without --diagnostics-every "
                          "(which needs whole projected states)")
+    if config.fsdp != "off" and config.diagnostics_every:
+        # the diagnostics run the model on rank 0 alone; under FSDP2 that forward all-gathers on one rank and hangs
+        raise ValueError("--diagnostics-every is not supported with --fsdp (it runs the sharded model on rank 0 only)")
     if crepa_state and config.fsdp != "off":
         raise ValueError("--save-crepa-state is not supported with --fsdp (the projectors are sharded DTensors)")
     if not config.sequence_parallel and config.global_batch % world != 0:  # else every rank sees every sample

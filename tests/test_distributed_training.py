@@ -67,6 +67,12 @@ def test_fsdp2_and_sequence_parallel_steps_match_one_process(tmp_path):
         _assert_within_tolerance(report)
 
 
+def test_fsdp_refuses_diagnostics_before_training():
+    # the diagnostics forward runs on rank 0 alone; a sharded model there would all-gather on one rank and hang
+    with pytest.raises(ValueError, match="--diagnostics-every is not supported with --fsdp"):
+        trainer.train(dataclasses.replace(CONFIG, fsdp="joint", diagnostics_every=1, diagnostics_json="d.jsonl"), "auto")
+
+
 def test_context_parallel_shard_sizes_follow_tensor_split():
     for length, world in [(75, 2), (75, 3), (76, 4), (5, 4), (3, 4)]:
         sizes = context_parallel_shard_sizes(length, world)
