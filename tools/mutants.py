@@ -34,6 +34,9 @@ COVERING_TESTS = {
     "crepa_kernels/distributed/layout.py": ["tests/test_distributed_plan.py"],
     "crepa_kernels/distributed/collectives.py": ["tests/test_distributed_plan.py", "tests/test_distributed.py"],
     "crepa_kernels/backends.py": ["tests/test_api.py", "tests/test_backend_selection.py"],
+    "crepa_kernels/distributed/training.py": ["tests/test_distributed_training.py", "-k", "shard_sizes"],
+    "crepa_kernels/gpu_limits.py": ["tests/test_cuda_limits.py", "tests/test_gpu_limits.py"],
+    "csrc/crepa_cuda_plan.h": ["tests/test_cuda_limits.py"],
     "crepa_kernels/training/capture.py": ["tests/test_training.py", "-k", "capture or checkpoint or hook"],
     "crepa_kernels/training/projector.py": ["tests/test_training.py", "-k", "projector"],
 }
@@ -53,6 +56,9 @@ ENCODERS = "crepa_kernels/training/encoders.py"
 LAYOUT = "crepa_kernels/distributed/layout.py"
 COLLECTIVES = "crepa_kernels/distributed/collectives.py"
 BACKENDS = "crepa_kernels/backends.py"
+DIST_TRAINING = "crepa_kernels/distributed/training.py"
+GPU_LIMITS = "crepa_kernels/gpu_limits.py"
+CUDA_PLAN = "csrc/crepa_cuda_plan.h"
 
 MUTANTS = [
     # --- spec.py: options, neighbour structure, layouts -------------------------------------------------------
@@ -197,4 +203,14 @@ MUTANTS = [
     Mutant("collectives-replicated-grad-local", COLLECTIVES,
            'return funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", ctx.group_name)), None',
            'return grad, None', "a replicated target keeps only this rank's gradient"),
+    Mutant("dist-training-shard-sizes", DIST_TRAINING, 'return [base + (rank < extra) for rank in range(world_size)]',
+           'return [base + (rank <= extra) for rank in range(world_size)]', "one rank too many gets an extra token"),
+    # --- GPU launch planning, checked without a GPU -------------------------------------------------------------
+    Mutant("triton-work-item-order", TRITON, 'return rest // num_tiles, token_block, rest % num_tiles',
+           'return rest % num_tiles, token_block, rest // num_tiles', "flat work item decoded with batch and tile swapped"),
+    Mutant("cuda-plan-backward-smem", CUDA_PLAN,
+           'saturating_sum(table, saturating_product(2, saturating_sum(F, W)))',
+           'saturating_sum(table, saturating_product(2, F))', "backward shared memory misses the band slots"),
+    Mutant("gpu-limits-sm86-smem", GPU_LIMITS, '"sm_86": 99 * KB,', '"sm_86": 163 * KB,',
+           "RTX 3090 / A6000 credited with A100 shared memory"),
 ]

@@ -220,6 +220,8 @@ def main() -> int:
             result = run_mutant(mutant, scratch, pristine, args.timeout)
             results.append(result)
             print(f"{result.status:8} {result.seconds:5.0f} s  {mutant.name:32} {result.killer}", flush=True)
+            if args.json:  # after every mutant, so an interrupted run keeps what it found
+                args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
     finally:
         if args.keep_scratch:
             print(f"kept {scratch}")
@@ -237,8 +239,6 @@ def main() -> int:
         command += f", merged with the earlier results of {args.previous.name}"
     table = markdown(results, command, wall)
     print(table)
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
     if args.doc:
         write_doc(args.doc, table)
     return 0 if all(r.status == "killed" for r in results) else 1
