@@ -523,3 +523,22 @@ def test_trainer_command_line_saves_a_loadable_state(tmp_path):
     assert model.regularizer.schedule.steps_done == 3 and not model.regularizer.active
     model.remove_hooks()
 
+
+
+@pytest.mark.parametrize("options", [dict(neighbors=1, tau=0.7), dict(neighbors=2, neighbor_mode="cumulative",
+                                                                      normalize_weights=True)], ids=str)
+def test_masked_neighbor_similarity_is_over_the_included_frames(options):
+    """The neighbour figure under a frame mask: the w-weighted mean of cos(p_f, y_k) over the pairs of included
+    frames f and their neighbours k (issue 16: a figure that counted masked frames survived a mutation run)."""
+    torch.manual_seed(4)
+    regularizer = CrepaRegularizer(H, 7, projector_width=12, backend="reference", **options).double()
+    (hidden,), (target,) = _inputs()
+    mask, _ = _mask_and_weights()
+    out = regularizer(hidden, target, frame_mask=mask)
+    proj = regularizer.projector(hidden).unflatten(1, (F, N))
+    cos = torch.nn.functional.cosine_similarity(proj[:, :, None], target[:, None], dim=-1).mean(-1)  # [B, f, k]
+    spec = regularizer.options
+    pairs = [(f, f + o, spec.weight(o)) for f in range(F) for o in spec.offsets(F) if 0 <= f + o < F]
+    total = sum(w * cos[b, f, k] for b in range(B) for f, k, w in pairs if mask[b, f])
+    weight = sum(w for b in range(B) for f, k, w in pairs if mask[b, f])
+    torch.testing.assert_close(out.neighbor_similarity, (total / weight).detach(), rtol=1e-12, atol=1e-14)

@@ -162,7 +162,7 @@ def markdown(results: list[Result], command: str, wall: float) -> str:
     valid = sum(r.status != "invalid" for r in results)
     lines = [
         f"`{command}`: **{killed} of {valid} mutants killed ({100 * killed / max(valid, 1):.0f}%)**, "
-        f"{wall / 60:.0f} min wall time.",
+        f"{wall / 60:.0f} min of mutant runs in all.",
         "",
         "| mutant | file | result | first failing test | s |",
         "|---|---|---|---|---|",
@@ -178,6 +178,23 @@ def write_doc(path: Path, table: str) -> None:
     path.write_text(text[:begin] + "\n" + table + text[end:])
 
 
+def report_from(files: list[Path], doc: Path | None) -> int:
+    """The table of earlier runs' results, in the order of MUTANTS; mutants no run covered are listed as missing."""
+    found = {}
+    for path in files:
+        found.update({r["name"]: Result(**r) for r in json.loads(path.read_text())})
+    results = [found[m.name] for m in MUTANTS if m.name in found]
+    missing = [m.name for m in MUTANTS if m.name not in found]
+    command = "make mutate" + (f" (merged from {len(files)} runs)" if len(files) > 1 else "")
+    table = markdown(results, command, sum(r.seconds for r in results))
+    if missing:
+        table += f"\nNot run: {', '.join(missing)}\n"
+    print(table)
+    if doc:
+        write_doc(doc, table)
+    return 0 if all(r.status == "killed" for r in results) and not missing else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=["*"], help="fnmatch patterns of mutant names")
@@ -186,10 +203,12 @@ def main() -> int:
                         help="do not first check that the unmutated tree passes each test selection")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--doc", type=Path, help=f"write the table between {DOC_BEGIN} and {DOC_END} of this file")
-    parser.add_argument("--previous", type=Path,
-                        help="a --json file of an earlier run: its results stand for the mutants not run now")
     parser.add_argument("--keep-scratch", action="store_true")
+    parser.add_argument("--table-from", nargs="+", type=Path, metavar="JSON",
+                        help="run nothing: the table of these --json results (a later file wins for a mutant)")
     args = parser.parse_args()
+    if args.table_from:
+        return report_from(args.table_from, args.doc)
 
     selected = [m for m in MUTANTS if any(fnmatch.fnmatch(m.name, pattern) for pattern in args.only)]
     for mutant in MUTANTS:
@@ -230,13 +249,6 @@ def main() -> int:
 
     command = "make mutate" + (f" ARGS=\"--only {' '.join(args.only)}\"" if args.only != ["*"] else "")
     wall = time.monotonic() - started
-    if args.previous:
-        earlier = {r["name"]: Result(**r) for r in json.loads(args.previous.read_text())}
-        ran = {r.name for r in results}
-        results = [next(r for r in results if r.name == m.name) if m.name in ran else earlier[m.name]
-                   for m in MUTANTS if m.name in ran or m.name in earlier]
-        wall += sum(r.seconds for r in results if r.name not in ran)
-        command += f", merged with the earlier results of {args.previous.name}"
     table = markdown(results, command, wall)
     print(table)
     if args.doc:
