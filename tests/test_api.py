@@ -147,3 +147,15 @@ def test_auto_order_on_cuda_prefers_triton_then_the_cuda_kernel():
     from crepa_kernels.backends import AUTO_ORDER
 
     assert AUTO_ORDER["cuda"] == ("triton", "cuda", "reference")
+
+
+def test_environment_variable_leaves_a_named_backend_alone(monkeypatch):
+    """CREPA_KERNELS_BACKEND overrides "auto" only: an explicitly named backend runs even when it names another
+    (or a nonsense) backend."""
+    from crepa_kernels.backends import resolve_backend_name
+
+    proj, target = random_pair((1, 3, 2, 4), torch.float64)
+    for override in ("cpu", "nonsense"):
+        monkeypatch.setenv("CREPA_KERNELS_BACKEND", override)
+        assert resolve_backend_name("reference", "cpu", None) == "reference"
+        torch.testing.assert_close(cross_frame_align_loss(proj, target, backend="reference"), naive_loss(proj, target))

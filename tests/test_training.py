@@ -545,3 +545,23 @@ def test_diagnostics_batch_is_fixed_and_never_a_training_batch():
     for step in range(3):
         training = trainer.synthetic_batch(config, step, videos=first["video"].shape[0])
         assert not torch.allclose(training["video"], first["video"])
+
+
+def test_capture_keeps_the_first_call_of_a_block_called_twice_in_one_forward():
+    """A block run twice in one forward (weight sharing): the capture is its first output, as documented; later
+    calls in the same forward are ignored like the recomputations in backward."""
+
+    class SharedBlockModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+
+        def forward(self, x):
+            return self.blocks[0](self.blocks[0](x))
+
+    torch.manual_seed(0)
+    model = SharedBlockModel()
+    x = torch.randn(2, 3, 4)
+    with HiddenStateCapture(model, index=0) as capture:
+        model(x)
+        torch.testing.assert_close(capture.pop(), model.blocks[0](x), rtol=0, atol=0)
