@@ -190,3 +190,12 @@ def test_threshold_cutoff_agreed_by_two_gloo_processes(tmp_path):
         for similarity, count in RANK_SIMILARITIES[rank]:
             alone.step(similarity, count)
         assert alone.threshold_step == expected
+
+
+def test_similarity_ema_keeps_decay_of_the_history():
+    """An asymmetric decay: the EMA keeps 0.9 of its history and takes 0.1 of each new similarity (with decay 0.5,
+    as above, swapping the two weights would go unnoticed; issue 16's mutation run)."""
+    schedule = LambdaSchedule(0.5, similarity_threshold=10.0, similarity_ema_decay=0.9)
+    for similarity in (0.2, 0.8, 0.5):
+        schedule.step(similarity)
+    assert schedule.similarity_ema == pytest.approx(0.9 * (0.9 * 0.2 + 0.1 * 0.8) + 0.1 * 0.5, rel=1e-14)
