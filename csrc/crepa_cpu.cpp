@@ -11,7 +11,7 @@
 // (SSE2 on x86-64, so a built wheel runs anywhere) and for AVX2 + FMA, chosen at run time from the CPU's features.
 //
 // Determinism: the loss is summed per fixed block of kTokensPerBlock tokens into a [B, blocks, F] buffer, then
-// over blocks in order; gradients are per column. Nothing depends on how at::parallel_for splits the work.
+// over blocks in order; gradients are per column. Nothing depends on which thread computes which chunk.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -41,7 +41,8 @@ namespace {
 constexpr int64_t kLanes = 8;
 constexpr int kMaxRows = 4;  // rows per fused pass: their accumulators and coefficients stay in registers
 constexpr int64_t kTokensPerBlock = 16;
-constexpr int64_t kBackwardGrain = 8;  // columns per task; a column is 2 F D elements of work
+constexpr int64_t kForwardChunk = 1;   // token blocks per chunk of work handed out
+constexpr int64_t kBackwardChunk = 8;  // token columns per chunk; a column is 2 F D elements of work
 constexpr int64_t kCacheLine = 64;
 
 // ---------------------------------------------------------------------------------------------------- elements
@@ -76,13 +77,16 @@ struct LaneVector {
 };
 
 // out[m] = a . rows[m] for M rows in one pass over a: kLanes independent accumulators per product (whole vectors,
-// then a tail of fewer than kLanes elements), summed in a fixed tree at the end.
-template <int M, typename T>
-CREPA_ALWAYS_INLINE void dots_with(const T* __restrict a, const T* const* rows, T* out, int64_t n) {
+// then a tail of fewer than kLanes elements), summed in a fixed tree at the end. With kSquare, also
+// *square = rows[1] . rows[1] from the same loads, in the same lane order as a pass of its own would use.
+template <int M, bool kSquare, typename T>
+CREPA_ALWAYS_INLINE void dots_with(const T* __restrict a, const T* const* rows, T* out, T* square, int64_t n) {
+  static_assert(!kSquare || M >= 2, "the square is of rows[1]");
+  constexpr int kSums = M + (kSquare ? 1 : 0);  // the square's accumulator is the last
   using Vector = typename LaneVector<T>::type;
   const T* __restrict r[M];
   for (int m = 0; m < M; ++m) r[m] = rows[m];
-  Vector sums[M] = {};
+  Vector sums[kSums] = {};
   const int64_t body = n - n % kLanes;
   for (int64_t i = 0; i < body; i += kLanes) {
     Vector x, y;
@@ -90,19 +94,22 @@ CREPA_ALWAYS_INLINE void dots_with(const T* __restrict a, const T* const* rows, 
     for (int m = 0; m < M; ++m) {
       std::memcpy(&y, r[m] + i, sizeof(y));
       sums[m] += x * y;
+      if (kSquare && m == 1) sums[M] += y * y;
     }
   }
-  T lanes[M][kLanes];
+  T lanes[kSums][kLanes];
   std::memcpy(lanes, sums, sizeof(lanes));
   for (int64_t l = 0; l < n - body; ++l) {
     for (int m = 0; m < M; ++m) lanes[m][l] += a[body + l] * r[m][body + l];
+    if (kSquare) lanes[M][l] += r[1][body + l] * r[1][body + l];
   }
-  for (int m = 0; m < M; ++m) {
+  for (int m = 0; m < kSums; ++m) {
     for (int64_t width = kLanes / 2; width > 0; width /= 2) {
       for (int64_t l = 0; l < width; ++l) lanes[m][l] += lanes[m][l + width];
     }
-    out[m] = lanes[m][0];
+    if (m < M) out[m] = lanes[m][0];
   }
+  if (kSquare) *square = lanes[M][0];
 }
 
 // Any number of rows, kMaxRows at a time (the grouping, and so every sum, is fixed by `count`).
@@ -110,12 +117,25 @@ template <typename T>
 CREPA_ALWAYS_INLINE void dots(const T* a, const T* const* rows, int64_t count, T* out, int64_t n) {
   for (int64_t first = 0; first < count; first += kMaxRows) {
     switch (std::min<int64_t>(count - first, kMaxRows)) {
-      case 1: dots_with<1>(a, rows + first, out + first, n); break;
-      case 2: dots_with<2>(a, rows + first, out + first, n); break;
-      case 3: dots_with<3>(a, rows + first, out + first, n); break;
-      default: dots_with<4>(a, rows + first, out + first, n); break;
+      case 1: dots_with<1, false>(a, rows + first, out + first, static_cast<T*>(nullptr), n); break;
+      case 2: dots_with<2, false>(a, rows + first, out + first, static_cast<T*>(nullptr), n); break;
+      case 3: dots_with<3, false>(a, rows + first, out + first, static_cast<T*>(nullptr), n); break;
+      default: dots_with<4, false>(a, rows + first, out + first, static_cast<T*>(nullptr), n); break;
     }
   }
+}
+
+// dots(), plus *square = rows[1] . rows[1] computed in the first group's pass (count >= 2): the forward's |y_f|^2
+// without a pass of its own over y_f. Same groups and sums as dots() followed by dots(rows[1], &rows[1], 1).
+template <typename T>
+CREPA_ALWAYS_INLINE void dots_and_square(const T* a, const T* const* rows, int64_t count, T* out, T* square,
+                                         int64_t n) {
+  switch (std::min<int64_t>(count, kMaxRows)) {
+    case 2: dots_with<2, true>(a, rows, out, square, n); break;
+    case 3: dots_with<3, true>(a, rows, out, square, n); break;
+    default: dots_with<4, true>(a, rows, out, square, n); break;
+  }
+  if (count > kMaxRows) dots(a, rows + kMaxRows, count - kMaxRows, out + kMaxRows, n);
 }
 
 // out = [partial +] sum_m coefficients[m] rows[m], narrowed to out_t on the way out.
@@ -235,6 +255,34 @@ int64_t scratch_pitch(int64_t d) {
   return (d + per_line - 1) / per_line * per_line;
 }
 
+// ---------------------------------------------------------------------------------------------------- work
+
+// Hands out [begin, end) chunks of [0, total) to whichever thread asks next. Splitting the range evenly up front
+// (at::parallel_for) made a call as slow as its slowest thread: on a shared machine, one thread descheduled for a
+// time slice held up half the work while the other thread waited. Each chunk writes only its own outputs, so the
+// results do not depend on which thread takes which chunk.
+class WorkQueue {
+ public:
+  WorkQueue(int64_t total, int64_t chunk) : total_(total), chunk_(chunk) {}
+
+  bool take(int64_t& begin, int64_t& end) {
+    begin = next_.fetch_add(chunk_, std::memory_order_relaxed);
+    if (begin >= total_) return false;
+    end = std::min(total_, begin + chunk_);
+    return true;
+  }
+
+ private:
+  std::atomic<int64_t> next_{0};
+  const int64_t total_, chunk_;
+};
+
+// Runs `work` once on each of at::parallel_for's threads (once, inline, when called from inside a parallel region).
+template <typename Work>
+void run_on_every_thread(const Work& work) {
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { work(); });
+}
+
 // ---------------------------------------------------------------------------------------------------- forward
 
 template <typename acc_t>
@@ -248,10 +296,10 @@ struct ForwardArgs {
   acc_t* partials;  // [B, blocks, F]
 };
 
-// Token blocks [begin, end) of the flattened (b, block) range: stats of each token, and each block's sum of the
-// tokens' frame similarities.
+// Token blocks of the flattened (b, block) range, a chunk at a time from the queue: stats of each token, and each
+// block's sum of the tokens' frame similarities.
 template <typename acc_t>
-CREPA_ALWAYS_INLINE void forward_blocks(const ForwardArgs<acc_t>& a, int64_t begin, int64_t end) {
+CREPA_ALWAYS_INLINE void forward_blocks(const ForwardArgs<acc_t>& a, WorkQueue& queue) {
   const Band& band = a.band;
   const int64_t F = band.frames, D = a.dim, W = band.width(), S = band.stats_per_frame();
   const int64_t pitch = scratch_pitch<acc_t>(D);
@@ -259,56 +307,57 @@ CREPA_ALWAYS_INLINE void forward_blocks(const ForwardArgs<acc_t>& a, int64_t beg
   std::vector<const acc_t*> p_rows(F), y_rows(F), partners(W + 1);  // partners: p_f, then the landing y rows
   std::vector<int64_t> landing(W);
   std::vector<acc_t> results(W + 1);
-  for (int64_t block = begin; block < end; ++block) {
-    const int64_t b = block / a.blocks;
-    const int64_t first = (block % a.blocks) * kTokensPerBlock;
-    const int64_t last = std::min(a.tokens, first + kTokensPerBlock);
-    acc_t* block_sum = a.partials + block * F;
-    for (int64_t f = 0; f < F; ++f) block_sum[f] = acc_t(0);
-    for (int64_t n = first; n < last; ++n) {
-      column_rows(a.proj, b, n, F, D, scratch.data(), pitch, p_rows.data());
-      column_rows(a.target, b, n, F, D, scratch.data() + F * pitch, pitch, y_rows.data());
-      // the next token of this range (the next block's first one at the end of a block)
-      const int64_t next_b = n + 1 < a.tokens ? b : b + 1, next_n = n + 1 < a.tokens ? n + 1 : 0;
-      const bool prefetch = next_b * a.blocks + (next_n / kTokensPerBlock) < end;
-      acc_t* token = a.stats + (b * a.tokens + n) * F * S;
-      for (int64_t f = 0; f < F; ++f) {
-        if (prefetch) {
-          prefetch_row(a.proj, next_b, f, next_n, D);
-          prefetch_row(a.target, next_b, f, next_n, D);
-        }
-        // one pass for |p_f|^2 and every dot of p_f; then |y_f|^2 (y_f is in L1 by now)
-        acc_t* row = token + f * S;
-        int64_t count = 0;
-        partners[count++] = p_rows[f];
-        for (int64_t slot = 0; slot < W; ++slot) {
-          row[kFirstDot + slot] = acc_t(0);
-          if (band.lands(f, slot)) {
-            landing[count - 1] = slot;
-            partners[count++] = y_rows[f + band.offset(slot)];
+  for (int64_t begin, end; queue.take(begin, end);) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t b = block / a.blocks;
+      const int64_t first = (block % a.blocks) * kTokensPerBlock;
+      const int64_t last = std::min(a.tokens, first + kTokensPerBlock);
+      acc_t* block_sum = a.partials + block * F;
+      for (int64_t f = 0; f < F; ++f) block_sum[f] = acc_t(0);
+      for (int64_t n = first; n < last; ++n) {
+        column_rows(a.proj, b, n, F, D, scratch.data(), pitch, p_rows.data());
+        column_rows(a.target, b, n, F, D, scratch.data() + F * pitch, pitch, y_rows.data());
+        // the next token of this range (the next block's first one at the end of a block)
+        const int64_t next_b = n + 1 < a.tokens ? b : b + 1, next_n = n + 1 < a.tokens ? n + 1 : 0;
+        const bool prefetch = next_b * a.blocks + (next_n / kTokensPerBlock) < end;
+        acc_t* token = a.stats + (b * a.tokens + n) * F * S;
+        for (int64_t f = 0; f < F; ++f) {
+          if (prefetch) {
+            prefetch_row(a.proj, next_b, f, next_n, D);
+            prefetch_row(a.target, next_b, f, next_n, D);
           }
+          // one pass for |p_f|^2, every dot of p_f and |y_f|^2: slot 0 (offset 0) always lands, so partner 1 is y_f
+          acc_t* row = token + f * S;
+          int64_t count = 0;
+          partners[count++] = p_rows[f];
+          for (int64_t slot = 0; slot < W; ++slot) {
+            row[kFirstDot + slot] = acc_t(0);
+            if (band.lands(f, slot)) {
+              landing[count - 1] = slot;
+              partners[count++] = y_rows[f + band.offset(slot)];
+            }
+          }
+          acc_t y_squared;
+          dots_and_square(p_rows[f], partners.data(), count, results.data(), &y_squared, D);
+          row[kProjNorm] = sqrt_of(results[0]);
+          for (int64_t c = 1; c < count; ++c) row[kFirstDot + landing[c - 1]] = results[c];
+          row[kTargetNorm] = sqrt_of(y_squared);
         }
-        dots(p_rows[f], partners.data(), count, results.data(), D);
-        row[kProjNorm] = sqrt_of(results[0]);
-        for (int64_t c = 1; c < count; ++c) row[kFirstDot + landing[c - 1]] = results[c];
-        acc_t y_squared;
-        dots(y_rows[f], &y_rows[f], 1, &y_squared, D);
-        row[kTargetNorm] = sqrt_of(y_squared);
+        for (int64_t f = 0; f < F; ++f) block_sum[f] += frame_similarity(token, a.coefficients, band, f, a.eps);
       }
-      for (int64_t f = 0; f < F; ++f) block_sum[f] += frame_similarity(token, a.coefficients, band, f, a.eps);
     }
   }
 }
 
 template <typename acc_t>
-void forward_blocks_baseline(const ForwardArgs<acc_t>& a, int64_t begin, int64_t end) {
-  forward_blocks(a, begin, end);
+void forward_blocks_baseline(const ForwardArgs<acc_t>& a, WorkQueue& queue) {
+  forward_blocks(a, queue);
 }
 
 #if CREPA_AVX2_PATH
 template <typename acc_t>
-CREPA_TARGET_AVX2 void forward_blocks_avx2(const ForwardArgs<acc_t>& a, int64_t begin, int64_t end) {
-  forward_blocks(a, begin, end);
+CREPA_TARGET_AVX2 void forward_blocks_avx2(const ForwardArgs<acc_t>& a, WorkQueue& queue) {
+  forward_blocks(a, queue);
 }
 #endif
 
@@ -341,9 +390,10 @@ CREPA_ALWAYS_INLINE void write_gradient_row(const Strided& grad, int64_t b, int6
   }
 }
 
-// Token columns [begin, end) of the flattened (b, n) range: their rows of grad_proj and grad_target.
+// Token columns of the flattened (b, n) range, a chunk at a time from the queue: their rows of grad_proj and
+// grad_target.
 template <typename acc_t>
-CREPA_ALWAYS_INLINE void backward_columns(const BackwardArgs<acc_t>& a, int64_t begin, int64_t end) {
+CREPA_ALWAYS_INLINE void backward_columns(const BackwardArgs<acc_t>& a, WorkQueue& queue) {
   const Band& band = a.band;
   const int64_t F = band.frames, D = a.dim, W = band.width(), S = band.stats_per_frame(), N = a.tokens;
   const int64_t pitch = scratch_pitch<acc_t>(D);
@@ -351,57 +401,59 @@ CREPA_ALWAYS_INLINE void backward_columns(const BackwardArgs<acc_t>& a, int64_t 
   acc_t* const partials[2] = {scratch.data() + 2 * F * pitch, scratch.data() + (2 * F + 1) * pitch};
   std::vector<const acc_t*> p_rows(F), y_rows(F), rows(W + 1);  // rows: the row itself, then its landing partners
   std::vector<acc_t> weights(W + 1);
-  for (int64_t column = begin; column < end; ++column) {
-    const int64_t b = column / N, n = column % N;
-    column_rows(a.proj, b, n, F, D, scratch.data(), pitch, p_rows.data());
-    column_rows(a.target, b, n, F, D, scratch.data() + F * pitch, pitch, y_rows.data());
-    const bool prefetch = column + 1 < end;
-    const int64_t next_b = (column + 1) / N, next_n = (column + 1) % N;
-    const acc_t* token = a.stats + column * F * S;
-    const acc_t* grad_row = a.grad_loss + b * F;
-    for (int64_t f = 0; f < F; ++f) {
-      if (prefetch) {
-        prefetch_row(a.proj, next_b, f, next_n, D);
-        prefetch_row(a.target, next_b, f, next_n, D);
-      }
-      if (a.needs_proj_grad) {
-        // grad p_f = -self p_f + sum_slot direct y_{f+o}
-        int64_t count = 0;
-        rows[count] = p_rows[f];
-        weights[count++] = -proj_self_coefficient(token, a.coefficients, grad_row, band, f, a.scale, a.eps);
-        for (int64_t slot = 0; slot < W; ++slot) {
-          if (!band.lands(f, slot)) continue;
-          rows[count] = y_rows[f + band.offset(slot)];
-          weights[count++] = proj_direct_coefficient(token, a.coefficients, grad_row, band, f, slot, a.scale, a.eps);
+  for (int64_t begin, end; queue.take(begin, end);) {
+    for (int64_t column = begin; column < end; ++column) {
+      const int64_t b = column / N, n = column % N;
+      column_rows(a.proj, b, n, F, D, scratch.data(), pitch, p_rows.data());
+      column_rows(a.target, b, n, F, D, scratch.data() + F * pitch, pitch, y_rows.data());
+      const bool prefetch = column + 1 < end;
+      const int64_t next_b = (column + 1) / N, next_n = (column + 1) % N;
+      const acc_t* token = a.stats + column * F * S;
+      const acc_t* grad_row = a.grad_loss + b * F;
+      for (int64_t f = 0; f < F; ++f) {
+        if (prefetch) {
+          prefetch_row(a.proj, next_b, f, next_n, D);
+          prefetch_row(a.target, next_b, f, next_n, D);
         }
-        write_gradient_row(a.grad_proj, b, f, n, D, rows.data(), weights.data(), count, partials);
-      }
-      if (a.needs_target_grad) {
-        // grad y_f = -self y_f + sum_slot direct p_{f-o}
-        int64_t count = 0;
-        rows[count] = y_rows[f];
-        weights[count++] = -target_self_coefficient(token, a.coefficients, grad_row, band, f, a.scale, a.eps);
-        for (int64_t slot = 0; slot < W; ++slot) {
-          if (!target_slot_lands(band, f, slot)) continue;
-          rows[count] = p_rows[f - band.offset(slot)];
-          weights[count++] =
-              target_direct_coefficient(token, a.coefficients, grad_row, band, f, slot, a.scale, a.eps);
+        if (a.needs_proj_grad) {
+          // grad p_f = -self p_f + sum_slot direct y_{f+o}
+          int64_t count = 0;
+          rows[count] = p_rows[f];
+          weights[count++] = -proj_self_coefficient(token, a.coefficients, grad_row, band, f, a.scale, a.eps);
+          for (int64_t slot = 0; slot < W; ++slot) {
+            if (!band.lands(f, slot)) continue;
+            rows[count] = y_rows[f + band.offset(slot)];
+            weights[count++] = proj_direct_coefficient(token, a.coefficients, grad_row, band, f, slot, a.scale, a.eps);
+          }
+          write_gradient_row(a.grad_proj, b, f, n, D, rows.data(), weights.data(), count, partials);
         }
-        write_gradient_row(a.grad_target, b, f, n, D, rows.data(), weights.data(), count, partials);
+        if (a.needs_target_grad) {
+          // grad y_f = -self y_f + sum_slot direct p_{f-o}
+          int64_t count = 0;
+          rows[count] = y_rows[f];
+          weights[count++] = -target_self_coefficient(token, a.coefficients, grad_row, band, f, a.scale, a.eps);
+          for (int64_t slot = 0; slot < W; ++slot) {
+            if (!target_slot_lands(band, f, slot)) continue;
+            rows[count] = p_rows[f - band.offset(slot)];
+            weights[count++] =
+                target_direct_coefficient(token, a.coefficients, grad_row, band, f, slot, a.scale, a.eps);
+          }
+          write_gradient_row(a.grad_target, b, f, n, D, rows.data(), weights.data(), count, partials);
+        }
       }
     }
   }
 }
 
 template <typename acc_t>
-void backward_columns_baseline(const BackwardArgs<acc_t>& a, int64_t begin, int64_t end) {
-  backward_columns(a, begin, end);
+void backward_columns_baseline(const BackwardArgs<acc_t>& a, WorkQueue& queue) {
+  backward_columns(a, queue);
 }
 
 #if CREPA_AVX2_PATH
 template <typename acc_t>
-CREPA_TARGET_AVX2 void backward_columns_avx2(const BackwardArgs<acc_t>& a, int64_t begin, int64_t end) {
-  backward_columns(a, begin, end);
+CREPA_TARGET_AVX2 void backward_columns_avx2(const BackwardArgs<acc_t>& a, WorkQueue& queue) {
+  backward_columns(a, queue);
 }
 #endif
 
@@ -432,7 +484,8 @@ void forward_kernel(const at::Tensor& proj, const at::Tensor& target, const Band
 #if CREPA_AVX2_PATH
   if (use_avx2()) blocks_of = &forward_blocks_avx2<acc_t>;
 #endif
-  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) { blocks_of(args, begin, end); });
+  WorkQueue queue(B * blocks, kForwardChunk);
+  run_on_every_thread([&] { blocks_of(args, queue); });
 
   // Second stage, in a fixed order and in double (N / kTokensPerBlock terms): L[b, f] = -(1/N) sum over blocks.
   const acc_t* partials = args.partials;
@@ -462,7 +515,8 @@ void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& proj, const 
 #if CREPA_AVX2_PATH
   if (use_avx2()) columns_of = &backward_columns_avx2<acc_t>;
 #endif
-  at::parallel_for(0, B * N, kBackwardGrain, [&](int64_t begin, int64_t end) { columns_of(args, begin, end); });
+  WorkQueue queue(B * N, kBackwardChunk);
+  run_on_every_thread([&] { columns_of(args, queue); });
 }
 
 }  // namespace
