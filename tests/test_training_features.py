@@ -542,3 +542,13 @@ def test_masked_neighbor_similarity_is_over_the_included_frames(options):
     total = sum(w * cos[b, f, k] for b in range(B) for f, k, w in pairs if mask[b, f])
     weight = sum(w for b in range(B) for f, k, w in pairs if mask[b, f])
     torch.testing.assert_close(out.neighbor_similarity, (total / weight).detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_frame_sum_with_a_fully_masked_video():
+    """"frame_sum" divides by the videos that have an included frame: a fully masked video adds nothing to the
+    numerator and must not add to the denominator either (issue 16's mutation run)."""
+    per_frame = torch.randn(3, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    mask = torch.tensor([[True, False, True, False], [False] * 4, [True] * 4])
+    weights = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
+    expected = (per_frame * mask * weights[:, None]).sum() / 2
+    torch.testing.assert_close(reduce_weighted(per_frame, "frame_sum", weights, mask), expected, rtol=1e-15, atol=0)
