@@ -1,10 +1,9 @@
-"""The public entry point."""
+"""The functional form of the loss; its autograd is CrossFrameAlignFunction's."""
 from __future__ import annotations
 
 import torch
 
-from .backends import check_backend_name, select_backend
-from .spec import LossOptions, as_frames, reduce_frames
+from .function import CrossFrameAlignFunction
 
 
 def cross_frame_align_loss(
@@ -19,6 +18,7 @@ def cross_frame_align_loss(
     num_frames: int | None = None,
     eps: float = 1e-12,
     backend: str = "auto",
+    clamp_neighbors: bool = False,
 ) -> torch.Tensor:
     """CREPA cross-frame representation alignment loss (arXiv 2506.09229).
 
@@ -37,20 +37,14 @@ def cross_frame_align_loss(
             overrides "auto". "auto" takes the first backend that can run this call (device, shape, dtypes,
             options), warning once about any it passes over; a named backend that cannot run it raises with the
             reason. ``crepa_kernels.explain_backend`` tells which one a call would use, and why.
+        clamp_neighbors: use d = min(neighbors, F - 1) on each call, as SimpleTuner and takenoko do, so that with
+            d >= F the frames at distance F - 1 are still aligned (by default they are dropped).
 
     Returns:
         The loss, fp32 (fp64 when an input is fp64): a scalar, or [B, F] for reduction="none".
     """
-    options = LossOptions(
-        tau=tau,
-        neighbors=neighbors,
-        neighbor_mode=neighbor_mode,
-        normalize_weights=normalize_weights,
-        reduction=reduction,
-        eps=eps,
+    loss, *_statistics = CrossFrameAlignFunction.apply(
+        proj, target, tau, neighbors, neighbor_mode, normalize_weights, reduction, num_frames, eps, backend,
+        clamp_neighbors,
     )
-    check_backend_name(backend)
-    proj_frames, target_frames = as_frames(proj, target, num_frames)
-    implementation = select_backend(backend, proj_frames.device, proj_frames, target_frames, options)
-    per_frame = implementation.per_frame_loss(proj_frames, target_frames, options)
-    return reduce_frames(per_frame, options.reduction)
+    return loss

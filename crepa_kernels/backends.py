@@ -1,9 +1,13 @@
 """Backend registry and selection: which backend runs a call, and why.
 
-A backend is a module with
+A backend is a module with these functions (no autograd inside: the one autograd wiring is
+crepa_kernels.function.CrossFrameAlignFunction):
     unavailable_reason(device: torch.device) -> str | None      # None when it can run on that device at all
     call_unsupported_reason(proj, target, options) -> str | None  # None when it can run this call
-    per_frame_loss(proj, target, options) -> Tensor [B, F]      # autograd-aware, inputs as spec.as_frames gives them
+    forward(proj, target, options) -> (L [B, F], *saved)        # saved: per-token statistics its backward reads
+    backward(grad_L, proj, target, saved, options, needs_proj_grad, needs_target_grad) -> (grad_proj | None,
+                                                                                           grad_target | None)
+with proj and target as spec.as_frames gives them.
 
 ``call_unsupported_reason`` sees the call through :class:`InputSpec` (shape, dtype, device, requires_grad; a
 tensor has the same attributes) and a :class:`~crepa_kernels.spec.LossOptions`. ``shape`` is None while

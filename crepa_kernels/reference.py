@@ -20,6 +20,22 @@ def _mean_token_cosine(p_hat: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor
     return (p_hat * y_hat).sum(dim=-1).mean(dim=-1)
 
 
+def frame_overlap(offset: int, num_frames: int) -> tuple[int, int]:
+    """The frames f whose neighbour f + offset exists: f in [first, last)."""
+    return max(0, -offset), min(num_frames, num_frames - offset)
+
+
+def frame_weight_sums(options: LossOptions, num_frames: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Z_f = 1 + sum of w(|k - f|) over k in K(f), shape [F]."""
+    weight_sum = torch.ones(num_frames, dtype=dtype, device=device)
+    for offset in options.offsets(num_frames):
+        first, last = frame_overlap(offset, num_frames)
+        # ones * w rather than torch.full: under torch.compile a varying tau then stays symbolic
+        weights = torch.ones(last - first, dtype=dtype, device=device) * options.weight(offset)
+        weight_sum = weight_sum + F.pad(weights, (first, num_frames - last))
+    return weight_sum
+
+
 def per_frame_loss(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:
     """[B, F, N, D] x 2 -> L of shape [B, F]."""
     dtype = compute_dtype(proj, target)
@@ -28,16 +44,11 @@ def per_frame_loss(proj: torch.Tensor, target: torch.Tensor, options: LossOption
     num_frames = proj.shape[1]
 
     similarity = _mean_token_cosine(p_hat, y_hat)
-    weight_sum = torch.ones(num_frames, dtype=dtype, device=proj.device)
     for offset in options.offsets(num_frames):
-        # frames f whose neighbour f + offset exists: f in [first, last)
-        first, last = max(0, -offset), min(num_frames, num_frames - offset)
-        pad = (first, num_frames - last)
-        w = options.weight(offset)
+        first, last = frame_overlap(offset, num_frames)
         neighbour = _mean_token_cosine(p_hat[:, first:last], y_hat[:, first + offset : last + offset])
-        similarity = similarity + F.pad(w * neighbour, pad)
-        weight_sum = weight_sum + F.pad(torch.full((last - first,), w, dtype=dtype, device=proj.device), pad)
+        similarity = similarity + F.pad(options.weight(offset) * neighbour, (first, num_frames - last))
 
     if options.normalize_weights:
-        similarity = similarity / weight_sum
+        similarity = similarity / frame_weight_sums(options, num_frames, dtype, proj.device)
     return -similarity

@@ -1,9 +1,21 @@
-"""The reference as a backend: runs anywhere torch does."""
+"""The reference as a backend: runs anywhere torch does.
+
+The forward is the specification (reference.per_frame_loss). The backward is the gradient written out by hand
+in PyTorch, not autograd through the forward, so the tests that compare it with autograd check the formula the
+fused kernels implement. With p^ = p / max(|p|, eps), s[b, f] = -g[b, f] / (N Z_f) and C[f][k] = w(|k - f|):
+
+    dL/dp[f, n] = J(p[f, n])^T sum_k C[f][k] s[f] y^[k, n]        dL/dy[k, n] = J(y[k, n])^T sum_f C[f][k] s[f] p^[f, n]
+
+where J(x)^T u = (u - x^ (x^ . u)) / |x| when |x| > eps and u / eps when the norm is clamped, at |x| = eps too
+(autograd's choice at clamp_min's kink, which the reference takes).
+"""
 from __future__ import annotations
 
 import torch
 
-from .reference import per_frame_loss  # noqa: F401  (the backend entry point)
+from . import reference
+from .reference import frame_overlap, frame_weight_sums
+from .spec import LossOptions, compute_dtype
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -12,3 +24,58 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def call_unsupported_reason(proj, target, options) -> str | None:
     return None  # the specification runs every valid call
+
+
+def forward(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> tuple[torch.Tensor]:
+    """(L [B, F],): the reference keeps nothing but the inputs for its backward."""
+    return (reference.per_frame_loss(proj, target, options),)
+
+
+def _normalize_backward(x: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor, u: torch.Tensor, eps: float):
+    """J(x)^T u for x^ = x / max(|x|, eps); norm is |x| with a trailing dim of 1."""
+    projected = (u - unit * (unit * u).sum(dim=-1, keepdim=True)) / norm
+    return torch.where(norm > eps, projected, u / eps)
+
+
+def _neighbour_sum(x: torch.Tensor, per_frame: torch.Tensor, options: LossOptions, transpose: bool) -> torch.Tensor:
+    """out[:, f] = sum_k C[f][k] per_frame[:, f] x[:, k] (transpose=False), or
+    out[:, k] = sum_f C[f][k] per_frame[:, f] x[:, f] (transpose=True); per_frame is [B, F, 1, 1]."""
+    num_frames = x.shape[1]
+    out = per_frame * x
+    for offset in options.offsets(num_frames):
+        first, last = frame_overlap(offset, num_frames)
+        w = options.weight(offset)
+        if transpose:  # frame k = f + offset receives w s[f] p^[f]
+            out[:, first + offset:last + offset] += w * (per_frame[:, first:last] * x[:, first:last])
+        else:  # frame f receives w s[f] y^[f + offset]
+            out[:, first:last] += w * (per_frame[:, first:last] * x[:, first + offset:last + offset])
+    return out
+
+
+def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, saved: tuple, options: LossOptions,
+             needs_proj_grad: bool, needs_target_grad: bool):
+    """grad_loss [B, F] -> (dL/dproj or None, dL/dtarget or None), each in its input's dtype."""
+    dtype = compute_dtype(proj, target)
+    p, y = proj.to(dtype), target.to(dtype)
+    p_norm = torch.linalg.vector_norm(p, dim=-1, keepdim=True)
+    y_norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+    p_hat = p / p_norm.clamp_min(options.eps)
+    y_hat = y / y_norm.clamp_min(options.eps)
+    z = frame_weight_sums(options, p.shape[1], dtype, p.device) if options.normalize_weights else 1.0
+    scale = (grad_loss.to(dtype) * (-1.0 / p.shape[2]) / z)[:, :, None, None]  # s[b, f]
+
+    grad_proj = grad_target = None
+    if needs_proj_grad:
+        u = _neighbour_sum(y_hat, scale, options, transpose=False)
+        grad_proj = _normalize_backward(p, p_hat, p_norm, u, options.eps).to(proj.dtype)
+    if needs_target_grad:
+        v = _neighbour_sum(p_hat, scale, options, transpose=True)
+        grad_target = _normalize_backward(y, y_hat, y_norm, v, options.eps).to(target.dtype)
+    return grad_proj, grad_target
+
+
+def per_frame_loss(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:
+    """L [B, F] with autograd, through crepa_kernels.CrossFrameAlignFunction (so with the hand-written backward)."""
+    from .function import per_frame_loss_on
+
+    return per_frame_loss_on("reference", proj, target, options)

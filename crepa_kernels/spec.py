@@ -40,7 +40,8 @@ class LossOptions:
 
     def weight(self, offset: int) -> float:
         """w(|k - f|) = exp(-|k - f| / tau)."""
-        return math.exp(-abs(offset) / self.tau)
+        # e ** x, not math.exp(x): under torch.compile a varying tau is a SymFloat, whose value math.exp would pin
+        return math.e ** (-abs(offset) / self.tau)
 
     def frame_coefficients(self, num_frames: int) -> list[list[float]]:
         """C[f][k]: how much cos(p_f, y_k) counts in L[f] (before the -1/N token mean).
@@ -60,13 +61,19 @@ class LossOptions:
 
 
 def _is_real_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # under torch.compile a tau or eps that varies between calls arrives as a SymFloat
+    return isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)
+
+
+def _is_positive_finite(value) -> bool:
+    # comparisons, not math.isfinite: on a SymFloat they become guards instead of a graph break; NaN fails both
+    return value > 0 and value < math.inf
 
 
 def check_options(options: LossOptions) -> None:
     if not _is_real_number(options.tau):
         raise TypeError(f"tau: expected a positive finite number, got {type(options.tau).__name__} {options.tau!r}")
-    if not (math.isfinite(options.tau) and options.tau > 0):
+    if not _is_positive_finite(options.tau):
         raise ValueError(f"tau: expected a positive finite number, got {options.tau!r}")
     if not isinstance(options.neighbors, int) or isinstance(options.neighbors, bool):
         raise TypeError(
@@ -85,7 +92,7 @@ def check_options(options: LossOptions) -> None:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {options.reduction!r}")
     if not _is_real_number(options.eps):
         raise TypeError(f"eps: expected a positive finite number, got {type(options.eps).__name__} {options.eps!r}")
-    if not (math.isfinite(options.eps) and options.eps > 0):
+    if not _is_positive_finite(options.eps):
         raise ValueError(f"eps: expected a positive finite number, got {options.eps!r}")
 
 

@@ -1,11 +1,12 @@
-"""torch.compile(fullgraph=True) through the public API, and autocast (issue 7).
+"""torch.compile(fullgraph=True) through the public API, and autocast (issues 7 and 11).
 
 Backend-specific op checks (opcheck, fake tensors) live with each backend's tests.
 """
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
-from crepa_kernels import available_backends, cross_frame_align_loss
+from crepa_kernels import CrossFrameAlignFunction, CrossFrameAlignLoss, available_backends, cross_frame_align_loss
 from harness import assert_close_and_finite, random_pair, reference_in_float64
 
 CPU_COMPILABLE = [name for name, ok in available_backends("cpu").items() if ok is True and name != "triton"]
@@ -40,6 +41,104 @@ def test_compile_fullgraph_matches_eager(backend):
     assert_close_and_finite(loss, reference_loss, f"compiled {backend} loss against the reference")
     for grad, expected_grad in zip(grads, reference_grads):
         assert_close_and_finite(grad, expected_grad, f"compiled {backend} grad against the reference")
+
+
+# Clips of varying length and a tau / eps schedule: B, F, N, D, num_frames, tau and eps all change between calls
+# (3-D frame-major inputs, num_frames=F). No size is 1: torch.compile always specialises sizes 0 and 1.
+VARYING_CALLS = [(2, 5, 3, 7, 0.5, 1e-12), (3, 6, 4, 9, 0.7, 1e-8), (2, 4, 5, 6, 1.3, 1e-10), (4, 7, 2, 11, 0.9, 1e-6)]
+LOSS_OPTIONS = dict(neighbors=2, neighbor_mode="cumulative", normalize_weights=True, reduction="frame_sum")
+
+
+def _functional(backend):
+    def loss(proj, target, tau, eps, num_frames):
+        return cross_frame_align_loss(proj, target, tau=tau, eps=eps, num_frames=num_frames, backend=backend,
+                                      **LOSS_OPTIONS)
+    return loss, loss
+
+
+def _function(backend):
+    def loss(proj, target, tau, eps, num_frames):
+        o = LOSS_OPTIONS
+        return CrossFrameAlignFunction.apply(proj, target, tau, o["neighbors"], o["neighbor_mode"],
+                                             o["normalize_weights"], o["reduction"], num_frames, eps, backend)[0]
+    return loss, loss
+
+
+def _module(backend):
+    """The module's tau and eps are attributes that a schedule sets before each call."""
+    module = CrossFrameAlignLoss(backend=backend, **LOSS_OPTIONS)
+
+    def make(target_module):
+        def loss(proj, target, tau, eps, num_frames):
+            module.tau, module.eps = tau, eps
+            return target_module(proj, target, num_frames)
+        return loss
+    return make(module), lambda compile_: make(compile_(module))
+
+
+FORMS = {"functional": _functional, "function": _function, "module": _module}
+
+
+def _compiled(form, backend, compiler, dynamic):
+    """(eager loss, compiled loss, compile counter) for one of the three forms."""
+    counter = CompileCounterWithBackend(compiler)
+    eager, to_compile = FORMS[form](backend)
+
+    def compile_(fn):
+        return torch.compile(fn, backend=counter, fullgraph=True, dynamic=dynamic)
+
+    compiled = to_compile(compile_) if form == "module" else compile_(to_compile)
+    return eager, compiled, counter
+
+
+def _run_varying_calls(eager, compiled, counter, calls, expected_frames):
+    """Runs the calls; each must match eager, and compilation counts must follow ``expected_frames``."""
+    for index, (batch, frames, tokens, dim, tau, eps) in enumerate(calls):
+        proj, target = random_pair((batch, frames * tokens, dim), torch.float32, seed=index)
+        loss, grads = _loss_and_grads(lambda p, y: compiled(p, y, tau, eps, frames), proj, target)
+        expected, expected_grads = _loss_and_grads(lambda p, y: eager(p, y, tau, eps, frames), proj, target)
+        assert_close_and_finite(loss, expected, f"call {index} loss")
+        for grad, expected_grad in zip(grads, expected_grads):
+            assert_close_and_finite(grad, expected_grad, f"call {index} grad")
+        assert counter.frame_count == expected_frames[index], (
+            f"call {index}: {counter.frame_count} compilations, expected {expected_frames[index]}")
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_compile_dynamic_true_never_recompiles_for_new_shapes_tau_or_eps(form):
+    """Inductor with dynamic=True: one graph serves every clip length and every tau / eps."""
+    torch._dynamo.reset()
+    eager, compiled, counter = _compiled(form, "auto", "inductor", dynamic=True)
+    _run_varying_calls(eager, compiled, counter, VARYING_CALLS, expected_frames=[1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_compile_automatic_dynamic_recompiles_once_then_never(form):
+    """Default (automatic dynamic shapes): the first call specialises, the first change of shapes, tau and eps makes
+    them symbolic (one recompilation), and no later call recompiles. AOTAutograd traces forward and backward here
+    as under Inductor; Inductor's code generation is left out to keep the test short."""
+    torch._dynamo.reset()
+    eager, compiled, counter = _compiled(form, "auto", "aot_eager", dynamic=None)
+    _run_varying_calls(eager, compiled, counter, VARYING_CALLS, expected_frames=[1, 2, 2, 2])
+
+
+def test_compile_reference_backend_with_a_tau_schedule_and_changing_shapes():
+    """The reference backend traces the formula itself; tau stays symbolic through its neighbour weights. (eps is
+    fixed here: F.normalize's eps is pinned by AOTAutograd, so a new eps recompiles the reference backend.)"""
+    torch._dynamo.reset()
+    eager, compiled, counter = _compiled("functional", "reference", "aot_eager", dynamic=True)
+    calls = [call[:5] + (1e-12,) for call in VARYING_CALLS]
+    _run_varying_calls(eager, compiled, counter, calls, expected_frames=[1, 1, 1, 1])
+
+
+def test_compile_second_tau_does_not_fail():
+    """Issue 11's reproduction: f(p, y, tau) compiled with fullgraph=True, called with tau=0.5 then 0.7."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda p, y, tau: cross_frame_align_loss(p, y, tau=tau), fullgraph=True)
+    proj, target = random_pair((2, 4, 3, 5), torch.float32)
+    for tau in (0.5, 0.7, 0.9):
+        assert_close_and_finite(compiled(proj, target, tau), cross_frame_align_loss(proj, target, tau=tau),
+                                f"tau={tau}")
 
 
 @pytest.mark.parametrize("backend", CPU_COMPILABLE)

@@ -2,10 +2,11 @@
 
 One pair of ops, ``torch.ops.crepa_kernels.align_forward`` / ``align_backward``, dispatches on the device to the
 fused CPU kernel or the CUDA kernel (csrc/). This module loads the extension (the prebuilt ``crepa_kernels._C``, or a
-JIT build of the shipped sources on first use), gives the ops fake (meta) implementations for torch.compile and
-wires the backward op in as the forward op's autograd formula.
+JIT build of the shipped sources on first use), gives the ops fake (meta) implementations for torch.compile, and
+exposes them as a backend's ``forward`` / ``backward`` pair. The ops have no autograd formula of their own:
+crepa_kernels.CrossFrameAlignFunction is the one place that wires a backward to a forward.
 
-Nothing is compiled at import: only ``unavailable_reason`` or ``per_frame_loss`` load the extension.
+Nothing is compiled at import: only ``unavailable_reason`` or ``forward`` load the extension.
 """
 from __future__ import annotations
 
@@ -206,19 +207,37 @@ def call_unsupported_reason(proj, target, options: LossOptions) -> str | None:
     return cuda_shape_unsupported_reason(proj.shape, options, compute_dtype(proj, target), limit)
 
 
-def per_frame_loss(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:
+def _op_call(eager_op, traced_op, options: LossOptions):
+    """The op to call and its option arguments (neighbors, cumulative, tau, normalize_weights, eps)."""
+    tau, eps = options.tau, options.eps
+    if torch.compiler.is_compiling():
+        eager_op = traced_op
+        tau, eps = (torch.ones((), dtype=torch.float64) * value for value in (tau, eps))  # stays symbolic
+    return eager_op, (options.neighbors, options.neighbor_mode == "cumulative", tau, options.normalize_weights, eps)
+
+
+def forward(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L [B, F], the per-token statistics the backward reads)."""
     if _module is None:
         _load()
-    loss, _stats = torch.ops.crepa_kernels.align_forward(
-        proj,
-        target,
-        options.neighbors,
-        options.neighbor_mode == "cumulative",
-        float(options.tau),
-        options.normalize_weights,
-        float(options.eps),
-    )
-    return loss
+    op, arguments = _op_call(torch.ops.crepa_kernels.align_forward, align_forward_traced, options)
+    return op(proj, target, *arguments)
+
+
+def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, saved: tuple, options: LossOptions,
+             needs_proj_grad: bool, needs_target_grad: bool):
+    """grad_loss [B, F] -> (dL/dproj or None, dL/dtarget or None): the kernel computes only the ones asked for."""
+    (stats,) = saved
+    op, arguments = _op_call(torch.ops.crepa_kernels.align_backward, align_backward_traced, options)
+    grad_proj, grad_target = op(grad_loss, proj, target, stats, *arguments, needs_proj_grad, needs_target_grad)
+    return grad_proj if needs_proj_grad else None, grad_target if needs_target_grad else None
+
+
+def per_frame_loss(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:
+    """L [B, F] of this backend, with autograd (through crepa_kernels.CrossFrameAlignFunction)."""
+    from ..function import per_frame_loss_on
+
+    return per_frame_loss_on("cpu" if proj.device.type == "cpu" else "cuda", proj, target, options)
 
 
 def band_width(num_frames: int, neighbors: int, cumulative: bool) -> int:
@@ -246,33 +265,31 @@ def _align_backward_fake(grad_loss, proj, target, stats, neighbors, cumulative, 
     return gradient(proj, needs_proj_grad), gradient(target, needs_target_grad)
 
 
-def _setup_context(ctx, inputs, output):
-    proj, target, neighbors, cumulative, tau, normalize_weights, eps = inputs
-    _, stats = output
-    ctx.save_for_backward(proj, target, stats)
-    ctx.options = (neighbors, cumulative, tau, normalize_weights, eps)
-    ctx.mark_non_differentiable(stats)
+# Under torch.compile a tau or eps that changes between calls is a symbolic float. AOTAutograd keeps it symbolic
+# only inside tensor arithmetic: one reaching an op's float (or Scalar) argument is pinned to the traced value, so
+# each new tau would recompile. Under torch.compile the calls therefore go through these ops, which take tau and eps
+# as 0-d float64 CPU tensors (read on the host, no device synchronisation) and call the C++ ops.
+@torch.library.custom_op("crepa_kernels::align_forward_traced", mutates_args=())
+def align_forward_traced(proj: torch.Tensor, target: torch.Tensor, neighbors: int, cumulative: bool,
+                         tau: torch.Tensor, normalize_weights: bool, eps: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.crepa_kernels.align_forward(proj, target, neighbors, cumulative, tau.item(), normalize_weights,
+                                                 eps.item())
 
 
-def _backward(ctx, grad_loss, _grad_stats):
-    proj, target, stats = ctx.saved_tensors
-    needs_proj_grad, needs_target_grad = ctx.needs_input_grad[:2]
-    # the kernel computes and allocates only the gradients asked for; the others come back as empty [0] tensors
-    grad_proj, grad_target = torch.ops.crepa_kernels.align_backward(
-        grad_loss, proj, target, stats, *ctx.options, needs_proj_grad, needs_target_grad
-    )
-    return (
-        grad_proj if needs_proj_grad else None,
-        grad_target if needs_target_grad else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+@torch.library.custom_op("crepa_kernels::align_backward_traced", mutates_args=())
+def align_backward_traced(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
+                          neighbors: int, cumulative: bool, tau: torch.Tensor, normalize_weights: bool,
+                          eps: torch.Tensor, needs_proj_grad: bool, needs_target_grad: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.crepa_kernels.align_backward(grad_loss, proj, target, stats, neighbors, cumulative, tau.item(),
+                                                  normalize_weights, eps.item(), needs_proj_grad, needs_target_grad)
+
+
+align_forward_traced.register_fake(_align_forward_fake)
+align_backward_traced.register_fake(_align_backward_fake)
 
 
 def _register_python_parts() -> None:
     torch.library.register_fake("crepa_kernels::align_forward", _align_forward_fake)
     torch.library.register_fake("crepa_kernels::align_backward", _align_backward_fake)
-    torch.library.register_autograd("crepa_kernels::align_forward", _backward, setup_context=_setup_context)

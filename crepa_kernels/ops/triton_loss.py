@@ -40,6 +40,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch.types import Number
 
 from ..spec import LossOptions, compute_dtype
 
@@ -559,7 +560,7 @@ def backward_into(grad_loss, proj, target, norms, band, options: LossOptions, gr
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# torch.library ops and autograd
+# torch.library ops; their backward is wired to the forward in crepa_kernels.function only
 
 
 def _define_op(name: str):
@@ -586,8 +587,8 @@ def _options(tau: float, neighbors: int, neighbor_mode: str, normalize_weights: 
 
 
 @_define_op("crepa_kernels::triton_forward")
-def triton_forward(proj: torch.Tensor, target: torch.Tensor, tau: float, neighbors: int, neighbor_mode: str,
-                   normalize_weights: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def triton_forward(proj: torch.Tensor, target: torch.Tensor, tau: Number, neighbors: int, neighbor_mode: str,
+                   normalize_weights: bool, eps: Number) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (per-frame loss [B, F], clamped norms [2, B, F, N], cosine band [B, F, slots, N])."""
     options = _options(tau, neighbors, neighbor_mode, normalize_weights, eps)
     dtype = compute_dtype(proj, target)
@@ -603,8 +604,8 @@ def triton_forward(proj: torch.Tensor, target: torch.Tensor, tau: float, neighbo
 
 @_define_op("crepa_kernels::triton_backward")
 def triton_backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, norms: torch.Tensor,
-                    band: torch.Tensor, tau: float, neighbors: int, neighbor_mode: str, normalize_weights: bool,
-                    eps: float, target_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    band: torch.Tensor, tau: Number, neighbors: int, neighbor_mode: str, normalize_weights: bool,
+                    eps: Number, target_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (grad_proj, grad_target); grad_target is an empty tensor when target_grad is False."""
     options = _options(tau, neighbors, neighbor_mode, normalize_weights, eps)
     grad_loss = grad_loss.to(norms.dtype).contiguous()
@@ -614,26 +615,28 @@ def triton_backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.T
     return grad_proj, grad_target
 
 
-def _setup_context(ctx, inputs, output):
-    proj, target, tau, neighbors, neighbor_mode, normalize_weights, eps = inputs
-    _, norms, band = output
-    ctx.mark_non_differentiable(norms, band)
-    ctx.save_for_backward(proj, target, norms, band)
-    ctx.loss_options = (tau, neighbors, neighbor_mode, normalize_weights, eps)
+def _op_options(options: LossOptions) -> tuple:
+    # tau and eps are Scalars in the op schemas: torch.compile keeps a varying Scalar symbolic, a float it pins
+    return options.tau, options.neighbors, options.neighbor_mode, options.normalize_weights, options.eps
 
 
-def _backward(ctx, grad_loss, _grad_norms, _grad_band):
-    proj, target, norms, band = ctx.saved_tensors
-    target_grad = ctx.needs_input_grad[1]
-    grad_proj, grad_target = triton_backward(grad_loss, proj, target, norms, band, *ctx.loss_options, target_grad)
-    return grad_proj, grad_target if target_grad else None, None, None, None, None, None
+def forward(proj: torch.Tensor, target: torch.Tensor, options: LossOptions):
+    """(L [B, F], clamped norms, cosine band): the loss and the per-token statistics the backward reads."""
+    return triton_forward(proj, target, *_op_options(options))
 
 
-triton_forward.register_autograd(_backward, setup_context=_setup_context)
+def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, saved: tuple, options: LossOptions,
+             needs_proj_grad: bool, needs_target_grad: bool):
+    """grad_loss [B, F] -> (dL/dproj or None, dL/dtarget or None). The kernel always writes grad_proj; the
+    target gradient is a constexpr branch, computed only when asked for."""
+    norms, band = saved
+    grad_proj, grad_target = triton_backward(grad_loss, proj, target, norms, band, *_op_options(options),
+                                             needs_target_grad)
+    return grad_proj if needs_proj_grad else None, grad_target if needs_target_grad else None
 
 
 def per_frame_loss(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:
-    """[B, F, N, D] x 2 -> L [B, F] (fp32, or fp64 when an input is fp64)."""
-    loss, _, _ = triton_forward(proj, target, float(options.tau), options.neighbors, options.neighbor_mode,
-                                options.normalize_weights, float(options.eps))
-    return loss
+    """L [B, F] (fp32, or fp64 when an input is fp64), with autograd (through crepa_kernels.CrossFrameAlignFunction)."""
+    from ..function import per_frame_loss_on
+
+    return per_frame_loss_on("triton", proj, target, options)
