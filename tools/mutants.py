@@ -124,11 +124,24 @@ MUTANTS = [
     Mutant("triton-halo-z", TRITON, 'for offset in range(near, z_far + 1):', 'for offset in range(near, z_far):',
            "Z_f misses the farthest neighbour"),
     # --- CPU kernel ---------------------------------------------------------------------------------------------
-    Mutant("cpu-partial-per-task", CPU,
-           '    acc_t* block_sum = a.partials + block * F;\n    for (int64_t f = 0; f < F; ++f) block_sum[f] = acc_t(0);',
-           '    for (int64_t f = 0; f < F; ++f) a.partials[block * F + f] = acc_t(0);\n'
-           '    acc_t* block_sum = a.partials + std::max(begin, b * a.blocks) * F;',
-           "one running loss sum per parallel task: the result depends on the thread split"),
+    Mutant("cpu-partial-per-thread", CPU,
+           '  for (int64_t begin, end; queue.take(begin, end);) {\n'
+           '    for (int64_t block = begin; block < end; ++block) {\n'
+           '      const int64_t b = block / a.blocks;\n'
+           '      const int64_t first = (block % a.blocks) * kTokensPerBlock;\n'
+           '      const int64_t last = std::min(a.tokens, first + kTokensPerBlock);\n'
+           '      acc_t* block_sum = a.partials + block * F;\n'
+           '      for (int64_t f = 0; f < F; ++f) block_sum[f] = acc_t(0);',
+           '  int64_t home = -1;  // the first block this thread took of the current batch item\n'
+           '  for (int64_t begin, end; queue.take(begin, end);) {\n'
+           '    for (int64_t block = begin; block < end; ++block) {\n'
+           '      const int64_t b = block / a.blocks;\n'
+           '      const int64_t first = (block % a.blocks) * kTokensPerBlock;\n'
+           '      const int64_t last = std::min(a.tokens, first + kTokensPerBlock);\n'
+           '      for (int64_t f = 0; f < F; ++f) a.partials[block * F + f] = acc_t(0);\n'
+           '      if (home < b * a.blocks) home = block;\n'
+           '      acc_t* block_sum = a.partials + home * F;',
+           "one running loss sum per thread: the result depends on which thread takes which block"),
     Mutant("cpu-mean-over-padded-tokens", CPU, 'out[b * F + f] = static_cast<acc_t>(-sum / static_cast<double>(N));',
            'out[b * F + f] = static_cast<acc_t>(-sum / static_cast<double>(blocks * kTokensPerBlock));',
            "token mean over whole blocks"),
