@@ -15,6 +15,8 @@ and small (a few floats per token); ``apply(...)[0]`` is the loss.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .backends import call_key, check_backend_name, resolve_backend_name, select_backend
@@ -140,6 +142,11 @@ class CrossFrameAlignFunction(torch.autograd.Function):
                 grads = tuple(None if g is None else _DoubleBackwardError.apply(g, grad_loss, proj, target)
                               for g in grads)
         return (*grads, *(None for _ in ARGUMENTS))
+
+
+# Function.apply binds forward's default arguments on every call (setup_context is given all of them) through
+# inspect.signature, which rebuilds the signature each time unless the function carries one: ~30 us per call.
+CrossFrameAlignFunction.forward.__signature__ = inspect.signature(CrossFrameAlignFunction.forward)
 
 
 def per_frame_loss_on(backend: str, proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:
