@@ -67,9 +67,11 @@ def sequence_parallel_align_loss(
     dtype = compute_dtype(shard.proj, shard.target)
     proj_views = token_range_views(shard.proj, call_ranges(plans))
     partial = _local_partial(proj_views, target_source, plans, layout, options, backend, dtype, shard.proj)
-    # An empty slice of every differentiable input keeps it in this rank's graph even when the rank holds no real
-    # token, so that every rank runs the backward collectives.
-    for anchor in (shard.proj, *target_source.differentiable):
+    # An empty slice of a differentiable input the kernel calls do not read keeps it in this rank's graph (a rank
+    # holding no real token still runs the backward collectives and gives proj its zero gradient). Not for a proj
+    # the calls read: the empty slice's backward would zero-fill and add a full-size gradient.
+    anchors = (*(() if proj_views else (shard.proj,)), *target_source.differentiable)
+    for anchor in anchors:
         partial = partial + anchor.narrow(1, 0, 0).sum().to(dtype)
     return reduce_frames(sum_over_ranks(partial, shard.group_name), options.reduction)
 
