@@ -63,17 +63,21 @@ def test_plan_weights_every_token_pair_once(layout, options):
                     expected[(t, k * n + token)] = coefficients[f][k]
         for plan in plan_rank(layout, rank, options):
             piece = plan.piece
+            assert plan.fused_everywhere == (not options.normalize_weights)
             for f, exact in zip(range(piece.first_frame, piece.end_frame), plan.exact):
-                if exact:  # the fused call on the piece: every neighbour inside it
+                if exact or plan.fused_everywhere:  # the fused call on the piece: its neighbours inside it
                     for token, k in itertools.product(range(piece.first_token, piece.end_token), range(f_count)):
-                        if coefficients[f][k]:
-                            assert piece.first_frame <= k < piece.end_frame
+                        inside = piece.first_frame <= k < piece.end_frame
+                        if coefficients[f][k] and inside:
                             got[(f * n + token, k * n + token)] = got.get((f * n + token, k * n + token), 0) + \
                                 coefficients[f][k]
+                        assert inside or not (exact and coefficients[f][k])
             for term in plan.terms:
                 for f, token in itertools.product(range(term.first_frame, term.end_frame),
                                                   range(piece.first_token, piece.end_token)):
                     assert not plan.exact[f - piece.first_frame]
+                    if plan.fused_everywhere:  # only the neighbours the fused call cannot see
+                        assert not piece.first_frame <= f + term.offset < piece.end_frame
                     key = (f * n + token, (f + term.offset) * n + token)
                     got[key] = got.get(key, 0) + term.coefficient
     assert got.keys() == expected.keys()

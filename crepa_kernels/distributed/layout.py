@@ -9,7 +9,9 @@ pieces (a partial first frame, a run of whole frames, a partial last frame) and,
   * runs the fused loss once on the piece as it is, with the target of the same frames: exact for every frame whose
     neighbours all lie inside the piece ("exact" frames);
   * for the other frames (at most max|offset| at each end of the piece), adds single-offset terms
-    C[f][f + offset] * mean_n cos(p[f, n], y[f + offset, n]), each a fused REPA* (d = 0) call on views.
+    C[f][f + offset] * mean_n cos(p[f, n], y[f + offset, n]), each a fused REPA* (d = 0) call on views: only for
+    the neighbours outside the piece without normalize_weights (the fused call already weights the ones inside it
+    exactly), for every neighbour with it (C[f] then depends on all of f's neighbours).
 """
 from __future__ import annotations
 
@@ -90,7 +92,16 @@ class Term:
 class PiecePlan:
     piece: Piece
     exact: tuple[bool, ...]  # per frame of the piece: the fused call on the piece alone is exact
-    terms: tuple[Term, ...]  # single-offset terms that make up the non-exact frames
+    terms: tuple[Term, ...]  # single-offset terms that make up (or complete) the non-exact frames
+    # the fused call's value counts for every frame, the terms adding only the neighbours outside the piece: true
+    # without normalize_weights, where C[f][k] = w(|k - f|) does not depend on which neighbours exist, so the call on
+    # the piece alone weights its in-piece pairs exactly as the whole sequence does
+    fused_everywhere: bool = False
+
+    @property
+    def fused(self) -> bool:
+        """Whether the piece runs the fused call at all."""
+        return self.fused_everywhere or any(self.exact)
 
 
 def split_into_pieces(start: int, end: int, tokens_per_frame: int) -> list[Piece]:
@@ -126,11 +137,18 @@ def plan_piece(piece: Piece, options: LossOptions, num_frames: int) -> PiecePlan
         for f in range(piece.first_frame, piece.end_frame)
     )
     coefficients = _coefficients(options, num_frames)
+    fused_everywhere = not options.normalize_weights
+
+    def needs_term(f: int, offset: int) -> bool:
+        if exact[f - piece.first_frame] or not 0 <= f + offset < num_frames:
+            return False
+        return not (fused_everywhere and piece.first_frame <= f + offset < piece.end_frame)
+
     terms = []
     for offset in (0,) + options.offsets(num_frames):
         run = []  # consecutive non-exact frames with a neighbour at this offset and the same coefficient
         for f in range(piece.first_frame, piece.end_frame):
-            usable = not exact[f - piece.first_frame] and 0 <= f + offset < num_frames
+            usable = needs_term(f, offset)
             coefficient = coefficients[f][f + offset] if usable else None
             if run and (coefficient is None or coefficient != run[-1][1]):
                 terms.append(Term(run[0][0], run[-1][0] + 1, offset, run[0][1]))
@@ -139,7 +157,7 @@ def plan_piece(piece: Piece, options: LossOptions, num_frames: int) -> PiecePlan
                 run.append((f, coefficient))
         if run:
             terms.append(Term(run[0][0], run[-1][0] + 1, offset, run[0][1]))
-    return PiecePlan(piece, exact, tuple(terms))
+    return PiecePlan(piece, exact, tuple(terms), fused_everywhere)
 
 
 @cached
@@ -162,7 +180,7 @@ def call_ranges(plans) -> tuple[tuple[int, int], ...]:
     ranges = []
     for plan in plans:
         piece = plan.piece
-        if any(plan.exact):
+        if plan.fused:
             ranges.append(piece_range(piece, piece.first_frame, piece.end_frame))
         ranges += [piece_range(piece, term.first_frame, term.end_frame) for term in plan.terms]
     return tuple(dict.fromkeys(ranges))

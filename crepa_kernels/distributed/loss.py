@@ -275,7 +275,7 @@ def _piece_loss(proj_views, target_source, plan, options: LossOptions, backend: 
         return proj_views[piece_range(piece, first, end)].unflatten(1, (end - first, piece.tokens))
 
     fused = None
-    if any(plan.exact):
+    if plan.fused:
         fused = _fused_loss(proj_rows(piece.first_frame, piece.end_frame),
                             target_source.rows(piece, piece.first_frame, piece.end_frame, 0), options, backend)
     repa_star = LossOptions(neighbors=0, eps=options.eps)
@@ -298,8 +298,10 @@ def _piece_loss(proj_views, target_source, plan, options: LossOptions, backend: 
                 end += 1
             columns.append(fused[:, i:end])
             i = end
-        else:
-            columns.append(torch.stack(terms_of_frame[i]).sum(dim=0))
+        else:  # the fused call's in-piece neighbours (without normalize_weights) plus the single-offset terms
+            parts = [fused[:, i : i + 1]] if plan.fused_everywhere else []
+            parts += terms_of_frame.get(i, [])
+            columns.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum(dim=0))
             i += 1
     return columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
 
