@@ -21,7 +21,7 @@ MAX_GRID_YZ = 65_535
 HUGE_SHAPES = [(1, 13, 1350, 768), (1, 33, 3600, 1536), (1, 20, 70_000, 64), (1, 13, 300_000, 16),
                (1, 33, 140_000, 64), (2, 61, 1_000_000, 16), (64, 129, 2_000_000, 16), (4, 1, 2**31 - 1, 1)]
 DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16), (torch.float64, torch.float64)]
-OPTIONS = [LossOptions(neighbors=1), LossOptions(neighbors=9, neighbor_mode="cumulative")]
+OPTIONS = [LossOptions(neighbors=1), LossOptions(neighbors=9, neighbor_mode="cumulative"), LossOptions(neighbors=57)]
 
 
 def _meta_launches(shape, proj_dtype, target_dtype, options):
@@ -30,12 +30,13 @@ def _meta_launches(shape, proj_dtype, target_dtype, options):
     target = torch.empty(shape, dtype=target_dtype, device="meta")
     stat_dtype = torch.float64 if torch.float64 in (proj_dtype, target_dtype) else torch.float32
     shapes = triton_loss.stats_shapes(proj, target, options)
-    norms, band, partial = (torch.empty(shapes[k], dtype=stat_dtype, device="meta") for k in ("norms", "band", "partial"))
+    norms, band, partial, table = (torch.empty(shapes[k], dtype=stat_dtype, device="meta")
+                                   for k in ("norms", "band", "partial", "table"))
     grad_loss = torch.empty(shape[:2], dtype=stat_dtype, device="meta")
-    yield triton_loss.forward_launch(proj, target, options, norms, band, partial)
+    yield triton_loss.forward_launch(proj, target, options, norms, band, partial, table)
     for grad_target in (torch.empty_like(target), None):
         yield triton_loss.backward_launch(grad_loss, proj, target, norms, band, options, torch.empty_like(proj),
-                                          grad_target)
+                                          grad_target, table)
 
 
 @pytest.mark.parametrize("shape", HUGE_SHAPES, ids=str)

@@ -1,18 +1,27 @@
 """Ahead-of-time compile check of the Triton kernels for real GPUs, with no GPU needed.
 
-Compiles every specialisation the dispatcher can launch for the usual widths D with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, prints one line per kernel (arch, dtype, D,
-constexprs, registers, spills, shared memory) and exits non-zero on any register spill or compile error.
+Compiles every specialisation the dispatcher launches for the cases below with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for sm_80, sm_86, sm_89 and sm_90, prints one
+line per distinct kernel (arch, kernel, constexprs, registers, spills, shared memory, approximate instructions) and
+exits non-zero on any register spill, any kernel needing more shared memory per block than the architecture
+allows, any approximate or flush-to-zero floating-point instruction in the PTX, or any compile error.
 
-The launches come from crepa_kernels.ops.triton_loss.forward_launch / backward_launch on meta tensors, and the
+The cases cover what real calls specialise on: the frame windows the tiling makes (16 frames, 32 frames in one
+window, in halo mode and in shifted mode), every input dtype and the mixed pairs, the target gradient on and off,
+N divisible by 16 and not, the usual widths D. Neighbour ranges reach the kernels as runtime arguments marked
+do_not_specialize, so they change the specialisation only through the tiling (FRAMES, SHIFTED).
+
+The launches come from crepa_kernels.ops.triton_loss.{table,forward,backward}_launch on meta tensors, and the
 signature, constexprs and divisibility attributes from Triton's own JIT binder, so the check compiles exactly
-what the dispatcher would launch on contiguous inputs.
+what the dispatcher would launch on contiguous inputs. Cases that share a specialisation compile once; results
+are cached by specialisation (source hash, options, arch, Triton version) in ~/.cache/crepa_kernels, and the
+distinct kernels compile in a process pool.
 
 Registers and spills: triton 3.8 has CompiledKernel.n_regs / n_spills, but fills them only when it loads the
 binary on a device (CompiledKernel._init_handles -> driver.utils.load_binary). Without a GPU they are read from
 the `ptxas -v` log of the same ptxas run that produced the cubin (knobs.nvidia.dump_ptxas_log).
 
-Usage: python tools/compile_triton.py [--quick] [--json]
+Usage: python tools/compile_triton.py [--quick] [--json] [--jobs N] [--no-cache]
 """
 from __future__ import annotations
 
@@ -24,12 +33,15 @@ if os.environ.pop("TRITON_INTERPRET", "0") not in ("0", ""):
     print("compile_triton: ignoring TRITON_INTERPRET=1 (this script compiles for real GPUs)", file=sys.stderr)
 
 import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
 import contextlib  # noqa: E402
+import hashlib  # noqa: E402
 import io  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -40,56 +52,84 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 from crepa_kernels.ops import triton_loss  # noqa: E402
 from crepa_kernels.spec import LossOptions  # noqa: E402
 
-ARCHS = (80, 90)
+# Maximum shared memory per thread block with the opt-in, in bytes: the SM's capacity less the 1 KB the system
+# reserves per block (CUDA Programming Guide, compute capabilities; Ampere, Ada and Hopper tuning guides).
+SHARED_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 DIMS = (768, 1024, 1152, 1536)
-DTYPES = (torch.bfloat16, torch.float32)
-# F = 13 (CogVideoX) takes the single 16-frame window, F = 21 the 32-frame window, F = 49 the tiled path.
-# Neighbour mode, d, tau and normalize_weights are runtime arguments, so they add no specialisation.
-FRAME_COUNTS = (13, 21, 49)
-# fp64 exists for gradcheck, not speed: checked for the single-window case only, to keep the run short.
-EXTRA_CASES = ((torch.float64, 13),)
+TOKENS = (1350, 3600)  # N not divisible by 16 (CogVideoX), and divisible (HunyuanVideo)
+BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+# (proj, target) dtypes: each 16-bit dtype alone, fp32, the mixed pairs of autocast or a frozen bf16 encoder
+# (the README's fp32 projector with bf16 features), fp64 (gradcheck)
+DTYPES = ((BF16, BF16), (FP16, FP16), (FP32, FP32), (FP32, BF16), (BF16, FP32), (FP64, FP64))
+# (F, options): every frame tiling: one 16-frame window, one 32-frame window, halo mode (d = 1; the widest
+# halo, 9), shifted mode (one and two windows away)
+FRAME_CASES = (
+    (13, dict(neighbors=1)),
+    (21, dict(neighbors=2, neighbor_mode="cumulative")),
+    (49, dict(neighbors=1)),
+    (33, dict(neighbors=9, neighbor_mode="cumulative")),
+    (61, dict(neighbors=25, neighbor_mode="cumulative", normalize_weights=True)),
+    (61, dict(neighbors=57)),
+)
+# approximate or flush-to-zero floating-point instructions: none may reach the result (issue 12, defect 5)
+APPROXIMATE = re.compile(r"\b[a-z0-9]+\.(?:approx|full)\.[a-z0-9.]*|\b[a-z0-9]+\.ftz\.[a-z0-9.]*")
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crepa_kernels" / \
+    f"compile_triton-{triton.__version__}.json"
 
 
 @dataclass
 class Result:
     arch: int
     kernel: str
-    dtype: str
-    dim: int
-    frames: int
+    dtypes: str
+    cases: int  # how many (dtype, D, N, F, options, target grad) cases launch this specialisation
     constexprs: str
     registers: int
     spill_stores: int
     spill_loads: int
     shared_bytes: int
+    shared_limit: int
+    approximate: list  # distinct approximate / ftz instructions in the PTX
 
 
-def _launches(dim: int, num_frames: int, dtype: torch.dtype):
-    """The forward launch and both backward launches (with and without the target gradient) for this case."""
-    options = LossOptions(neighbors=1)
+@dataclass(frozen=True)
+class Case:
+    proj_dtype: torch.dtype
+    target_dtype: torch.dtype
+    dim: int
+    num_tokens: int
+    num_frames: int
+    options: tuple  # sorted LossOptions keywords
+
+
+def cases(dtypes=DTYPES, dims=DIMS, tokens=TOKENS, frame_cases=FRAME_CASES):
+    for (proj_dtype, target_dtype), dim, num_tokens, (num_frames, options) in itertools.product(
+            dtypes, dims, tokens, frame_cases):
+        yield Case(proj_dtype, target_dtype, dim, num_tokens, num_frames, tuple(sorted(options.items())))
+
+
+def launches(case: Case):
+    """(name, launch) for the neighbour table, the forward and both backwards (target gradient on and off)."""
+    options = LossOptions(**dict(case.options))
     meta = dict(device="meta")
-    proj = torch.empty(1, num_frames, 1350, dim, dtype=dtype, **meta)
-    target = torch.empty_like(proj)
-    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    shape = (1, case.num_frames, case.num_tokens, case.dim)
+    proj = torch.empty(shape, dtype=case.proj_dtype, **meta)
+    target = torch.empty(shape, dtype=case.target_dtype, **meta)
+    stat_dtype = FP64 if FP64 in (case.proj_dtype, case.target_dtype) else FP32
     shapes = triton_loss.stats_shapes(proj, target, options)
-    norms = torch.empty(shapes["norms"], dtype=stat_dtype, **meta)
-    band = torch.empty(shapes["band"], dtype=stat_dtype, **meta)
-    partial = torch.empty(shapes["partial"], dtype=stat_dtype, **meta)
-    grad_loss = torch.empty(1, num_frames, dtype=stat_dtype, **meta)
-    yield "forward", triton_loss.forward_launch(proj, target, options, norms, band, partial)
+    norms, band, partial, table = (torch.empty(shapes[k], dtype=stat_dtype, **meta)
+                                   for k in ("norms", "band", "partial", "table"))
+    grad_loss = torch.empty(shape[:2], dtype=stat_dtype, **meta)
+    yield "table", triton_loss.table_launch(options, case.num_frames, table)
+    yield "forward", triton_loss.forward_launch(proj, target, options, norms, band, partial, table)
     for target_grad in (True, False):
         grad_target = torch.empty_like(target) if target_grad else None
         yield "backward", triton_loss.backward_launch(grad_loss, proj, target, norms, band, options,
-                                                      torch.empty_like(proj), grad_target)
-
-
-def _ptxas_number(pattern: str, log: str) -> int:
-    values = [int(value) for value in re.findall(pattern, log)]
-    return max(values) if values else 0
+                                                      torch.empty_like(proj), grad_target, table)
 
 
 def specialise(launch: triton_loss.Launch, arch: int):
-    """What the JIT would compile for this launch on sm_<arch>: (source, options, cache key, named constexprs)."""
+    """What the JIT would compile for this launch on sm_<arch>: (source, target, options, key, named constexprs)."""
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     kernel = launch.kernel
@@ -100,63 +140,123 @@ def specialise(launch: triton_loss.Launch, arch: int):
     source = ASTSource(kernel, signature, constexprs, attrs)
     named = {kernel.arg_names[path[0]]: value for path, value in constexprs.items()
              if kernel.arg_names[path[0]].isupper()}
-    return source, target, options, (arch, source.hash(), repr(sorted(options.__dict__.items()))), named
+    options_text = repr(sorted(options.__dict__.items()))
+    key = hashlib.sha256(f"{arch}|{source.hash()}|{options_text}".encode()).hexdigest()
+    return source, target, options, key, named
 
 
-def compile_source(source, target, options):
-    """Compiles for a GPU; returns (compiled kernel, ptxas -v log)."""
+def _ptxas_number(pattern: str, log: str) -> int:
+    values = [int(value) for value in re.findall(pattern, log)]
+    return max(values) if values else 0
+
+
+def compile_source(source, target, options) -> dict:
+    """Compiles for a GPU; returns what the checks read: registers, spills, shared memory, approximate maths."""
     log = io.StringIO()
     # always_compile: a cache hit would skip ptxas and leave no log to read
     with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope(), contextlib.redirect_stdout(log):
         triton.knobs.nvidia.dump_ptxas_log = True
         triton.knobs.compilation.always_compile = True
         compiled = triton.compile(source, target=target, options=options.__dict__)
-    if "Used" not in log.getvalue():
-        raise RuntimeError(f"no ptxas -v report for {source.name}:\n{log.getvalue()}")
-    return compiled, log.getvalue()
-
-
-def run(archs=ARCHS, dims=DIMS, dtypes=DTYPES, frame_counts=FRAME_COUNTS, extra_cases=EXTRA_CASES, echo=True):
-    """One line per (arch, kernel, dtype, D, F) case; cases that share a specialisation compile once."""
-    results, compiled_by_key = [], {}
-    cases = list(itertools.product(dtypes, frame_counts)) + list(extra_cases)
-    for arch, (dtype, num_frames), dim in itertools.product(archs, cases, dims):
-        for name, launch in _launches(dim, num_frames, dtype):
-            source, target, options, key, constexprs = specialise(launch, arch)
-            if key not in compiled_by_key:
-                compiled_by_key[key] = compile_source(source, target, options)
-            compiled, log = compiled_by_key[key]
-            result = Result(
-                arch=arch, kernel=name, dtype=str(dtype).removeprefix("torch."), dim=dim, frames=num_frames,
-                constexprs=" ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(constexprs.items())),
-                registers=_ptxas_number(r"Used (\d+) registers", log),
+    log = log.getvalue()
+    if "Used" not in log:
+        raise RuntimeError(f"no ptxas -v report for {source.name}:\n{log}")
+    return dict(registers=_ptxas_number(r"Used (\d+) registers", log),
                 spill_stores=_ptxas_number(r"(\d+) bytes spill stores", log),
                 spill_loads=_ptxas_number(r"(\d+) bytes spill loads", log),
                 shared_bytes=compiled.metadata.shared,
-            )
-            results.append(result)
-            if echo:
-                print(f"sm_{arch} {name:8s} {result.dtype:8s} D={dim:5d} F={num_frames:2d} {result.constexprs} "
-                      f"regs={result.registers} spills={result.spill_stores}/{result.spill_loads} "
-                      f"smem={result.shared_bytes}", flush=True)
-    return results, len(compiled_by_key)
+                approximate=sorted(set(APPROXIMATE.findall(compiled.asm["ptx"]))))
+
+
+def _compile_job(job) -> tuple[str, dict]:
+    """In a worker process: rebuild the launch of (case, launch index, arch) and compile it."""
+    case, index, arch = job
+    _, launch = list(launches(case))[index]
+    source, target, options, key, _ = specialise(launch, arch)
+    return key, compile_source(source, target, options)
+
+
+def _load_cache(use: bool) -> dict:
+    if not use or not CACHE.exists():
+        return {}
+    try:
+        return json.loads(CACHE.read_text())
+    except ValueError:
+        return {}
+
+
+def run(archs=tuple(SHARED_LIMITS), case_list=None, jobs=2, use_cache=True, echo=True):
+    """One Result per distinct (arch, kernel specialisation), with how many cases launch it."""
+    case_list = list(cases()) if case_list is None else case_list
+    distinct = {}  # key -> [arch, name, dtypes, constexprs, job, count]
+    for case, arch in itertools.product(case_list, archs):
+        for index, (name, launch) in enumerate(launches(case)):
+            _, _, _, key, constexprs = specialise(launch, arch)
+            if key in distinct:
+                distinct[key][5] += 1
+                continue
+            text = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(constexprs.items()))
+            dtypes = f"{str(case.proj_dtype)[6:]}/{str(case.target_dtype)[6:]}"
+            distinct[key] = [arch, name, dtypes, text, (case, index, arch), 1]
+    cache = _load_cache(use_cache)
+    todo = [entry[4] for key, entry in distinct.items() if key not in cache]
+    if todo:
+        if jobs > 1 and len(todo) > 1:
+            with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
+                cache.update(pool.map(_compile_job, todo, chunksize=1))
+        else:
+            cache.update(map(_compile_job, todo))
+        if use_cache:
+            CACHE.parent.mkdir(parents=True, exist_ok=True)
+            CACHE.write_text(json.dumps(cache))
+    results = []
+    for key, (arch, name, dtypes, constexprs, _, count) in sorted(distinct.items(), key=lambda item: item[1][:4]):
+        result = Result(arch=arch, kernel=name, dtypes=dtypes, cases=count, constexprs=constexprs,
+                        shared_limit=SHARED_LIMITS[arch], **cache[key])
+        results.append(result)
+        if echo:
+            print(f"sm_{arch} {name:8s} {dtypes:17s} {constexprs} regs={result.registers} "
+                  f"spills={result.spill_stores}/{result.spill_loads} smem={result.shared_bytes}/{result.shared_limit}"
+                  f"{' approx=' + ','.join(result.approximate) if result.approximate else ''} ({count} cases)",
+                  flush=True)
+    return results, len(todo)
+
+
+def failures(results) -> list[str]:
+    problems = []
+    for r in results:
+        where = f"sm_{r.arch} {r.kernel} {r.dtypes} {r.constexprs}"
+        if r.spill_stores or r.spill_loads:
+            problems.append(f"{where}: spills {r.spill_stores}/{r.spill_loads} bytes")
+        if r.shared_bytes > r.shared_limit:
+            problems.append(f"{where}: {r.shared_bytes} bytes of shared memory > {r.shared_limit}")
+        if r.approximate:
+            problems.append(f"{where}: approximate maths in the PTX: {', '.join(r.approximate)}")
+    return problems
+
+
+QUICK = dict(archs=(86, 90), case_list=list(cases(dims=(1536,), tokens=(3600,), frame_cases=FRAME_CASES[::2] + (
+    FRAME_CASES[-1],))))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="sm_90 only, D=768 and 1536, F=13 (for the tests)")
+    parser.add_argument("--quick", action="store_true",
+                        help="sm_86 and sm_90, D=1536, N=3600, one case per frame tiling (for the tests)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
+    parser.add_argument("--jobs", type=int, default=2, help="compile in this many processes (default 2)")
+    parser.add_argument("--no-cache", action="store_true", help=f"ignore and do not write {CACHE}")
     args = parser.parse_args()
-    if args.quick:
-        results, compiled = run(archs=(90,), dims=(768, 1536), frame_counts=(13,), extra_cases=(), echo=not args.json)
-    else:
-        results, compiled = run(echo=not args.json)
-    spilling = [r for r in results if r.spill_stores or r.spill_loads]
+    chosen = QUICK if args.quick else {}
+    results, compiled = run(**chosen, jobs=args.jobs, use_cache=not args.no_cache, echo=not args.json)
+    problems = failures(results)
     if args.json:
         print(json.dumps([asdict(r) for r in results]))
-    print(f"{len(results)} cases, {compiled} distinct kernels compiled, {len(spilling)} cases with register spills",
-          file=sys.stderr)
-    return 1 if spilling else 0
+    for problem in problems:
+        print(f"compile_triton: {problem}", file=sys.stderr)
+    print(f"{sum(r.cases for r in results)} launches, {len(results)} distinct kernels ({compiled} compiled now, the "
+          f"rest cached), {len(problems)} problems", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

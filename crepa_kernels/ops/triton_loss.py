@@ -63,8 +63,6 @@ BF16_DOT = not INTERPRETED
 
 # One window covers up to this many frames; longer videos are tiled (see module docstring).
 MAX_SINGLE_WINDOW_FRAMES = 32
-# Largest window a program holds: G alone is FRAMES^2 floats per token.
-MAX_WINDOW_FRAMES = 128
 # Smallest window, and smallest BLOCK_D: tl.dot needs every non-batch dimension >= 16.
 MIN_DOT_DIM = 16
 # CUDA's launch limits: gridDim.x < 2^31, gridDim.y and gridDim.z <= 65,535. Tests lower MAX_GRID_X to exercise
@@ -110,9 +108,9 @@ def call_unsupported_reason(proj, target, options: LossOptions) -> str | None:
     try:
         tiling = frame_tiling(num_frames, max_offset(options, num_frames))
         for kernel in ("forward", "backward"):
-            config = launch_config(kernel, dim, tiling.frames, dot_dtype(kernel, proj.dtype, target.dtype))
+            config = launch_config(kernel, dim, tiling, dot_dtype(kernel, proj.dtype, target.dtype))
             plan_grid(batch * triton.cdiv(num_tokens, config.block_n) * tiling.num_tiles)
-    except (NotImplementedError, ValueError) as error:
+    except ValueError as error:
         return str(error)
     return None
 
@@ -123,10 +121,18 @@ def call_unsupported_reason(proj, target, options: LossOptions) -> str | None:
 
 @dataclass(frozen=True)
 class FrameTiling:
+    """How the F frames are cut among programs. A program writes ``rows_per_tile`` frames; it reads a row window of
+    FRAMES frames starting ``halo`` frames before them, and pairs it with the column windows shifted by
+    -shifts..shifts whole windows (shifts = 0: the row window is its own column window)."""
     frames: int  # FRAMES: the window size (constexpr)
     rows_per_tile: int  # frames each program writes
     halo: int  # extra frames read on each side of the written rows
     num_tiles: int
+    shifts: int = 0
+
+    @property
+    def shifted(self) -> bool:
+        return self.shifts > 0
 
 
 @dataclass(frozen=True)
@@ -143,31 +149,40 @@ def max_offset(options: LossOptions, num_frames: int) -> int:
 
 
 def frame_tiling(num_frames: int, halo: int) -> FrameTiling:
-    """One window when F <= 32; otherwise the smallest window that writes >= 16 rows per tile."""
+    """The tiling of F frames whose neighbours lie up to ``halo`` frames away; windows never exceed 32 frames.
+
+    * F <= 32: one window holds every frame (16 or 32 frames: tl.dot needs >= 16); each element is read once.
+    * Longer videos, halo mode: 32-frame windows that write their 32 - 2 halo middle frames and read `halo` more
+      on each side, so every pair of a written frame lies inside the window.
+    * Longer videos, shifted mode: each window writes all 32 of its frames and visits the column windows
+      -s..s (s = ceil(halo / 32)) whole windows away, one after the other, so distant neighbours cost further
+      tiles instead of a wider window (a 64- or 128-frame window spilled and outgrew the shared memory of
+      sm_86/sm_89).
+    The mode that reads fewer windows wins: halo mode up to halo = 10, e.g. d = 1 reads 1.07x the input.
+    """
     if num_frames <= MAX_SINGLE_WINDOW_FRAMES:
         frames = max(MIN_DOT_DIM, triton.next_power_of_2(num_frames))
         return FrameTiling(frames, num_frames, 0, 1)
     frames = MAX_SINGLE_WINDOW_FRAMES
-    while frames - 2 * halo < 16:
-        frames *= 2
-    if frames > MAX_WINDOW_FRAMES:
-        raise NotImplementedError(
-            f"triton backend: a neighbour offset of {halo} frames with F={num_frames} needs a frame window of "
-            f"{frames} > {MAX_WINDOW_FRAMES} frames; use the cuda or reference backend"
-        )
+    shifts = triton.cdiv(halo, frames)
+    shifted = FrameTiling(frames, frames, 0, triton.cdiv(num_frames, frames), shifts)
     rows = frames - 2 * halo
-    return FrameTiling(frames, rows, halo, triton.cdiv(num_frames, rows))
+    if rows < 1:
+        return shifted
+    halo_mode = FrameTiling(frames, rows, halo, triton.cdiv(num_frames, rows))
+    return halo_mode if halo_mode.num_tiles <= shifted.num_tiles * (2 * shifts + 1) else shifted
 
 
-def launch_config(kernel: str, dim: int, frames: int, dtype: torch.dtype) -> LaunchConfig:
-    """Tile sizes for ``kernel`` ("forward" or "backward") from D, the window size and the tl.dot dtype.
+def launch_config(kernel: str, dim: int, tiling: FrameTiling, dtype: torch.dtype) -> LaunchConfig:
+    """Tile sizes for ``kernel`` ("forward" or "backward") from D, the frame tiling and the tl.dot dtype.
 
     * A program's tile is BLOCK_N x FRAMES x BLOCK_D per input: ~2-4K elements per tile with 4 warps keeps each
       input tile at <= 32 registers per thread; BLOCK_D = 64 bf16 = 128 bytes keeps each row load on a full line.
     * The forward also holds G, BLOCK_N * FRAMES^2 accumulators in the mma layout: BLOCK_N = 4 at FRAMES = 16,
-      one token column per program from FRAMES = 32 up (BLOCK_N = 2 spilled on sm_90).
+      one token column per program at FRAMES = 32 (BLOCK_N = 2 spilled on sm_90).
     * The backward holds A (BLOCK_N * FRAMES^2, as bf16 hi/lo dot operands) and two output tiles, so it takes
-      half the forward's BLOCK_D and can afford BLOCK_N = 2 at FRAMES = 32.
+      half the forward's BLOCK_D and can afford BLOCK_N = 2 at FRAMES = 32. In shifted mode it also builds each
+      column window's A inside the D loop: one token column per program.
     * fp32 inputs run tl.dot on FMA units (input_precision="ieee"), whose operand layouts cost more registers:
       the forward's BLOCK_D drops to 16 (32 spilled on sm_80 and sm_90), the backward's too. fp64 (gradcheck,
       not speed) also halves the forward's BLOCK_N at FRAMES = 16 (4 spilled on sm_90).
@@ -175,13 +190,15 @@ def launch_config(kernel: str, dim: int, frames: int, dtype: torch.dtype) -> Lau
       drops below 16 (tl.dot).
     * num_stages = 2: the D loop is a plain streaming loop; one tile in flight hides the latency, more stages
       only cost shared memory (each stage holds both input tiles).
-    Checked with tools/compile_triton.py: no spills on sm_80 / sm_90 for D in {768, 1024, 1152, 1536}.
+    tools/compile_triton.py checks every configuration this returns: no spills, shared memory within each
+    architecture's per-block limit.
     """
+    frames = tiling.frames
     if kernel == "forward":
         block_n = (2 if dtype == torch.float64 else 4) if frames <= 16 else 1
         block_d = {torch.float64: 16, torch.float32: 16}.get(dtype, 64)
     else:
-        block_n = max(1, 64 // frames)
+        block_n = 1 if tiling.shifted else max(1, 64 // frames)
         block_d = {torch.float64: 16, torch.float32: 16}.get(dtype, 32)
     block_d = max(MIN_DOT_DIM, min(block_d, triton.next_power_of_2(dim)))
     # the 16-bit forward keeps G and both operand tiles in mma layouts; 4 warps spilled on sm_90
@@ -212,6 +229,15 @@ def band_slots(options: LossOptions, num_frames: int) -> tuple[int, int, int]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
+#
+# Maths that reaches the result is IEEE-rounded on hardware as under the interpreter: tl.sqrt_rn and tl.div_rn
+# (tl.sqrt and "/" compile to sqrt.approx.ftz.f32 and div.full.f32), and the weights exp(-delta / tau) come from
+# a fp64 exp in _neighbour_table_kernel (libdevice: an FMA polynomial; tl.exp in fp32 is ex2.approx).
+
+# scalar arguments that only steer loops and masks: specialising on their value (== 1, divisible by 16) would
+# compile a kernel per neighbour range and token count for nothing
+_RUNTIME_ONLY = ["num_batches", "num_frames", "num_tokens", "rows_per_tile", "halo", "shifts", "num_tiles",
+                 "num_token_blocks", "near", "far", "slot_first", "slot_step", "num_slots"]
 
 if triton is not None:
 
@@ -228,6 +254,21 @@ if triton is not None:
         return x.to(ptr.dtype.element_ty)
 
     @triton.jit
+    def _div(x, y, COMPUTE: tl.constexpr):
+        """x / y rounded to nearest: tl.div_rn takes fp32 only, and fp64 "/" is div.rn.f64 already."""
+        if COMPUTE == tl.float64:
+            return x / y
+        else:
+            return tl.div_rn(x, y)
+
+    @triton.jit
+    def _sqrt(x, COMPUTE: tl.constexpr):
+        if COMPUTE == tl.float64:
+            return tl.sqrt(x)
+        else:
+            return tl.sqrt_rn(x)
+
+    @triton.jit
     def _work_item(num_batches, num_token_blocks, num_tiles):
         """(batch, token block, frame tile) of this program. The grid is one flat list of work items laid over
         axes 0 and 1 (plan_grid), token blocks fastest: gridDim.y/z stop at 65,535, gridDim.x at 2^31 - 1. Items
@@ -237,172 +278,263 @@ if triton is not None:
         rest = item // num_token_blocks
         return rest // num_tiles, token_block, rest % num_tiles
 
+    @triton.jit(do_not_specialize=["num_frames", "near", "far", "z_far"])
+    def _neighbour_table_kernel(weight_ptr, z_ptr, num_frames, near, far, z_far, inv_tau_hi, inv_tau_lo,
+                                BLOCK: tl.constexpr):
+        """weight[delta] = C's numerator for frames delta apart (1 at 0, exp(-delta / tau) at neighbour distances
+        near..far, else 0) and z[f] = Z_f (1 + the weights of f's neighbours inside [0, F) at distances
+        near..z_far; z_far = near - 1 without normalize_weights), for delta, f < F. One program, fp64 maths."""
+        inv_tau = _unsplit(inv_tau_hi, inv_tau_lo, tl.float64)
+        for start in range(0, num_frames, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            ok = i < num_frames
+            exact = tl.exp(-(i.to(tl.float64) * inv_tau))
+            weight = tl.where(i == 0, 1.0, tl.where((i >= near) & (i <= far), exact, 0.0))
+            z = tl.full((BLOCK,), 1.0, tl.float64)
+            for distance in range(near, z_far + 1):
+                w = tl.exp(-(distance * inv_tau))
+                z += tl.where(i - distance >= 0, w, 0.0) + tl.where(i + distance < num_frames, w, 0.0)
+            tl.store(weight_ptr + i, weight.to(weight_ptr.dtype.element_ty), mask=ok)
+            tl.store(z_ptr + i, z.to(z_ptr.dtype.element_ty), mask=ok)
+
     @triton.jit
-    def _coefficients(frames, num_frames, near, far, z_far, inv_tau, COMPUTE: tl.constexpr):
-        """(C[f, k], is_term[f, k]) for the window frames f (rows) and k (columns), both [FRAMES, FRAMES].
-
-        is_term marks the pairs that enter L[f] (k = f or a neighbour, both inside [0, F)); C is zero elsewhere.
-
-        Neighbours are the frames at distance near..far (adjacent: d..d, cumulative: 1..d, none: 1..0); Z_f sums
-        the weights of distances near..z_far (z_far = near - 1, an empty range, without normalize_weights). Z_f is
-        summed over all of f's neighbours, not the window's: halo rows have neighbours outside the window.
-        """
-        delta = frames[None, :] - frames[:, None]
+    def _pair_weights(rows, cols, weight_ptr, num_frames, near, far):
+        """(w[f, k], is_term[f, k]) for row frames f and column frames k ([FRAMES] each): is_term marks the pairs
+        that enter L[f] (k = f or a neighbour, both inside [0, F)); w is the table's weight there, 0 elsewhere."""
+        delta = cols[None, :] - rows[:, None]
         distance = tl.abs(delta)
-        is_neighbour = (distance >= near) & (distance <= far)
-        inside = (frames >= 0) & (frames < num_frames)
-        weight = tl.exp(-distance.to(COMPUTE) * inv_tau)
-        is_term = ((delta == 0) | is_neighbour) & inside[:, None] & inside[None, :]
-        coefficient = tl.where(is_term, tl.where(delta == 0, 1.0, weight), 0.0).to(COMPUTE)
-        z = tl.full(frames.shape, 1.0, COMPUTE)
-        for offset in range(near, z_far + 1):
-            w = tl.exp(-(offset * inv_tau))
-            z += tl.where(frames - offset >= 0, w, 0.0) + tl.where(frames + offset < num_frames, w, 0.0)
-        return coefficient / z[:, None], is_term
+        inside = ((rows >= 0) & (rows < num_frames))[:, None] & ((cols >= 0) & (cols < num_frames))[None, :]
+        is_term = ((delta == 0) | ((distance >= near) & (distance <= far))) & inside
+        return tl.load(weight_ptr + distance, mask=is_term, other=0.0), is_term
 
     @triton.jit
+    def _row_scale(grad_loss_ptr, z_ptr, batch, frames, frame_ok, num_frames, num_tokens, COMPUTE: tl.constexpr):
+        """-grad_L[f] / (Z_f N) for the frames f: alpha[f, k] = this times w(|k - f|)."""
+        grad_loss = tl.load(grad_loss_ptr + batch * num_frames + frames, mask=frame_ok, other=0.0).to(COMPUTE)
+        z = tl.load(z_ptr + frames, mask=frame_ok, other=1.0)
+        return _div(_div(-grad_loss, z, COMPUTE), tl.cast(num_tokens, COMPUTE), COMPUTE)
+
+    @triton.jit
+    def _a_matrix(rows, cols, weight_ptr, row_scale, inv_p, inv_y, num_frames, near, far):
+        """A[n, f, k] = alpha[f, k] / (|p_f| |y_k|) (clamped norms) for row frames f and column frames k."""
+        w, _ = _pair_weights(rows, cols, weight_ptr, num_frames, near, far)
+        return (row_scale[:, None] * w)[None, :, :] * inv_p[:, :, None] * inv_y[:, None, :]
+
+    @triton.jit
+    def _dot_split(a_hi, a_lo, x):
+        return tl.dot(a_hi, x, tl.dot(a_lo, x, out_dtype=tl.float32), out_dtype=tl.float32)
+
+    @triton.jit
+    def _dot_a(a, x, SPLIT_BF16_DOT: tl.constexpr, COMPUTE: tl.constexpr):
+        """a @ x with a in COMPUTE: for bf16 x as hi + lo bf16 halves of a on tensor cores, else in COMPUTE."""
+        if SPLIT_BF16_DOT:
+            a_hi = a.to(tl.bfloat16)
+            return _dot_split(a_hi, (a - a_hi.to(tl.float32)).to(tl.bfloat16), x)
+        else:
+            return tl.dot(a, x.to(COMPUTE), input_precision="ieee", out_dtype=COMPUTE)
+
+    @triton.jit
+    def _stats(norm_ptr, batch, frames, tokens, ok, num_frames, num_tokens):
+        return tl.load(norm_ptr + batch * num_frames * num_tokens + frames[None, :] * num_tokens + tokens[:, None],
+                       mask=ok, other=1.0)
+
+    @triton.jit(do_not_specialize=_RUNTIME_ONLY)
     def _crepa_forward_kernel(
-        proj_ptr, target_ptr, p_norm_ptr, y_norm_ptr, band_ptr, partial_ptr,
+        proj_ptr, target_ptr, p_norm_ptr, y_norm_ptr, band_ptr, partial_ptr, weight_ptr, z_ptr,
         num_batches, num_frames, num_tokens, dim,
         sp_b, sp_f, sp_n, sp_d, sy_b, sy_f, sy_n, sy_d,
-        rows_per_tile, halo, num_tiles, num_token_blocks,
-        near, far, z_far, inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
+        rows_per_tile, halo, shifts, num_tiles, num_token_blocks,
+        near, far, eps_hi, eps_lo,
         slot_first, slot_step, num_slots,
         FP64: tl.constexpr, NATIVE_DOT: tl.constexpr,
         FRAMES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         COMPUTE: tl.constexpr = tl.float64 if FP64 else tl.float32
-        inv_tau = _unsplit(inv_tau_hi, inv_tau_lo, COMPUTE)
         eps = _unsplit(eps_hi, eps_lo, COMPUTE)
         batch, token_block, tile = _work_item(num_batches, num_token_blocks, num_tiles)
         first_row = tile * rows_per_tile
-        frames = first_row - halo + tl.arange(0, FRAMES).to(tl.int64)  # the window
+        window = tl.arange(0, FRAMES).to(tl.int64)
+        rows = first_row - halo + window  # the row window: proj frames f
         tokens = token_block * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        frame_ok = (frames >= 0) & (frames < num_frames) & (batch < num_batches)
-        token_ok = tokens < num_tokens
+        row_ok = (rows >= 0) & (rows < num_frames)
+        token_ok = (tokens < num_tokens) & (batch < num_batches)
         dims = tl.arange(0, BLOCK_D).to(tl.int64)
-
-        p_row = proj_ptr + batch * sp_b + tokens[:, None, None] * sp_n + frames[None, :, None] * sp_f
-        y_row = target_ptr + batch * sy_b + tokens[:, None, None] * sy_n + frames[None, :, None] * sy_f
-        row_ok = token_ok[:, None, None] & frame_ok[None, :, None]
-
-        gram = tl.zeros((BLOCK_N, FRAMES, FRAMES), COMPUTE)
-        p_squares = tl.zeros((BLOCK_N, FRAMES), COMPUTE)
-        y_squares = tl.zeros((BLOCK_N, FRAMES), COMPUTE)
-        for d0 in range(0, dim, BLOCK_D):
-            d = d0 + dims
-            mask = row_ok & (d < dim)[None, None, :]
-            p = tl.load(p_row + d[None, None, :] * sp_d, mask=mask, other=0.0)
-            y = tl.load(y_row + d[None, None, :] * sy_d, mask=mask, other=0.0)
-            p_wide = p.to(COMPUTE)
-            y_wide = y.to(COMPUTE)
-            p_squares += tl.sum(p_wide * p_wide, axis=2)
-            y_squares += tl.sum(y_wide * y_wide, axis=2)
-            if NATIVE_DOT:
-                gram = tl.dot(p, tl.trans(y, (0, 2, 1)), gram, out_dtype=COMPUTE)
-            else:
-                gram = tl.dot(p_wide, tl.trans(y_wide, (0, 2, 1)), gram, input_precision="ieee", out_dtype=COMPUTE)
-
-        p_norm = tl.maximum(tl.sqrt(p_squares), eps)
-        y_norm = tl.maximum(tl.sqrt(y_squares), eps)
-        cosine = gram / (p_norm[:, :, None] * y_norm[:, None, :])  # [BLOCK_N, f, k]
-        coefficient, is_term = _coefficients(frames, num_frames, near, far, z_far, inv_tau, COMPUTE)
-        # select, not multiply by a zero coefficient: a NaN cosine of an unrelated frame pair must not leak in
-        weighted = tl.sum(tl.where(is_term[None, :, :], cosine * coefficient[None, :, :], 0.0), axis=2)  # [BLOCK_N, f]
-
+        p_row = proj_ptr + batch * sp_b + tokens[:, None, None] * sp_n + rows[None, :, None] * sp_f
+        p_ok = token_ok[:, None, None] & row_ok[None, :, None]
         # this program writes only its own rows; the halo rows belong to the neighbouring tiles
-        writes = frame_ok & (frames >= first_row) & (frames < first_row + rows_per_tile)
+        writes = row_ok & (rows >= first_row) & (rows < first_row + rows_per_tile)
         out_ok = token_ok[:, None] & writes[None, :]
-        stat = batch * num_frames * num_tokens + frames[None, :] * num_tokens + tokens[:, None]
-        tl.store(p_norm_ptr + stat, p_norm, mask=out_ok)
-        tl.store(y_norm_ptr + stat, y_norm, mask=out_ok)
-        delta = frames[None, :] - frames[:, None]  # k - f
-        band_row = band_ptr + batch * num_frames * num_slots * num_tokens + frames[None, :] * num_slots * num_tokens \
+        z = tl.load(z_ptr + rows, mask=row_ok, other=1.0)
+        band_row = band_ptr + batch * num_frames * num_slots * num_tokens + rows[None, :] * num_slots * num_tokens \
             + tokens[:, None]
-        for slot in range(num_slots):
-            offset = slot_first + slot * slot_step
-            band = tl.sum(tl.where((delta == offset)[None, :, :], cosine, 0.0), axis=2)
-            tl.store(band_row + slot * num_tokens, band, mask=out_ok)
-        partial = tl.sum(tl.where(out_ok, weighted, 0.0), axis=0)
-        tl.store(partial_ptr + (batch * num_frames + frames) * num_token_blocks + token_block, partial, mask=writes)
 
-    @triton.jit
+        weighted = tl.zeros((BLOCK_N, FRAMES), COMPUTE)
+        for shift in range(-shifts, shifts + 1):
+            cols = rows + shift * FRAMES  # the column window: target frames k
+            col_ok = (cols >= 0) & (cols < num_frames)
+            y_row = target_ptr + batch * sy_b + tokens[:, None, None] * sy_n + cols[None, :, None] * sy_f
+            y_ok = token_ok[:, None, None] & col_ok[None, :, None]
+            w, is_term = _pair_weights(rows, cols, weight_ptr, num_frames, near, far)
+            # G[n, f, k] = p_f . y_k over D, with the squared norms
+            gram = tl.zeros((BLOCK_N, FRAMES, FRAMES), COMPUTE)
+            p_squares = tl.zeros((BLOCK_N, FRAMES), COMPUTE)
+            y_squares = tl.zeros((BLOCK_N, FRAMES), COMPUTE)
+            if tl.max(is_term.to(tl.int32)) > 0:  # shifted windows between the offsets of a large adjacent d
+                for d0 in range(0, dim, BLOCK_D):
+                    d = d0 + dims
+                    d_ok = (d < dim)[None, None, :]
+                    p = tl.load(p_row + d[None, None, :] * sp_d, mask=p_ok & d_ok, other=0.0)
+                    y = tl.load(y_row + d[None, None, :] * sy_d, mask=y_ok & d_ok, other=0.0)
+                    p_wide = p.to(COMPUTE)
+                    y_wide = y.to(COMPUTE)
+                    p_squares += tl.sum(p_wide * p_wide, axis=2)
+                    y_squares += tl.sum(y_wide * y_wide, axis=2)
+                    if NATIVE_DOT:
+                        gram = tl.dot(p, tl.trans(y, (0, 2, 1)), gram, out_dtype=COMPUTE)
+                    else:
+                        gram = tl.dot(p_wide, tl.trans(y_wide, (0, 2, 1)), gram, input_precision="ieee",
+                                      out_dtype=COMPUTE)
+            p_norm = tl.maximum(_sqrt(p_squares, COMPUTE), eps)
+            y_norm = tl.maximum(_sqrt(y_squares, COMPUTE), eps)
+            cosine = _div(gram, p_norm[:, :, None] * y_norm[:, None, :], COMPUTE)  # [BLOCK_N, f, k]
+            coefficient = _div(w, z[:, None], COMPUTE)
+            # select, not multiply by a zero coefficient: a NaN cosine of an unrelated frame pair must not leak in
+            weighted += tl.sum(tl.where(is_term[None, :, :], cosine * coefficient[None, :, :], 0.0), axis=2)
+
+            # the diagonal window's column frames are the rows: their norms are written from it
+            stat = batch * num_frames * num_tokens + rows[None, :] * num_tokens + tokens[:, None]
+            tl.store(p_norm_ptr + stat, p_norm, mask=out_ok & (shift == 0))
+            tl.store(y_norm_ptr + stat, y_norm, mask=out_ok & (shift == 0))
+            delta = cols[None, :] - rows[:, None]
+            for slot in range(num_slots):
+                offset = slot_first + slot * slot_step
+                # cos(p_f, y_{f + offset}) is written by the window holding frame f + offset (clamped to the
+                # visited ones, for frames outside the video: their cosine is 0 in every window)
+                owner = (window + offset + (shifts + 1) * FRAMES) // FRAMES - (shifts + 1)
+                owner = tl.minimum(tl.maximum(owner, -shifts), shifts)
+                band = tl.sum(tl.where((delta == offset)[None, :, :], cosine, 0.0), axis=2)
+                tl.store(band_row + slot * num_tokens, band, mask=out_ok & (owner == shift)[None, :])
+        partial = tl.sum(tl.where(out_ok, weighted, 0.0), axis=0)
+        tl.store(partial_ptr + (batch * num_frames + rows) * num_token_blocks + token_block, partial,
+                 mask=writes & (batch < num_batches))
+
+    @triton.jit(do_not_specialize=_RUNTIME_ONLY)
     def _crepa_backward_kernel(
         proj_ptr, target_ptr, p_norm_ptr, y_norm_ptr, band_ptr, grad_loss_ptr, grad_proj_ptr, grad_target_ptr,
+        weight_ptr, z_ptr,
         num_batches, num_frames, num_tokens, dim,
         sp_b, sp_f, sp_n, sp_d, sy_b, sy_f, sy_n, sy_d,
         gp_b, gp_f, gp_n, gp_d, gy_b, gy_f, gy_n, gy_d,
-        rows_per_tile, halo, num_tiles, num_token_blocks,
-        near, far, z_far, inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
+        rows_per_tile, halo, shifts, num_tiles, num_token_blocks,
+        near, far, eps_hi, eps_lo,
         slot_first, slot_step, num_slots,
-        FP64: tl.constexpr, SPLIT_BF16_DOT: tl.constexpr,
+        FP64: tl.constexpr, SPLIT_BF16_DOT: tl.constexpr, SHIFTED: tl.constexpr,
         TARGET_GRAD: tl.constexpr, FRAMES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         COMPUTE: tl.constexpr = tl.float64 if FP64 else tl.float32
-        inv_tau = _unsplit(inv_tau_hi, inv_tau_lo, COMPUTE)
         eps = _unsplit(eps_hi, eps_lo, COMPUTE)
         batch, token_block, tile = _work_item(num_batches, num_token_blocks, num_tiles)
         first_row = tile * rows_per_tile
-        frames = first_row - halo + tl.arange(0, FRAMES).to(tl.int64)
+        rows = first_row - halo + tl.arange(0, FRAMES).to(tl.int64)
         tokens = token_block * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        frame_ok = (frames >= 0) & (frames < num_frames) & (batch < num_batches)
-        token_ok = tokens < num_tokens
+        row_ok = (rows >= 0) & (rows < num_frames)
+        batch_ok = batch < num_batches
+        token_ok = (tokens < num_tokens) & batch_ok
         dims = tl.arange(0, BLOCK_D).to(tl.int64)
-        stat_ok = token_ok[:, None] & frame_ok[None, :]
+        stat_ok = token_ok[:, None] & row_ok[None, :]
 
-        # the per-token statistics of every window frame, halo included
-        stat = batch * num_frames * num_tokens + frames[None, :] * num_tokens + tokens[:, None]
-        p_norm = tl.load(p_norm_ptr + stat, mask=stat_ok, other=1.0)
-        y_norm = tl.load(y_norm_ptr + stat, mask=stat_ok, other=1.0)
-        grad_loss = tl.load(grad_loss_ptr + batch * num_frames + frames, mask=frame_ok, other=0.0).to(COMPUTE)
-        coefficient, _ = _coefficients(frames, num_frames, near, far, z_far, inv_tau, COMPUTE)
-        alpha = -grad_loss[:, None] * coefficient / num_tokens  # [f, k]
+        p_norm = _stats(p_norm_ptr, batch, rows, tokens, stat_ok, num_frames, num_tokens)
+        y_norm = _stats(y_norm_ptr, batch, rows, tokens, stat_ok, num_frames, num_tokens)
+        row_scale = _row_scale(grad_loss_ptr, z_ptr, batch, rows, row_ok & batch_ok, num_frames, num_tokens, COMPUTE)
 
-        delta = frames[None, :] - frames[:, None]
-        band_row = band_ptr + batch * num_frames * num_slots * num_tokens + frames[None, :] * num_slots * num_tokens \
-            + tokens[:, None]
-        alpha_cosine = tl.zeros((BLOCK_N, FRAMES, FRAMES), COMPUTE)
+        # s_p[f] = sum_k alpha[f, k] cos[f, k] and s_y[k] = sum_f alpha[f, k] cos[f, k], from the saved band
+        band_column = band_ptr + batch * num_frames * num_slots * num_tokens + tokens[:, None]
+        s_p = tl.zeros((BLOCK_N, FRAMES), COMPUTE)
+        s_y = tl.zeros((BLOCK_N, FRAMES), COMPUTE)
         for slot in range(num_slots):
             offset = slot_first + slot * slot_step
-            band = tl.load(band_row + slot * num_tokens, mask=stat_ok, other=0.0)
-            alpha_cosine += tl.where((delta == offset)[None, :, :], band[:, :, None] * alpha[None, :, :], 0.0)
-        p_scale = tl.where(p_norm > eps, tl.sum(alpha_cosine, axis=2) / (p_norm * p_norm), 0.0)
-        y_scale = tl.where(y_norm > eps, tl.sum(alpha_cosine, axis=1) / (y_norm * y_norm), 0.0)
-        a = alpha[None, :, :] / (p_norm[:, :, None] * y_norm[:, None, :])  # [BLOCK_N, f, k]
-        a_t = tl.trans(a, (0, 2, 1))
-        if SPLIT_BF16_DOT:
-            a_hi = a.to(tl.bfloat16)
-            a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
-            a_t_hi = tl.trans(a_hi, (0, 2, 1))
-            a_t_lo = tl.trans(a_lo, (0, 2, 1))
+            w = tl.load(weight_ptr + tl.abs(offset))
+            as_row = tl.load(band_column + rows[None, :] * num_slots * num_tokens + slot * num_tokens, mask=stat_ok,
+                             other=0.0)  # cos(p_f, y_{f + offset}) for f = rows
+            k_ok = (rows + offset >= 0) & (rows + offset < num_frames)
+            s_p += tl.where(k_ok[None, :], as_row * (row_scale * w)[None, :], 0.0)
+            sources = rows - offset  # cos(p_{k - offset}, y_k) for k = rows
+            source_ok = (sources >= 0) & (sources < num_frames)
+            as_column = tl.load(band_column + sources[None, :] * num_slots * num_tokens + slot * num_tokens,
+                                mask=token_ok[:, None] & source_ok[None, :], other=0.0)
+            source_scale = _row_scale(grad_loss_ptr, z_ptr, batch, sources, source_ok & batch_ok, num_frames,
+                                      num_tokens, COMPUTE)
+            s_y += tl.where(source_ok[None, :], as_column * (source_scale * w)[None, :], 0.0)
+        p_scale = tl.where(p_norm > eps, _div(s_p, p_norm * p_norm, COMPUTE), 0.0)
+        y_scale = tl.where(y_norm > eps, _div(s_y, y_norm * y_norm, COMPUTE), 0.0)
+        one = tl.full((BLOCK_N, FRAMES), 1.0, COMPUTE)
+        inv_p = _div(one, p_norm, COMPUTE)
+        inv_y = _div(one, y_norm, COMPUTE)
+        if not SHIFTED:  # the window is its own column window: A once for the whole D sweep
+            a = _a_matrix(rows, rows, weight_ptr, row_scale, inv_p, inv_y, num_frames, near, far)
+            a_t = tl.trans(a, (0, 2, 1))
+            if SPLIT_BF16_DOT:
+                a_hi = a.to(tl.bfloat16)
+                a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+                a_t_hi = tl.trans(a_hi, (0, 2, 1))
+                a_t_lo = tl.trans(a_lo, (0, 2, 1))
 
-        p_row = proj_ptr + batch * sp_b + tokens[:, None, None] * sp_n + frames[None, :, None] * sp_f
-        y_row = target_ptr + batch * sy_b + tokens[:, None, None] * sy_n + frames[None, :, None] * sy_f
-        gp_row = grad_proj_ptr + batch * gp_b + tokens[:, None, None] * gp_n + frames[None, :, None] * gp_f
-        gy_row = grad_target_ptr + batch * gy_b + tokens[:, None, None] * gy_n + frames[None, :, None] * gy_f
-        row_ok = token_ok[:, None, None] & frame_ok[None, :, None]
-        writes = frame_ok & (frames >= first_row) & (frames < first_row + rows_per_tile)
+        p_row = proj_ptr + batch * sp_b + tokens[:, None, None] * sp_n + rows[None, :, None] * sp_f
+        y_row = target_ptr + batch * sy_b + tokens[:, None, None] * sy_n + rows[None, :, None] * sy_f
+        gp_row = grad_proj_ptr + batch * gp_b + tokens[:, None, None] * gp_n + rows[None, :, None] * gp_f
+        gy_row = grad_target_ptr + batch * gy_b + tokens[:, None, None] * gy_n + rows[None, :, None] * gy_f
+        row_load_ok = token_ok[:, None, None] & row_ok[None, :, None]
+        writes = row_ok & (rows >= first_row) & (rows < first_row + rows_per_tile)
         write_ok = token_ok[:, None, None] & writes[None, :, None]
         for d0 in range(0, dim, BLOCK_D):
             d = d0 + dims
             d_ok = (d < dim)[None, None, :]
-            p = tl.load(p_row + d[None, None, :] * sp_d, mask=row_ok & d_ok, other=0.0)
-            y = tl.load(y_row + d[None, None, :] * sy_d, mask=row_ok & d_ok, other=0.0)
+            p = tl.load(p_row + d[None, None, :] * sp_d, mask=row_load_ok & d_ok, other=0.0)
+            y = tl.load(y_row + d[None, None, :] * sy_d, mask=row_load_ok & d_ok, other=0.0)
             p_wide = p.to(COMPUTE)
             y_wide = y.to(COMPUTE)
-            if SPLIT_BF16_DOT:
-                grad_p = tl.dot(a_hi, y, tl.dot(a_lo, y, out_dtype=tl.float32), out_dtype=tl.float32)
+            if SHIFTED:
+                # grad_P[f] gathers A[f, k] y_k from every column window, grad_Y[k] gathers A[f, k] p_f from
+                # every row window; A is rebuilt per window from the saved norms (a few loads, no division)
+                grad_p = -(p_scale[:, :, None] * p_wide)
+                grad_y = -(y_scale[:, :, None] * y_wide)
+                for shift in range(-shifts, shifts + 1):
+                    cols = rows + shift * FRAMES
+                    col_ok = (cols >= 0) & (cols < num_frames)
+                    col_stat_ok = token_ok[:, None] & col_ok[None, :]
+                    col_load_ok = token_ok[:, None, None] & col_ok[None, :, None] & d_ok
+                    inv_y_cols = _div(one, _stats(y_norm_ptr, batch, cols, tokens, col_stat_ok, num_frames, num_tokens),
+                                      COMPUTE)
+                    a = _a_matrix(rows, cols, weight_ptr, row_scale, inv_p, inv_y_cols, num_frames, near, far)
+                    y_cols = tl.load(target_ptr + batch * sy_b + tokens[:, None, None] * sy_n
+                                     + cols[None, :, None] * sy_f + d[None, None, :] * sy_d, mask=col_load_ok,
+                                     other=0.0)
+                    grad_p += _dot_a(a, y_cols, SPLIT_BF16_DOT, COMPUTE)
+                    if TARGET_GRAD:
+                        inv_p_cols = _div(one, _stats(p_norm_ptr, batch, cols, tokens, col_stat_ok, num_frames,
+                                                      num_tokens), COMPUTE)
+                        col_scale = _row_scale(grad_loss_ptr, z_ptr, batch, cols, col_ok & batch_ok, num_frames,
+                                               num_tokens, COMPUTE)
+                        a_back = _a_matrix(cols, rows, weight_ptr, col_scale, inv_p_cols, inv_y, num_frames, near,
+                                           far)
+                        p_cols = tl.load(proj_ptr + batch * sp_b + tokens[:, None, None] * sp_n
+                                         + cols[None, :, None] * sp_f + d[None, None, :] * sp_d, mask=col_load_ok,
+                                         other=0.0)
+                        grad_y += _dot_a(tl.trans(a_back, (0, 2, 1)), p_cols, SPLIT_BF16_DOT, COMPUTE)
             else:
-                grad_p = tl.dot(a, y_wide, input_precision="ieee", out_dtype=COMPUTE)
-            grad_p -= p_scale[:, :, None] * p_wide
-            tl.store(gp_row + d[None, None, :] * gp_d, _to_element(grad_p, grad_proj_ptr),
-                     mask=write_ok & d_ok)
-            if TARGET_GRAD:
                 if SPLIT_BF16_DOT:
-                    grad_y = tl.dot(a_t_hi, p, tl.dot(a_t_lo, p, out_dtype=tl.float32), out_dtype=tl.float32)
+                    grad_p = _dot_split(a_hi, a_lo, y)
                 else:
-                    grad_y = tl.dot(a_t, p_wide, input_precision="ieee", out_dtype=COMPUTE)
-                grad_y -= y_scale[:, :, None] * y_wide
+                    grad_p = tl.dot(a, y_wide, input_precision="ieee", out_dtype=COMPUTE)
+                grad_p -= p_scale[:, :, None] * p_wide
+                if TARGET_GRAD:
+                    if SPLIT_BF16_DOT:
+                        grad_y = _dot_split(a_t_hi, a_t_lo, p)
+                    else:
+                        grad_y = tl.dot(a_t, p_wide, input_precision="ieee", out_dtype=COMPUTE)
+                    grad_y -= y_scale[:, :, None] * y_wide
+            tl.store(gp_row + d[None, None, :] * gp_d, _to_element(grad_p, grad_proj_ptr), mask=write_ok & d_ok)
+            if TARGET_GRAD:
                 tl.store(gy_row + d[None, None, :] * gy_d, _to_element(grad_y, grad_target_ptr),
                          mask=write_ok & d_ok)
 
@@ -453,17 +585,19 @@ def _device_guard(tensor: torch.Tensor):
 def _forward_setup(proj, target, options: LossOptions) -> tuple[_Plan, LaunchConfig, torch.dtype]:
     plan = _plan(options, proj.shape[1])
     dtype = dot_dtype("forward", proj.dtype, target.dtype)
-    return plan, launch_config("forward", proj.shape[3], plan.tiling.frames, dtype), dtype
+    return plan, launch_config("forward", proj.shape[3], plan.tiling, dtype), dtype
 
 
 def stats_shapes(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> dict[str, tuple[int, ...]]:
-    """Shapes of the buffers forward_into writes: norms [2, B, F, N], band [B, F, slots, N], partial [B, F, blocks]."""
+    """Shapes of the buffers forward_into writes: norms [2, B, F, N], band [B, F, slots, N], partial [B, F, blocks],
+    and the neighbour table [2, F] (weights by distance, Z by frame) both kernels read."""
     batch, num_frames, num_tokens, _ = proj.shape
     plan, config, _ = _forward_setup(proj, target, options)
     return {
         "norms": (2, batch, num_frames, num_tokens),
         "band": (batch, num_frames, plan.num_slots, num_tokens),
         "partial": (batch, num_frames, triton.cdiv(num_tokens, config.block_n)),
+        "table": (2, num_frames),
     }
 
 
@@ -490,17 +624,27 @@ class Launch:
     kwargs: dict
 
 
-def forward_launch(proj, target, options: LossOptions, norms, band, partial) -> Launch:
+# the neighbour table kernel's block of frames (it loops over longer videos)
+TABLE_BLOCK = 64
+
+
+def table_launch(options: LossOptions, num_frames: int, table) -> Launch:
+    plan = _plan(options, num_frames)
+    args = (table[0], table[1], num_frames, plan.near, plan.far, plan.z_far, *_split(1.0 / options.tau))
+    return Launch(_neighbour_table_kernel, (1, 1, 1), args, dict(BLOCK=TABLE_BLOCK, num_warps=2, num_stages=1))
+
+
+def forward_launch(proj, target, options: LossOptions, norms, band, partial, table) -> Launch:
     batch, num_frames, num_tokens, dim = proj.shape
     plan, config, dtype = _forward_setup(proj, target, options)
     tiling = plan.tiling
     token_blocks = triton.cdiv(num_tokens, config.block_n)
     args = (
-        proj, target, norms[0], norms[1], band, partial,
+        proj, target, norms[0], norms[1], band, partial, table[0], table[1],
         batch, num_frames, num_tokens, dim,
         *proj.stride(), *target.stride(),
-        tiling.rows_per_tile, tiling.halo, tiling.num_tiles, token_blocks,
-        plan.near, plan.far, plan.z_far, *_split(1.0 / options.tau), *_split(options.eps),
+        tiling.rows_per_tile, tiling.halo, tiling.shifts, tiling.num_tiles, token_blocks,
+        plan.near, plan.far, *_split(options.eps),
         plan.slot_first, plan.slot_step, plan.num_slots,
     )
     kwargs = dict(
@@ -511,29 +655,43 @@ def forward_launch(proj, target, options: LossOptions, norms, band, partial) -> 
     return Launch(_crepa_forward_kernel, plan_grid(batch * token_blocks * tiling.num_tiles), args, kwargs)
 
 
-def backward_launch(grad_loss, proj, target, norms, band, options: LossOptions, grad_proj, grad_target) -> Launch:
+def backward_launch(grad_loss, proj, target, norms, band, options: LossOptions, grad_proj, grad_target,
+                    table) -> Launch:
     batch, num_frames, num_tokens, dim = proj.shape
     plan = _plan(options, num_frames)
     tiling = plan.tiling
     dtype = dot_dtype("backward", proj.dtype, target.dtype)
-    config = launch_config("backward", dim, tiling.frames, dtype)
+    config = launch_config("backward", dim, tiling, dtype)
     token_blocks = triton.cdiv(num_tokens, config.block_n)
     target_grad = grad_target is not None
     grad_target = grad_target if target_grad else grad_proj  # never written: TARGET_GRAD is False
     args = (
-        proj, target, norms[0], norms[1], band, grad_loss, grad_proj, grad_target,
+        proj, target, norms[0], norms[1], band, grad_loss, grad_proj, grad_target, table[0], table[1],
         batch, num_frames, num_tokens, dim,
         *proj.stride(), *target.stride(), *grad_proj.stride(), *grad_target.stride(),
-        tiling.rows_per_tile, tiling.halo, tiling.num_tiles, token_blocks,
-        plan.near, plan.far, plan.z_far, *_split(1.0 / options.tau), *_split(options.eps),
+        tiling.rows_per_tile, tiling.halo, tiling.shifts, tiling.num_tiles, token_blocks,
+        plan.near, plan.far, *_split(options.eps),
         plan.slot_first, plan.slot_step, plan.num_slots,
     )
     kwargs = dict(
-        FP64=norms.dtype == torch.float64, SPLIT_BF16_DOT=dtype == torch.bfloat16,
+        FP64=norms.dtype == torch.float64, SPLIT_BF16_DOT=dtype == torch.bfloat16, SHIFTED=tiling.shifted,
         TARGET_GRAD=target_grad, FRAMES=tiling.frames, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return Launch(_crepa_backward_kernel, plan_grid(batch * token_blocks * tiling.num_tiles), args, kwargs)
+
+
+def _run(launch: Launch, device_of: torch.Tensor) -> None:
+    with _device_guard(device_of):
+        torch.library.wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.kwargs)
+
+
+def _neighbour_table(proj: torch.Tensor, options: LossOptions, dtype: torch.dtype) -> torch.Tensor:
+    """[2, F]: the weights by frame distance and Z by frame, computed on the device (one small launch)."""
+    table = proj.new_empty((2, proj.shape[1]), dtype=dtype)
+    if not _interpreting_fake(proj):
+        _run(table_launch(options, proj.shape[1], table), proj)
+    return table
 
 
 def forward_into(proj, target, options: LossOptions, norms, band, partial) -> None:
@@ -543,20 +701,18 @@ def forward_into(proj, target, options: LossOptions, norms, band, partial) -> No
         if tuple(buffer.shape) != shapes[name] or not buffer.is_contiguous():
             raise ValueError(f"forward_into: {name} must be a contiguous {shapes[name]} tensor, got "
                              f"{tuple(buffer.shape)} with strides {buffer.stride()}")
+    table = _neighbour_table(proj, options, norms.dtype)
     if _interpreting_fake(proj):
         return
-    launch = forward_launch(proj, target, options, norms, band, partial)
-    with _device_guard(proj):
-        torch.library.wrap_triton(_crepa_forward_kernel)[launch.grid](*launch.args, **launch.kwargs)
+    _run(forward_launch(proj, target, options, norms, band, partial, table), proj)
 
 
 def backward_into(grad_loss, proj, target, norms, band, options: LossOptions, grad_proj, grad_target) -> None:
     """Launches the backward kernel; grad_target=None skips the target gradient (a constexpr branch)."""
+    table = _neighbour_table(proj, options, norms.dtype)
     if _interpreting_fake(proj):
         return
-    launch = backward_launch(grad_loss, proj, target, norms, band, options, grad_proj, grad_target)
-    with _device_guard(proj):
-        torch.library.wrap_triton(_crepa_backward_kernel)[launch.grid](*launch.args, **launch.kwargs)
+    _run(backward_launch(grad_loss, proj, target, norms, band, options, grad_proj, grad_target, table), proj)
 
 
 # ----------------------------------------------------------------------------------------------------------------
