@@ -35,8 +35,8 @@ def _meta_launches(shape, proj_dtype, target_dtype, options):
     grad_loss = torch.empty(shape[:2], dtype=stat_dtype, device="meta")
     yield triton_loss.forward_launch(proj, target, options, norms, band, partial, table)
     for grad_target in (torch.empty_like(target), None):
-        yield triton_loss.backward_launch(grad_loss, proj, target, norms, band, options, torch.empty_like(proj),
-                                          grad_target, table)
+        yield from triton_loss.backward_launches(grad_loss, proj, target, norms, band, options,
+                                                 torch.empty_like(proj), grad_target, table)
 
 
 @pytest.mark.parametrize("shape", HUGE_SHAPES, ids=str)

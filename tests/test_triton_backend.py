@@ -138,6 +138,45 @@ def test_long_video_takes_the_tiled_path():
         assert_backend_matches_reference("triton", proj, target, **kwargs)
 
 
+# F > 32 with offsets up to F - 1: halo mode (d <= 10) and shifted column windows (farther), fp64 with 16-frame
+# windows; the old tiling needed 64- and 128-frame windows here (spills, too much shared memory)
+LARGE_OFFSETS = [((1, 33, 3, 5), dict(neighbors=9, neighbor_mode="cumulative", normalize_weights=True, tau=2.0)),
+                 ((2, 33, 2, 6), dict(neighbors=11, neighbor_mode="cumulative", tau=5.0)),
+                 ((1, 61, 2, 5), dict(neighbors=57, normalize_weights=True, tau=30.0)),
+                 ((1, 61, 2, 4), dict(neighbors=25, neighbor_mode="cumulative", normalize_weights=True, tau=8.0)),
+                 ((1, 70, 3, 3), dict(neighbors=40, tau=20.0))]
+
+
+@pytest.mark.parametrize("shape,options", LARGE_OFFSETS, ids=str)
+def test_large_offsets_on_long_videos(shape, options):
+    frames = shape[1]
+    for dtypes in ((torch.float64, None), (torch.float32, torch.bfloat16)):
+        tiling = triton_loss.frame_tiling(frames, triton_loss.max_offset(LossOptions(**options), frames),
+                                          triton_loss.max_window(*(d or dtypes[0] for d in dtypes)))
+        assert tiling.frames <= 32 and tiling.num_tiles > 1
+        proj, target = _pair(shape, *dtypes)
+        assert_backend_matches_reference("triton", proj, target, **options)
+
+
+@pytest.mark.parametrize("shape,options", LARGE_OFFSETS[2:4], ids=str)
+def test_large_offsets_bf16_tensor_core_paths(shape, options, interpreter_bf16_dot):
+    proj, target = _pair(shape, torch.bfloat16)
+    assert_backend_matches_reference("triton", proj, target, **options)
+
+
+def test_no_tiling_needs_a_window_over_32_frames():
+    """Every F up to 300 with every largest offset: windows of 16 or 32 frames that cover every frame."""
+    for frames in range(1, 301):
+        for halo in range(0, frames):
+            for window in (16, 32):
+                tiling = triton_loss.frame_tiling(frames, halo, window)
+                assert tiling.frames in (16, 32) and tiling.frames <= max(window, 16)
+                assert tiling.rows_per_tile * tiling.num_tiles >= frames
+                # every written frame's neighbours lie in the row window (halo) or in the visited shifts
+                assert tiling.halo + tiling.shifts * tiling.frames >= (halo if frames > window else 0)
+                assert tiling.rows_per_tile + 2 * tiling.halo <= tiling.frames
+
+
 def test_gradcheck_both_inputs():
     proj, target = _pair((1, 4, 2, 3), torch.float64)
     for options in (LossOptions(neighbors=1, tau=0.7), LossOptions(neighbors=2, neighbor_mode="cumulative",
@@ -168,9 +207,14 @@ def test_bitwise_deterministic():
 
 
 def test_every_output_element_is_written():
+    """Halo and shifted tilings included: each band slot has exactly one owning window."""
     options = LossOptions(neighbors=2, neighbor_mode="cumulative", normalize_weights=True)
-    for shape, dtypes in [((2, 5, 3, 7), (torch.float32, None)), ((1, 37, 2, 5), (torch.float32, None)),
-                          ((2, 5, 9, 7), (torch.bfloat16, torch.float64))]:
+    cases = [((2, 5, 3, 7), (torch.float32, None), options), ((1, 37, 2, 5), (torch.float32, None), options),
+             ((2, 5, 9, 7), (torch.bfloat16, torch.float64), options),
+             ((1, 61, 2, 5), (torch.float32, torch.bfloat16), LossOptions(neighbors=57, normalize_weights=True)),
+             ((2, 61, 3, 4), (torch.float32, None), LossOptions(neighbors=25, neighbor_mode="cumulative")),
+             ((1, 45, 2, 3), (torch.float64, None), LossOptions(neighbors=20, neighbor_mode="cumulative"))]
+    for shape, dtypes, options in cases:
         proj, target = _pair(shape, *dtypes)
         proj, target = proj.detach(), target.detach()
         shapes = triton_loss.stats_shapes(proj, target, options)

@@ -1,5 +1,5 @@
-"""The Triton kernels compile for real GPUs without spilling (no GPU needed), and match the reference at
-realistic shapes on a GPU (skipped without one)."""
+"""The Triton kernels compile for real GPUs without spilling, within shared memory and with IEEE-rounded maths (no
+GPU needed), and match the reference at realistic shapes on a GPU (skipped without one)."""
 import json
 import os
 import subprocess
@@ -9,36 +9,84 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import assert_backend_matches_reference, random_pair
+from harness import assert_backend_matches_reference, assert_close_and_finite, random_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ahead_of_time_compile_has_no_spills():
-    # A subprocess, because this pytest process has TRITON_INTERPRET=1 (tests/test_triton_backend.py), which turns
-    # every @triton.jit kernel into an uncompilable Python function at import time.
+def test_ahead_of_time_compile_has_no_spills_and_no_approximate_maths():
+    # A subprocess, because this pytest process has TRITON_INTERPRET=1 (tests/conftest.py), which turns every
+    # @triton.jit kernel into an uncompilable Python function at import time.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("CUDA_HOME", "/usr/local/cuda")
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "compile_triton.py"), "--quick", "--json"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "compile_triton.py"), "--quick", "--json",
+                           "--no-cache", "--jobs", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1200)
     assert done.stdout.strip(), done.stderr
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {r["kernel"] for r in results} == {"forward", "backward"}
-    assert {r["dtype"] for r in results} == {"bfloat16", "float32"}
+    assert {r["kernel"] for r in results} == {"table", "forward", "backward"}
+    assert {r["dtypes"] for r in results} == {"bfloat16/bfloat16", "float32/bfloat16"}
+    # both frame tilings (one window; shifted windows for d = 57 on F = 61), both gradients of the shifted backward
+    assert {"FRAMES=16", "SHIFTED=1"} <= {word for r in results for word in r["constexprs"].split()}
+    assert {"PROJ_GRAD=0", "TARGET_GRAD=0"} <= {word for r in results for word in r["constexprs"].split()}
     for r in results:
         assert r["registers"] > 0, r
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert 0 <= r["shared_bytes"] <= r["shared_limit"] == 227 * 1024, r
+        # the PTX of the loss path: no sqrt.approx / div.full / ex2.approx / ftz (the table's libdevice exp
+        # tests its argument's range with abs.ftz.f32, never a value)
+        assert set(r["approximate"]) <= ({"abs.ftz.f32"} if r["kernel"] == "table" else set()), r
     assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("shape,dtype", [((1, 13, 1350, 768), torch.bfloat16), ((2, 21, 300, 1152), torch.float32),
-                                         ((1, 49, 90, 1024), torch.bfloat16)], ids=str)
+                                         ((1, 49, 90, 1024), torch.bfloat16), ((1, 33, 3600, 1536), torch.bfloat16)],
+                         ids=str)
 def test_gpu_matches_reference_at_realistic_shapes(shape, dtype):
     proj, target = random_pair(shape, dtype, device="cuda")
     for options in (dict(neighbors=1), dict(neighbors=2, neighbor_mode="cumulative", normalize_weights=True)):
         assert_backend_matches_reference("triton", proj, target, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape,options", [((1, 33, 64, 256), dict(neighbors=9, neighbor_mode="cumulative")),
+                                           ((1, 61, 32, 128), dict(neighbors=57)),
+                                           ((1, 61, 32, 128), dict(neighbors=25, neighbor_mode="cumulative",
+                                                                   normalize_weights=True))], ids=str)
+def test_gpu_large_offsets_take_windows_of_at_most_32_frames(shape, options):
+    for dtypes in ((torch.bfloat16, None), (torch.float32, torch.bfloat16)):
+        proj, target = random_pair(shape, *dtypes, device="cuda")
+        assert_backend_matches_reference("triton", proj, target, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_compile_with_varying_shapes():
+    """torch.compile(fullgraph=True) on CUDA over calls whose N, F and D change: the backend is chosen while
+    tracing and every recompiled graph must still give the reference's loss and gradients."""
+    from crepa_kernels import cross_frame_align_loss
+
+    torch._dynamo.reset()
+
+    def step(proj, target):
+        return cross_frame_align_loss(proj, target, neighbors=2, neighbor_mode="cumulative", backend="triton")
+
+    compiled = torch.compile(step, fullgraph=True)
+    for index, shape in enumerate([(1, 13, 135, 768), (1, 13, 270, 768), (2, 13, 97, 768), (1, 21, 135, 768),
+                                   (1, 49, 64, 1024)]):
+        proj, target = random_pair(shape, torch.bfloat16, device="cuda", seed=index)
+        proj = proj.detach().requires_grad_(True)
+        loss = compiled(proj, target.detach())
+        (grad,) = torch.autograd.grad(loss, proj)
+        reference_proj = proj.detach().double().requires_grad_(True)
+        expected = cross_frame_align_loss(reference_proj, target.detach().double(), neighbors=2,
+                                          neighbor_mode="cumulative", backend="reference")
+        (expected_grad,) = torch.autograd.grad(expected, reference_proj)
+        assert_close_and_finite(loss, expected, f"compiled loss {shape}", dtype=torch.float32)
+        assert_close_and_finite(grad, expected_grad, f"compiled grad {shape}")
 
 
 @pytest.mark.gpu

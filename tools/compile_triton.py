@@ -71,8 +71,11 @@ FRAME_CASES = (
     (61, dict(neighbors=25, neighbor_mode="cumulative", normalize_weights=True)),
     (61, dict(neighbors=57)),
 )
-# approximate or flush-to-zero floating-point instructions: none may reach the result (issue 12, defect 5)
+# approximate or flush-to-zero floating-point instructions: none may reach the result (issue 12, defect 5). The
+# one allowed: libdevice's fp64 exp (the neighbour table) tests the range of its argument with abs.ftz.f32 on the
+# argument's high word, a branch condition that never becomes a value.
 APPROXIMATE = re.compile(r"\b[a-z0-9]+\.(?:approx|full)\.[a-z0-9.]*|\b[a-z0-9]+\.ftz\.[a-z0-9.]*")
+ALLOWED = {"table": {"abs.ftz.f32"}}
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crepa_kernels" / \
     f"compile_triton-{triton.__version__}.json"
 
@@ -124,8 +127,9 @@ def launches(case: Case):
     yield "forward", triton_loss.forward_launch(proj, target, options, norms, band, partial, table)
     for target_grad in (True, False):
         grad_target = torch.empty_like(target) if target_grad else None
-        yield "backward", triton_loss.backward_launch(grad_loss, proj, target, norms, band, options,
-                                                      torch.empty_like(proj), grad_target, table)
+        for launch in triton_loss.backward_launches(grad_loss, proj, target, norms, band, options,
+                                                    torch.empty_like(proj), grad_target, table):
+            yield "backward", launch
 
 
 def specialise(launch: triton_loss.Launch, arch: int):
@@ -230,19 +234,22 @@ def failures(results) -> list[str]:
             problems.append(f"{where}: spills {r.spill_stores}/{r.spill_loads} bytes")
         if r.shared_bytes > r.shared_limit:
             problems.append(f"{where}: {r.shared_bytes} bytes of shared memory > {r.shared_limit}")
-        if r.approximate:
-            problems.append(f"{where}: approximate maths in the PTX: {', '.join(r.approximate)}")
+        approximate = set(r.approximate) - ALLOWED.get(r.kernel, set())
+        if approximate:
+            problems.append(f"{where}: approximate maths in the PTX: {', '.join(sorted(approximate))}")
     return problems
 
 
-QUICK = dict(archs=(86, 90), case_list=list(cases(dims=(1536,), tokens=(3600,), frame_cases=FRAME_CASES[::2] + (
-    FRAME_CASES[-1],))))
+# for the tests: sm_90, the HunyuanVideo shape, bf16 and the README's fp32 projector with bf16 features, one
+# 16-frame window and the shifted mode
+QUICK = dict(archs=(90,), case_list=list(cases(dtypes=((BF16, BF16), (FP32, BF16)), dims=(1536,), tokens=(3600,),
+                                              frame_cases=(FRAME_CASES[0], FRAME_CASES[-1]))))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="sm_86 and sm_90, D=1536, N=3600, one case per frame tiling (for the tests)")
+                        help="sm_90, D=1536, N=3600, bf16 and fp32/bf16, F=13 and F=61 d=57 (for the tests)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
     parser.add_argument("--jobs", type=int, default=2, help="compile in this many processes (default 2)")
     parser.add_argument("--no-cache", action="store_true", help=f"ignore and do not write {CACHE}")

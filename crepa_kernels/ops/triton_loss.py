@@ -1,11 +1,14 @@
-"""Triton backend: one fused forward kernel and one fused backward kernel per call, registered as torch.library
-triton ops (crepa_kernels::triton_forward / triton_backward) so that ``torch.compile(fullgraph=True)`` sees the
-kernels; under the Triton interpreter they are opaque custom ops instead (see _define_op).
+"""Triton backend: a neighbour-table kernel, one fused forward kernel and one fused backward kernel per call,
+registered as torch.library triton ops (crepa_kernels::triton_forward / triton_backward) so that
+``torch.compile(fullgraph=True)`` sees the kernels; under the Triton interpreter they are opaque custom ops instead
+(see _define_op).
 
 Design (docs/triton.md has the long version and the byte counts):
 
-* A program owns BLOCK_N token columns (b, n) and a window of FRAMES frames (a power of two >= 16, so that
-  tl.dot accepts it). It sweeps D in BLOCK_D chunks; each chunk of proj and target is loaded once as a
+* A one-program kernel writes the neighbour table [2, F]: the weight of each frame distance (1 at 0,
+  exp(-delta / tau) at the neighbour distances, else 0) and Z_f of each frame, in fp64 maths rounded once.
+* A program owns BLOCK_N token columns (b, n) and a row window of FRAMES frames (16 or 32, so that tl.dot
+  accepts it). It sweeps D in BLOCK_D chunks; each chunk of proj and target is loaded once as a
   [BLOCK_N, FRAMES, BLOCK_D] tile.
 * Forward: per token, the frame Gram matrix G[f, k] = p_f . y_k is accumulated with a batched tl.dot over the
   chunk, and the squared norms with a sum of squares. Every (f, k) pair of any neighbour mode and any d is in
@@ -19,9 +22,12 @@ Design (docs/triton.md has the long version and the byte counts):
   (the diagonal terms vanish where a norm is clamped). s_p and s_y come from the saved band, so one sweep over
   D suffices: read P and Y once, write the gradients once. grad_Y gathers from every frame that sees frame k
   (the A^T product), so there are no atomics.
-* F <= 32 fits one window: every element is read exactly once. Longer videos are cut into frame tiles whose
-  window adds `halo` = max |offset| frames on each side; halo frames are read but not written, so reads grow by
-  FRAMES / (FRAMES - 2 halo) (1.07x for F > 32, d = 1).
+* Frame tiling (frame_tiling): F <= 32 fits one window: every element is read exactly once. Longer videos are cut
+  into 32-frame windows, either with `halo` = max |offset| extra frames read on each side (reads grow by
+  32 / (32 - 2 halo), 1.07x for d = 1), or, for distant neighbours, paired with column windows whole windows
+  away, visited one after the other. No window exceeds 32 frames, whatever d.
+* The launch grid is one flat list of (batch, token block, frame tile) work items over axes 0 and 1, so no axis
+  passes CUDA's limits for any N.
 
 Precision: 16-bit inputs of one dtype enter the forward tl.dot as they are (their products are exact in the
 fp32 accumulator). Other inputs are upcast to the compute dtype (fp32, or fp64 if an input is fp64) and use
@@ -106,7 +112,7 @@ def call_unsupported_reason(proj, target, options: LossOptions) -> str | None:
         return None
     batch, num_frames, num_tokens, dim = proj.shape
     try:
-        tiling = frame_tiling(num_frames, max_offset(options, num_frames))
+        tiling = frame_tiling(num_frames, max_offset(options, num_frames), max_window(proj.dtype, target.dtype))
         for kernel in ("forward", "backward"):
             config = launch_config(kernel, dim, tiling, dot_dtype(kernel, proj.dtype, target.dtype))
             plan_grid(batch * triton.cdiv(num_tokens, config.block_n) * tiling.num_tiles)
@@ -148,10 +154,15 @@ def max_offset(options: LossOptions, num_frames: int) -> int:
     return max(offsets) if offsets else 0
 
 
-def frame_tiling(num_frames: int, halo: int) -> FrameTiling:
+def max_window(proj_dtype: torch.dtype, target_dtype: torch.dtype) -> int:
+    """32 frames; 16 for fp64 (gradcheck, not speed), whose 32-frame windows spilled on sm_86 and sm_90."""
+    return 16 if torch.float64 in (proj_dtype, target_dtype) else MAX_SINGLE_WINDOW_FRAMES
+
+
+def frame_tiling(num_frames: int, halo: int, window: int = MAX_SINGLE_WINDOW_FRAMES) -> FrameTiling:
     """The tiling of F frames whose neighbours lie up to ``halo`` frames away; windows never exceed 32 frames.
 
-    * F <= 32: one window holds every frame (16 or 32 frames: tl.dot needs >= 16); each element is read once.
+    * F <= 32 (``window``): one window holds every frame (16 or 32 frames: tl.dot needs >= 16); each element is read once.
     * Longer videos, halo mode: 32-frame windows that write their 32 - 2 halo middle frames and read `halo` more
       on each side, so every pair of a written frame lies inside the window.
     * Longer videos, shifted mode: each window writes all 32 of its frames and visits the column windows
@@ -160,10 +171,10 @@ def frame_tiling(num_frames: int, halo: int) -> FrameTiling:
       sm_86/sm_89).
     The mode that reads fewer windows wins: halo mode up to halo = 10, e.g. d = 1 reads 1.07x the input.
     """
-    if num_frames <= MAX_SINGLE_WINDOW_FRAMES:
+    if num_frames <= window:
         frames = max(MIN_DOT_DIM, triton.next_power_of_2(num_frames))
         return FrameTiling(frames, num_frames, 0, 1)
-    frames = MAX_SINGLE_WINDOW_FRAMES
+    frames = window
     shifts = triton.cdiv(halo, frames)
     shifted = FrameTiling(frames, frames, 0, triton.cdiv(num_frames, frames), shifts)
     rows = frames - 2 * halo
@@ -194,15 +205,17 @@ def launch_config(kernel: str, dim: int, tiling: FrameTiling, dtype: torch.dtype
     architecture's per-block limit.
     """
     frames = tiling.frames
+    wide = dtype in (torch.float32, torch.float64)
     if kernel == "forward":
-        block_n = (2 if dtype == torch.float64 else 4) if frames <= 16 else 1
-        block_d = {torch.float64: 16, torch.float32: 16}.get(dtype, 64)
+        block_n = (4 if dtype == torch.float32 else 2) if frames <= 16 else 1
+        block_d = 16 if wide else (32 if tiling.shifted else 64)  # 64 spilled in shifted mode (sm_90)
+        # G and both operand tiles in mma layouts: 4 warps spilled for 16-bit (sm_90) and fp64 at 32 frames
+        num_warps = 8 if not wide or (dtype == torch.float64 and frames > 16) else 4
     else:
-        block_n = 1 if tiling.shifted else max(1, 64 // frames)
-        block_d = {torch.float64: 16, torch.float32: 16}.get(dtype, 32)
+        block_n = 1 if tiling.shifted else max(1, (32 if wide else 64) // frames)
+        block_d = 16 if wide or tiling.shifted else 32
+        num_warps = 4
     block_d = max(MIN_DOT_DIM, min(block_d, triton.next_power_of_2(dim)))
-    # the 16-bit forward keeps G and both operand tiles in mma layouts; 4 warps spilled on sm_90
-    num_warps = 8 if kernel == "forward" and torch.finfo(dtype).bits == 16 else 4
     return LaunchConfig(block_n=block_n, block_d=block_d, num_warps=num_warps, num_stages=2)
 
 
@@ -308,6 +321,16 @@ if triton is not None:
         return tl.load(weight_ptr + distance, mask=is_term, other=0.0), is_term
 
     @triton.jit
+    def _window_pairs(first_col, shift, num_frames, near, far, FRAMES: tl.constexpr):
+        """Whether the column window starting at first_col, ``shift`` windows from the rows, holds frames of the
+        video and a pair of some L[f]: its frame distances run over |shift| FRAMES -+ (FRAMES - 1). Only the
+        windows between the offsets of a large adjacent d hold none."""
+        nearest = tl.abs(shift) * FRAMES - FRAMES + 1
+        farthest = tl.abs(shift) * FRAMES + FRAMES - 1
+        inside = (first_col + FRAMES > 0) & (first_col < num_frames)
+        return inside & ((shift == 0) | ((near <= farthest) & (far >= nearest)))
+
+    @triton.jit
     def _row_scale(grad_loss_ptr, z_ptr, batch, frames, frame_ok, num_frames, num_tokens, COMPUTE: tl.constexpr):
         """-grad_L[f] / (Z_f N) for the frames f: alpha[f, k] = this times w(|k - f|)."""
         grad_loss = tl.load(grad_loss_ptr + batch * num_frames + frames, mask=frame_ok, other=0.0).to(COMPUTE)
@@ -338,6 +361,68 @@ if triton is not None:
         return tl.load(norm_ptr + batch * num_frames * num_tokens + frames[None, :] * num_tokens + tokens[:, None],
                        mask=ok, other=1.0)
 
+    @triton.jit
+    def _forward_window(
+        weighted, shift, rows, window, row_ok, tokens, token_ok, out_ok, p_row, band_row, z, batch, target_ptr,
+        sy_b, sy_f, sy_n, sy_d, sp_d, p_norm_ptr, y_norm_ptr, weight_ptr, first_frame, shifts,
+        num_frames, num_tokens, dim, near, far, eps, slot_first, slot_step, num_slots,
+        NATIVE_DOT: tl.constexpr, SHIFTED: tl.constexpr, COMPUTE: tl.constexpr, FRAMES: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """The forward's work on the column window ``shift`` windows from the row window: G over D, the cosines,
+        the weighted sum of the rows' terms it holds (returned, added to ``weighted``), the band slots it owns
+        and, for shift 0, the norms."""
+        cols = rows + shift * FRAMES  # the column window: target frames k
+        col_ok = (cols >= 0) & (cols < num_frames)
+        y_row = target_ptr + batch * sy_b + tokens[:, None, None] * sy_n + cols[None, :, None] * sy_f
+        p_ok = token_ok[:, None, None] & row_ok[None, :, None]
+        y_ok = token_ok[:, None, None] & col_ok[None, :, None]
+        dims = tl.arange(0, BLOCK_D).to(tl.int64)
+        # G[n, f, k] = p_f . y_k over D, with the squared norms
+        gram = tl.zeros((BLOCK_N, FRAMES, FRAMES), COMPUTE)
+        p_squares = tl.zeros((BLOCK_N, FRAMES), COMPUTE)
+        y_squares = tl.zeros((BLOCK_N, FRAMES), COMPUTE)
+        if not SHIFTED or _window_pairs(first_frame + shift * FRAMES, shift, num_frames, near, far, FRAMES):
+            for d0 in range(0, dim, BLOCK_D):
+                d = d0 + dims
+                d_ok = (d < dim)[None, None, :]
+                p = tl.load(p_row + d[None, None, :] * sp_d, mask=p_ok & d_ok, other=0.0)
+                y = tl.load(y_row + d[None, None, :] * sy_d, mask=y_ok & d_ok, other=0.0)
+                p_wide = p.to(COMPUTE)
+                y_wide = y.to(COMPUTE)
+                p_squares += tl.sum(p_wide * p_wide, axis=2)
+                y_squares += tl.sum(y_wide * y_wide, axis=2)
+                if NATIVE_DOT:
+                    gram = tl.dot(p, tl.trans(y, (0, 2, 1)), gram, out_dtype=COMPUTE)
+                else:
+                    gram = tl.dot(p_wide, tl.trans(y_wide, (0, 2, 1)), gram, input_precision="ieee",
+                                  out_dtype=COMPUTE)
+        w, is_term = _pair_weights(rows, cols, weight_ptr, num_frames, near, far)
+        p_norm = tl.maximum(_sqrt(p_squares, COMPUTE), eps)
+        y_norm = tl.maximum(_sqrt(y_squares, COMPUTE), eps)
+        cosine = _div(gram, p_norm[:, :, None] * y_norm[:, None, :], COMPUTE)  # [BLOCK_N, f, k]
+        coefficient = _div(w, z[:, None], COMPUTE)
+        # select, not multiply by a zero coefficient: a NaN cosine of an unrelated frame pair must not leak in
+        weighted += tl.sum(tl.where(is_term[None, :, :], cosine * coefficient[None, :, :], 0.0), axis=2)
+
+        # the diagonal window's column frames are the rows: their norms are written from it
+        stat = batch * num_frames * num_tokens + rows[None, :] * num_tokens + tokens[:, None]
+        tl.store(p_norm_ptr + stat, p_norm, mask=out_ok & (shift == 0))
+        tl.store(y_norm_ptr + stat, y_norm, mask=out_ok & (shift == 0))
+        delta = cols[None, :] - rows[:, None]
+        for slot in range(num_slots):
+            offset = slot_first + slot * slot_step
+            band = tl.sum(tl.where((delta == offset)[None, :, :], cosine, 0.0), axis=2)
+            if SHIFTED:
+                # cos(p_f, y_{f + offset}) is written by the window holding frame f + offset (clamped to the
+                # visited ones, for frames outside the video: their cosine is 0 in every window)
+                owner = (window + offset + (shifts + 1) * FRAMES) // FRAMES - (shifts + 1)
+                owner = tl.minimum(tl.maximum(owner, -shifts), shifts)
+                tl.store(band_row + slot * num_tokens, band, mask=out_ok & (owner == shift)[None, :])
+            else:
+                tl.store(band_row + slot * num_tokens, band, mask=out_ok)
+        return weighted
+
     @triton.jit(do_not_specialize=_RUNTIME_ONLY)
     def _crepa_forward_kernel(
         proj_ptr, target_ptr, p_norm_ptr, y_norm_ptr, band_ptr, partial_ptr, weight_ptr, z_ptr,
@@ -346,7 +431,7 @@ if triton is not None:
         rows_per_tile, halo, shifts, num_tiles, num_token_blocks,
         near, far, eps_hi, eps_lo,
         slot_first, slot_step, num_slots,
-        FP64: tl.constexpr, NATIVE_DOT: tl.constexpr,
+        FP64: tl.constexpr, NATIVE_DOT: tl.constexpr, SHIFTED: tl.constexpr,
         FRAMES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         COMPUTE: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -358,9 +443,7 @@ if triton is not None:
         tokens = token_block * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = (rows >= 0) & (rows < num_frames)
         token_ok = (tokens < num_tokens) & (batch < num_batches)
-        dims = tl.arange(0, BLOCK_D).to(tl.int64)
         p_row = proj_ptr + batch * sp_b + tokens[:, None, None] * sp_n + rows[None, :, None] * sp_f
-        p_ok = token_ok[:, None, None] & row_ok[None, :, None]
         # this program writes only its own rows; the halo rows belong to the neighbouring tiles
         writes = row_ok & (rows >= first_row) & (rows < first_row + rows_per_tile)
         out_ok = token_ok[:, None] & writes[None, :]
@@ -369,51 +452,19 @@ if triton is not None:
             + tokens[:, None]
 
         weighted = tl.zeros((BLOCK_N, FRAMES), COMPUTE)
-        for shift in range(-shifts, shifts + 1):
-            cols = rows + shift * FRAMES  # the column window: target frames k
-            col_ok = (cols >= 0) & (cols < num_frames)
-            y_row = target_ptr + batch * sy_b + tokens[:, None, None] * sy_n + cols[None, :, None] * sy_f
-            y_ok = token_ok[:, None, None] & col_ok[None, :, None]
-            w, is_term = _pair_weights(rows, cols, weight_ptr, num_frames, near, far)
-            # G[n, f, k] = p_f . y_k over D, with the squared norms
-            gram = tl.zeros((BLOCK_N, FRAMES, FRAMES), COMPUTE)
-            p_squares = tl.zeros((BLOCK_N, FRAMES), COMPUTE)
-            y_squares = tl.zeros((BLOCK_N, FRAMES), COMPUTE)
-            if tl.max(is_term.to(tl.int32)) > 0:  # shifted windows between the offsets of a large adjacent d
-                for d0 in range(0, dim, BLOCK_D):
-                    d = d0 + dims
-                    d_ok = (d < dim)[None, None, :]
-                    p = tl.load(p_row + d[None, None, :] * sp_d, mask=p_ok & d_ok, other=0.0)
-                    y = tl.load(y_row + d[None, None, :] * sy_d, mask=y_ok & d_ok, other=0.0)
-                    p_wide = p.to(COMPUTE)
-                    y_wide = y.to(COMPUTE)
-                    p_squares += tl.sum(p_wide * p_wide, axis=2)
-                    y_squares += tl.sum(y_wide * y_wide, axis=2)
-                    if NATIVE_DOT:
-                        gram = tl.dot(p, tl.trans(y, (0, 2, 1)), gram, out_dtype=COMPUTE)
-                    else:
-                        gram = tl.dot(p_wide, tl.trans(y_wide, (0, 2, 1)), gram, input_precision="ieee",
-                                      out_dtype=COMPUTE)
-            p_norm = tl.maximum(_sqrt(p_squares, COMPUTE), eps)
-            y_norm = tl.maximum(_sqrt(y_squares, COMPUTE), eps)
-            cosine = _div(gram, p_norm[:, :, None] * y_norm[:, None, :], COMPUTE)  # [BLOCK_N, f, k]
-            coefficient = _div(w, z[:, None], COMPUTE)
-            # select, not multiply by a zero coefficient: a NaN cosine of an unrelated frame pair must not leak in
-            weighted += tl.sum(tl.where(is_term[None, :, :], cosine * coefficient[None, :, :], 0.0), axis=2)
-
-            # the diagonal window's column frames are the rows: their norms are written from it
-            stat = batch * num_frames * num_tokens + rows[None, :] * num_tokens + tokens[:, None]
-            tl.store(p_norm_ptr + stat, p_norm, mask=out_ok & (shift == 0))
-            tl.store(y_norm_ptr + stat, y_norm, mask=out_ok & (shift == 0))
-            delta = cols[None, :] - rows[:, None]
-            for slot in range(num_slots):
-                offset = slot_first + slot * slot_step
-                # cos(p_f, y_{f + offset}) is written by the window holding frame f + offset (clamped to the
-                # visited ones, for frames outside the video: their cosine is 0 in every window)
-                owner = (window + offset + (shifts + 1) * FRAMES) // FRAMES - (shifts + 1)
-                owner = tl.minimum(tl.maximum(owner, -shifts), shifts)
-                band = tl.sum(tl.where((delta == offset)[None, :, :], cosine, 0.0), axis=2)
-                tl.store(band_row + slot * num_tokens, band, mask=out_ok & (owner == shift)[None, :])
+        if SHIFTED:
+            for shift in range(-shifts, shifts + 1):
+                weighted = _forward_window(weighted, shift, rows, window, row_ok, tokens, token_ok, out_ok, p_row, band_row, z, batch, target_ptr,
+                                           sy_b, sy_f, sy_n, sy_d, sp_d, p_norm_ptr, y_norm_ptr, weight_ptr,
+                                           first_row - halo, shifts, num_frames, num_tokens, dim, near, far, eps,
+                                           slot_first, slot_step, num_slots, NATIVE_DOT, True, COMPUTE,
+                                           FRAMES, BLOCK_N, BLOCK_D)
+        else:  # one window, its own column window (a runtime loop of one window spilled on sm_90)
+            weighted = _forward_window(weighted, 0, rows, window, row_ok, tokens, token_ok, out_ok, p_row, band_row, z, batch, target_ptr,
+                                           sy_b, sy_f, sy_n, sy_d, sp_d, p_norm_ptr, y_norm_ptr, weight_ptr,
+                                           first_row - halo, shifts, num_frames, num_tokens, dim, near, far, eps,
+                                           slot_first, slot_step, num_slots, NATIVE_DOT, False, COMPUTE,
+                                       FRAMES, BLOCK_N, BLOCK_D)
         partial = tl.sum(tl.where(out_ok, weighted, 0.0), axis=0)
         tl.store(partial_ptr + (batch * num_frames + rows) * num_token_blocks + token_block, partial,
                  mask=writes & (batch < num_batches))
@@ -428,7 +479,7 @@ if triton is not None:
         rows_per_tile, halo, shifts, num_tiles, num_token_blocks,
         near, far, eps_hi, eps_lo,
         slot_first, slot_step, num_slots,
-        FP64: tl.constexpr, SPLIT_BF16_DOT: tl.constexpr, SHIFTED: tl.constexpr,
+        FP64: tl.constexpr, SPLIT_BF16_DOT: tl.constexpr, SHIFTED: tl.constexpr, PROJ_GRAD: tl.constexpr,
         TARGET_GRAD: tl.constexpr, FRAMES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         COMPUTE: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -503,13 +554,14 @@ if triton is not None:
                     col_ok = (cols >= 0) & (cols < num_frames)
                     col_stat_ok = token_ok[:, None] & col_ok[None, :]
                     col_load_ok = token_ok[:, None, None] & col_ok[None, :, None] & d_ok
-                    inv_y_cols = _div(one, _stats(y_norm_ptr, batch, cols, tokens, col_stat_ok, num_frames, num_tokens),
-                                      COMPUTE)
-                    a = _a_matrix(rows, cols, weight_ptr, row_scale, inv_p, inv_y_cols, num_frames, near, far)
-                    y_cols = tl.load(target_ptr + batch * sy_b + tokens[:, None, None] * sy_n
-                                     + cols[None, :, None] * sy_f + d[None, None, :] * sy_d, mask=col_load_ok,
-                                     other=0.0)
-                    grad_p += _dot_a(a, y_cols, SPLIT_BF16_DOT, COMPUTE)
+                    if PROJ_GRAD:
+                        inv_y_cols = _div(one, _stats(y_norm_ptr, batch, cols, tokens, col_stat_ok, num_frames,
+                                                      num_tokens), COMPUTE)
+                        a = _a_matrix(rows, cols, weight_ptr, row_scale, inv_p, inv_y_cols, num_frames, near, far)
+                        y_cols = tl.load(target_ptr + batch * sy_b + tokens[:, None, None] * sy_n
+                                         + cols[None, :, None] * sy_f + d[None, None, :] * sy_d, mask=col_load_ok,
+                                         other=0.0)
+                        grad_p += _dot_a(a, y_cols, SPLIT_BF16_DOT, COMPUTE)
                     if TARGET_GRAD:
                         inv_p_cols = _div(one, _stats(p_norm_ptr, batch, cols, tokens, col_stat_ok, num_frames,
                                                       num_tokens), COMPUTE)
@@ -533,7 +585,8 @@ if triton is not None:
                     else:
                         grad_y = tl.dot(a_t, p_wide, input_precision="ieee", out_dtype=COMPUTE)
                     grad_y -= y_scale[:, :, None] * y_wide
-            tl.store(gp_row + d[None, None, :] * gp_d, _to_element(grad_p, grad_proj_ptr), mask=write_ok & d_ok)
+            if PROJ_GRAD:
+                tl.store(gp_row + d[None, None, :] * gp_d, _to_element(grad_p, grad_proj_ptr), mask=write_ok & d_ok)
             if TARGET_GRAD:
                 tl.store(gy_row + d[None, None, :] * gy_d, _to_element(grad_y, grad_target_ptr),
                          mask=write_ok & d_ok)
@@ -554,13 +607,13 @@ class _Plan:
     num_slots: int
 
 
-def _plan(options: LossOptions, num_frames: int) -> _Plan:
+def _plan(options: LossOptions, num_frames: int, window: int = MAX_SINGLE_WINDOW_FRAMES) -> _Plan:
     offsets = options.offsets(num_frames)
     positive = [offset for offset in offsets if offset > 0]
     near, far = (positive[0], positive[-1]) if positive else (1, 0)
     z_far = far if options.normalize_weights else near - 1
     slot_first, slot_step, num_slots = band_slots(options, num_frames)
-    return _Plan(frame_tiling(num_frames, max_offset(options, num_frames)), near, far, z_far,
+    return _Plan(frame_tiling(num_frames, max_offset(options, num_frames), window), near, far, z_far,
                  slot_first, slot_step, num_slots)
 
 
@@ -583,7 +636,7 @@ def _device_guard(tensor: torch.Tensor):
 
 
 def _forward_setup(proj, target, options: LossOptions) -> tuple[_Plan, LaunchConfig, torch.dtype]:
-    plan = _plan(options, proj.shape[1])
+    plan = _plan(options, proj.shape[1], max_window(proj.dtype, target.dtype))
     dtype = dot_dtype("forward", proj.dtype, target.dtype)
     return plan, launch_config("forward", proj.shape[3], plan.tiling, dtype), dtype
 
@@ -648,17 +701,19 @@ def forward_launch(proj, target, options: LossOptions, norms, band, partial, tab
         plan.slot_first, plan.slot_step, plan.num_slots,
     )
     kwargs = dict(
-        FP64=norms.dtype == torch.float64, NATIVE_DOT=torch.finfo(dtype).bits == 16,
+        FP64=norms.dtype == torch.float64, NATIVE_DOT=torch.finfo(dtype).bits == 16, SHIFTED=tiling.shifted,
         FRAMES=tiling.frames, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return Launch(_crepa_forward_kernel, plan_grid(batch * token_blocks * tiling.num_tiles), args, kwargs)
 
 
-def backward_launch(grad_loss, proj, target, norms, band, options: LossOptions, grad_proj, grad_target,
-                    table) -> Launch:
+def backward_launches(grad_loss, proj, target, norms, band, options: LossOptions, grad_proj, grad_target,
+                      table) -> list[Launch]:
+    """The backward: one launch, or in shifted mode one per gradient (each rebuilds its own A per column window;
+    both in one program spilled on sm_86/sm_90). grad_target=None: no target gradient."""
     batch, num_frames, num_tokens, dim = proj.shape
-    plan = _plan(options, num_frames)
+    plan = _plan(options, num_frames, max_window(proj.dtype, target.dtype))
     tiling = plan.tiling
     dtype = dot_dtype("backward", proj.dtype, target.dtype)
     config = launch_config("backward", dim, tiling, dtype)
@@ -675,10 +730,16 @@ def backward_launch(grad_loss, proj, target, norms, band, options: LossOptions, 
     )
     kwargs = dict(
         FP64=norms.dtype == torch.float64, SPLIT_BF16_DOT=dtype == torch.bfloat16, SHIFTED=tiling.shifted,
-        TARGET_GRAD=target_grad, FRAMES=tiling.frames, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
+        FRAMES=tiling.frames, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return Launch(_crepa_backward_kernel, plan_grid(batch * token_blocks * tiling.num_tiles), args, kwargs)
+    grid = plan_grid(batch * token_blocks * tiling.num_tiles)
+    if not tiling.shifted:
+        gradients = [(True, target_grad)]
+    else:
+        gradients = [(True, False)] + ([(False, True)] if target_grad else [])
+    return [Launch(_crepa_backward_kernel, grid, args, dict(kwargs, PROJ_GRAD=proj_grad, TARGET_GRAD=target))
+            for proj_grad, target in gradients]
 
 
 def _run(launch: Launch, device_of: torch.Tensor) -> None:
@@ -712,7 +773,8 @@ def backward_into(grad_loss, proj, target, norms, band, options: LossOptions, gr
     table = _neighbour_table(proj, options, norms.dtype)
     if _interpreting_fake(proj):
         return
-    _run(backward_launch(grad_loss, proj, target, norms, band, options, grad_proj, grad_target, table), proj)
+    for launch in backward_launches(grad_loss, proj, target, norms, band, options, grad_proj, grad_target, table):
+        _run(launch, proj)
 
 
 # ----------------------------------------------------------------------------------------------------------------
