@@ -149,6 +149,18 @@ def test_cuda_order_passes_to_the_cuda_kernel_when_triton_refuses(monkeypatch):
     assert choice.backend == "cuda" and "7.5" in choice.reasons["triton"]
 
 
+def test_triton_refuses_its_shifted_tiling_below_sm_90(monkeypatch):
+    """F=61 with d=57 takes the shifted tiling, whose kernels spill on sm_80 to sm_89 (tools/compile_triton.py)."""
+    cuda = torch.device("cuda")
+    spec = backends.InputSpec((1, 61, 3600, 1536), torch.bfloat16, cuda, True)
+    for capability, refused in (((8, 0), True), ((8, 9), True), ((9, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        reason = triton_loss.call_unsupported_reason(spec, spec, backends.LossOptions(neighbors=57))
+        assert (reason is not None) == refused and (not refused or "shifted tiling" in reason), (capability, reason)
+        # d = 1 on the same video takes 32-frame windows with a halo: no refusal anywhere
+        assert triton_loss.call_unsupported_reason(spec, spec, backends.LossOptions(neighbors=1)) is None
+
+
 def test_triton_reasons_for_calls_it_cannot_run():
     spec = backends.InputSpec((1, 33, 10, 64), torch.float8_e5m2, torch.device("cpu"), True)
     assert "float8_e5m2" in triton_loss.call_unsupported_reason(spec, spec, backends.LossOptions())

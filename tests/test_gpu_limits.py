@@ -9,12 +9,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from crepa_kernels.gpu_limits import MAX_GRID_X, MAX_GRID_YZ  # noqa: E402
 from crepa_kernels.ops import triton_loss  # noqa: E402
 from crepa_kernels.spec import LossOptions  # noqa: E402
 from harness import assert_backend_matches_reference, random_pair  # noqa: E402
-
-MAX_GRID_X = 2**31 - 1
-MAX_GRID_YZ = 65_535
 
 # [B, F, N, D]: realistic shapes and far larger token counts; the old [B, token blocks, tiles] grid failed from
 # N = 65,536 (forward, F > 16), 131,071 (backward, 32-frame window) and 262,141 (forward, F <= 16).

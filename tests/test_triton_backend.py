@@ -299,7 +299,7 @@ def test_torch_compile_fullgraph_matches_eager():
 # also wrote a row of its neighbour (a write mask off by one at a tile edge) would be overwritten by that neighbour
 # here and race with it there. These tests run each program alone into NaN-filled buffers: every output element must
 # be written by exactly one program, with the value of the full launch, and the launch in reverse order must give the
-# same result. They use only the launch plan (forward_launch / backward_launch: kernel, grid, arguments).
+# same result. They use only the launch plan (forward_launch / backward_launches: kernel, grid, arguments).
 
 needs_interpreter = pytest.mark.skipif(not triton_loss.INTERPRETED,
                                        reason="selects single programs of a launch through the Triton interpreter")
@@ -354,6 +354,9 @@ TILING_CASES = [
     ((2, 70, 2, 6), torch.bfloat16, torch.float64, LossOptions(neighbors=1, tau=0.6)),
     # one frame window, several token blocks with a ragged last one
     ((2, 5, 9, 7), torch.float32, torch.bfloat16, LossOptions(neighbors=2, normalize_weights=True)),
+    # shifted column windows (d = 40 on F = 70): each band slot written by the one window holding its frame, and
+    # the backward as one launch per gradient
+    ((1, 70, 2, 3), torch.float32, None, LossOptions(neighbors=40, normalize_weights=True, tau=9.0)),
 ]
 
 
@@ -368,19 +371,33 @@ def test_each_program_writes_exactly_its_own_outputs_in_any_order(shape, proj_dt
         return [torch.full(shapes[name], float("nan"), dtype=stat_dtype, device=DEVICE)
                 for name in ("norms", "band", "partial")]
 
+    table = triton_loss.neighbour_table(proj, options, stat_dtype)
     _assert_programs_partition_outputs(
-        lambda outputs: triton_loss.forward_launch(proj, target, options, *outputs), new_stats)
+        lambda outputs: triton_loss.forward_launch(proj, target, options, *outputs, table), new_stats)
 
     norms, band, partial = new_stats()
     triton_loss.forward_into(proj, target, options, norms, band, partial)
     grad_loss = torch.rand(shape[:2], dtype=stat_dtype, device=DEVICE) + 0.1
 
+    def backward(index, grad_proj, grad_target):
+        return triton_loss.backward_launches(grad_loss, proj, target, norms, band, options, grad_proj, grad_target,
+                                             table)[index]
+
     def new_grads():
         return [torch.full_like(proj, float("nan")), torch.full_like(target, float("nan"))]
 
-    _assert_programs_partition_outputs(
-        lambda outputs: triton_loss.backward_launch(grad_loss, proj, target, norms, band, options, *outputs),
-        new_grads)
+    launches = triton_loss.backward_launches(grad_loss, proj, target, norms, band, options, *new_grads(), table)
+    for index, launch in enumerate(launches):
+        # each launch against the gradients it writes (shifted mode: one each; the other is a never-written stand-in)
+        writes = [launch.kwargs["PROJ_GRAD"], launch.kwargs["TARGET_GRAD"]]
+
+        def make_launch(outputs, index=index, writes=writes):
+            given = iter(outputs)
+            grads = [next(given) if written else stand_in for written, stand_in in zip(writes, new_grads())]
+            return backward(index, *grads)
+
+        _assert_programs_partition_outputs(
+            make_launch, lambda writes=writes: [grad for grad, written in zip(new_grads(), writes) if written])
 
 
 # --- the bf16 hi/lo split of the backward, per element (issue 16) ----------------------------------------------

@@ -23,9 +23,9 @@ Design (docs/triton.md has the long version and the byte counts):
   D suffices: read P and Y once, write the gradients once. grad_Y gathers from every frame that sees frame k
   (the A^T product), so there are no atomics.
 * Frame tiling (frame_tiling): F <= 32 fits one window: every element is read exactly once. Longer videos are cut
-  into 32-frame windows, either with `halo` = max |offset| extra frames read on each side (reads grow by
-  32 / (32 - 2 halo), 1.07x for d = 1), or, for distant neighbours, paired with column windows whole windows
-  away, visited one after the other. No window exceeds 32 frames, whatever d.
+  into 32-frame windows with `halo` = max |offset| extra frames read on each side (reads grow by
+  32 / (32 - 2 halo), 1.07x for d = 1), or, for distant neighbours, into 16-frame windows paired with column
+  windows whole windows away, visited one after the other. No window exceeds 32 frames, whatever d.
 * The launch grid is one flat list of (batch, token block, frame tile) work items over axes 0 and 1, so no axis
   passes CUDA's limits for any N.
 
@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch.types import Number
 
+from .. import gpu_limits
 from ..spec import LossOptions, compute_dtype
 
 try:
@@ -71,10 +72,10 @@ BF16_DOT = not INTERPRETED
 MAX_SINGLE_WINDOW_FRAMES = 32
 # Smallest window, and smallest BLOCK_D: tl.dot needs every non-batch dimension >= 16.
 MIN_DOT_DIM = 16
-# CUDA's launch limits: gridDim.x < 2^31, gridDim.y and gridDim.z <= 65,535. Tests lower MAX_GRID_X to exercise
-# the second axis.
-MAX_GRID_X = 2**31 - 1
-MAX_GRID_YZ = 65_535
+# CUDA's launch limits (gridDim.x < 2^31, gridDim.y and gridDim.z <= 65,535) as globals of this module: tests lower
+# MAX_GRID_X to exercise the second axis.
+MAX_GRID_X = gpu_limits.MAX_GRID_X
+MAX_GRID_YZ = gpu_limits.MAX_GRID_YZ
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -95,6 +96,9 @@ def unavailable_reason(device: torch.device) -> str | None:
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # bf16 tl.dot needs sm_80; tools/compile_triton.py checks sm_80 to sm_90 ahead of time
 MIN_CAPABILITY = (8, 0)
+# The shifted tiling (F > 32 with offsets past ~10 frames) compiles without spills on sm_90 only; on sm_80 to sm_89
+# its kernels spill 8-16 bytes, so those calls are refused there ("auto" takes the CUDA kernel).
+SHIFTED_MIN_CAPABILITY = (9, 0)
 
 
 def call_unsupported_reason(proj, target, options: LossOptions) -> str | None:
@@ -113,6 +117,12 @@ def call_unsupported_reason(proj, target, options: LossOptions) -> str | None:
     batch, num_frames, num_tokens, dim = proj.shape
     try:
         tiling = frame_tiling(num_frames, max_offset(options, num_frames), max_window(proj.dtype, target.dtype))
+        if tiling.shifted and proj.device.type == "cuda":
+            capability = torch.cuda.get_device_capability(proj.device)
+            if capability < SHIFTED_MIN_CAPABILITY:
+                return (f"F={num_frames} with neighbours {max_offset(options, num_frames)} frames away takes the "
+                        f"Triton backend's shifted tiling, whose kernels spill registers below sm_90 ({proj.device} "
+                        f"is sm_{capability[0]}{capability[1]})")
         for kernel in ("forward", "backward"):
             config = launch_config(kernel, dim, tiling, dot_dtype(kernel, proj.dtype, target.dtype))
             plan_grid(batch * triton.cdiv(num_tokens, config.block_n) * tiling.num_tiles)
@@ -162,26 +172,29 @@ def max_window(proj_dtype: torch.dtype, target_dtype: torch.dtype) -> int:
 def frame_tiling(num_frames: int, halo: int, window: int = MAX_SINGLE_WINDOW_FRAMES) -> FrameTiling:
     """The tiling of F frames whose neighbours lie up to ``halo`` frames away; windows never exceed 32 frames.
 
-    * F <= 32 (``window``): one window holds every frame (16 or 32 frames: tl.dot needs >= 16); each element is read once.
-    * Longer videos, halo mode: 32-frame windows that write their 32 - 2 halo middle frames and read `halo` more
-      on each side, so every pair of a written frame lies inside the window.
-    * Longer videos, shifted mode: each window writes all 32 of its frames and visits the column windows
-      -s..s (s = ceil(halo / 32)) whole windows away, one after the other, so distant neighbours cost further
+    * F <= ``window`` (32; 16 for fp64): one window holds every frame (16 or 32 frames: tl.dot needs >= 16); each
+      element is read once.
+    * Longer videos, halo mode: ``window``-frame windows that write their window - 2 halo middle frames and read
+      `halo` more on each side, so every pair of a written frame lies inside the window.
+    * Longer videos, shifted mode: 16-frame windows that write all their frames and visit the column windows
+      -s..s (s = ceil(halo / 16)) whole windows away, one after the other, so distant neighbours cost further
       tiles instead of a wider window (a 64- or 128-frame window spilled and outgrew the shared memory of
-      sm_86/sm_89).
-    The mode that reads fewer windows wins: halo mode up to halo = 10, e.g. d = 1 reads 1.07x the input.
+      sm_86/sm_89; 32-frame windows in this mode spilled on sm_86 to sm_90).
+    The mode that reads fewer frames wins: halo mode up to halo = 9 on 32-frame windows (d = 1 reads 1.07x the
+    input).
     """
     if num_frames <= window:
         frames = max(MIN_DOT_DIM, triton.next_power_of_2(num_frames))
         return FrameTiling(frames, num_frames, 0, 1)
-    frames = window
-    shifts = triton.cdiv(halo, frames)
-    shifted = FrameTiling(frames, frames, 0, triton.cdiv(num_frames, frames), shifts)
-    rows = frames - 2 * halo
+    shifts = triton.cdiv(halo, MIN_DOT_DIM)
+    shifted = FrameTiling(MIN_DOT_DIM, MIN_DOT_DIM, 0, triton.cdiv(num_frames, MIN_DOT_DIM), shifts)
+    rows = window - 2 * halo
     if rows < 1:
         return shifted
-    halo_mode = FrameTiling(frames, rows, halo, triton.cdiv(num_frames, rows))
-    return halo_mode if halo_mode.num_tiles <= shifted.num_tiles * (2 * shifts + 1) else shifted
+    halo_mode = FrameTiling(window, rows, halo, triton.cdiv(num_frames, rows))
+    halo_reads = halo_mode.num_tiles * window
+    shifted_reads = shifted.num_tiles * (2 * shifts + 1) * MIN_DOT_DIM
+    return halo_mode if halo_reads <= shifted_reads else shifted
 
 
 def launch_config(kernel: str, dim: int, tiling: FrameTiling, dtype: torch.dtype) -> LaunchConfig:
@@ -207,14 +220,16 @@ def launch_config(kernel: str, dim: int, tiling: FrameTiling, dtype: torch.dtype
     frames = tiling.frames
     wide = dtype in (torch.float32, torch.float64)
     if kernel == "forward":
-        block_n = (4 if dtype == torch.float32 else 2) if frames <= 16 else 1
+        # shifted mode carries its sums across the column windows: one token per program (2 and 4 spilled)
+        block_n = 1 if tiling.shifted or frames > 16 else (4 if dtype == torch.float32 else 2)
         block_d = 16 if wide else (32 if tiling.shifted else 64)  # 64 spilled in shifted mode (sm_90)
         # G and both operand tiles in mma layouts: 4 warps spilled for 16-bit (sm_90) and fp64 at 32 frames
         num_warps = 8 if not wide or (dtype == torch.float64 and frames > 16) else 4
     else:
         block_n = 1 if tiling.shifted else max(1, (32 if wide else 64) // frames)
         block_d = 16 if wide or tiling.shifted else 32
-        num_warps = 4
+        # shifted mode rebuilds A per column window inside the D loop; with 4 warps ptxas spilled at 80 registers
+        num_warps = 2 if tiling.shifted else 4
     block_d = max(MIN_DOT_DIM, min(block_d, triton.next_power_of_2(dim)))
     return LaunchConfig(block_n=block_n, block_d=block_d, num_warps=num_warps, num_stages=2)
 
@@ -249,6 +264,8 @@ def band_slots(options: LossOptions, num_frames: int) -> tuple[int, int, int]:
 
 # scalar arguments that only steer loops and masks: specialising on their value (== 1, divisible by 16) would
 # compile a kernel per neighbour range and token count for nothing
+# the stats and table rows are views at offsets B*F*N and F: their 16-byte alignment would follow the shape
+_ANY_ALIGNMENT = ["p_norm_ptr", "y_norm_ptr", "weight_ptr", "z_ptr"]
 _RUNTIME_ONLY = ["num_batches", "num_frames", "num_tokens", "rows_per_tile", "halo", "shifts", "num_tiles",
                  "num_token_blocks", "near", "far", "slot_first", "slot_step", "num_slots"]
 
@@ -291,7 +308,8 @@ if triton is not None:
         rest = item // num_token_blocks
         return rest // num_tiles, token_block, rest % num_tiles
 
-    @triton.jit(do_not_specialize=["num_frames", "near", "far", "z_far"])
+    @triton.jit(do_not_specialize=["num_frames", "near", "far", "z_far"],
+                do_not_specialize_on_alignment=_ANY_ALIGNMENT)
     def _neighbour_table_kernel(weight_ptr, z_ptr, num_frames, near, far, z_far, inv_tau_hi, inv_tau_lo,
                                 BLOCK: tl.constexpr):
         """weight[delta] = C's numerator for frames delta apart (1 at 0, exp(-delta / tau) at neighbour distances
@@ -423,7 +441,7 @@ if triton is not None:
                 tl.store(band_row + slot * num_tokens, band, mask=out_ok)
         return weighted
 
-    @triton.jit(do_not_specialize=_RUNTIME_ONLY)
+    @triton.jit(do_not_specialize=_RUNTIME_ONLY, do_not_specialize_on_alignment=_ANY_ALIGNMENT)
     def _crepa_forward_kernel(
         proj_ptr, target_ptr, p_norm_ptr, y_norm_ptr, band_ptr, partial_ptr, weight_ptr, z_ptr,
         num_batches, num_frames, num_tokens, dim,
@@ -469,7 +487,7 @@ if triton is not None:
         tl.store(partial_ptr + (batch * num_frames + rows) * num_token_blocks + token_block, partial,
                  mask=writes & (batch < num_batches))
 
-    @triton.jit(do_not_specialize=_RUNTIME_ONLY)
+    @triton.jit(do_not_specialize=_RUNTIME_ONLY, do_not_specialize_on_alignment=_ANY_ALIGNMENT)
     def _crepa_backward_kernel(
         proj_ptr, target_ptr, p_norm_ptr, y_norm_ptr, band_ptr, grad_loss_ptr, grad_proj_ptr, grad_target_ptr,
         weight_ptr, z_ptr,
@@ -747,7 +765,7 @@ def _run(launch: Launch, device_of: torch.Tensor) -> None:
         torch.library.wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.kwargs)
 
 
-def _neighbour_table(proj: torch.Tensor, options: LossOptions, dtype: torch.dtype) -> torch.Tensor:
+def neighbour_table(proj: torch.Tensor, options: LossOptions, dtype: torch.dtype) -> torch.Tensor:
     """[2, F]: the weights by frame distance and Z by frame, computed on the device (one small launch)."""
     table = proj.new_empty((2, proj.shape[1]), dtype=dtype)
     if not _interpreting_fake(proj):
@@ -762,7 +780,7 @@ def forward_into(proj, target, options: LossOptions, norms, band, partial) -> No
         if tuple(buffer.shape) != shapes[name] or not buffer.is_contiguous():
             raise ValueError(f"forward_into: {name} must be a contiguous {shapes[name]} tensor, got "
                              f"{tuple(buffer.shape)} with strides {buffer.stride()}")
-    table = _neighbour_table(proj, options, norms.dtype)
+    table = neighbour_table(proj, options, norms.dtype)
     if _interpreting_fake(proj):
         return
     _run(forward_launch(proj, target, options, norms, band, partial, table), proj)
@@ -770,7 +788,7 @@ def forward_into(proj, target, options: LossOptions, norms, band, partial) -> No
 
 def backward_into(grad_loss, proj, target, norms, band, options: LossOptions, grad_proj, grad_target) -> None:
     """Launches the backward kernel; grad_target=None skips the target gradient (a constexpr branch)."""
-    table = _neighbour_table(proj, options, norms.dtype)
+    table = neighbour_table(proj, options, norms.dtype)
     if _interpreting_fake(proj):
         return
     for launch in backward_launches(grad_loss, proj, target, norms, band, options, grad_proj, grad_target, table):
