@@ -553,3 +553,20 @@ def test_norm_exactly_eps_gets_the_references_gradient(dtype):
     """|x| = eps exactly: the clamped norm's derivative is autograd's for clamp_min there, 0 (no radial term)."""
     proj, target = pair_with_norms_equal_to_eps(dtype)
     assert_backend_matches_reference("cpu", proj, target, eps=EXACT_NORM_EPS, neighbors=1, reduction="none")
+
+
+def test_bitwise_identical_when_every_thread_takes_blocks():
+    """Many large token blocks, so that with 4 threads each takes some from the work queue: a partial sum kept per
+    thread instead of per block changes the bits (the mutant cpu-partial-per-thread, issue 16)."""
+    proj, target = random_pair((1, 6, 16 * 61 + 5, 96), torch.float32, seed=38)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run_everything(proj, target, neighbors=1)
+        torch.set_num_threads(4)
+        runs = [run_everything(proj, target, neighbors=1) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    for many in runs:
+        for name, a, b in zip(("loss", "stats", "grad proj", "grad target"), single, many):
+            assert torch.equal(a, b), f"{name} with 4 threads differs from 1 thread"
