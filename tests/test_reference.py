@@ -1,5 +1,6 @@
 """The reference against the naive loop implementation, and gradcheck in float64."""
 import math
+import zlib
 
 import pytest
 import torch
@@ -27,9 +28,13 @@ def _compare_with_naive(proj, target, **options):
     grads = torch.autograd.grad(loss, inputs, grad_output)
     expected_grads = torch.autograd.grad(expected, inputs, grad_output.double())
     torch.testing.assert_close(loss.double(), expected, rtol=1e-10, atol=1e-12)
+    # a gradient's rounding error scales as 1/|x| (the tangent projection divides by the norm); it is all there is
+    # where the exact gradient is 0 (D = 1), so the absolute bound follows the smallest norm
+    eps = options.get("eps", LossOptions().eps)
+    smallest_norm = max(min(proj.norm(dim=-1).min().item(), target.norm(dim=-1).min().item(), 1.0), eps)
     for grad, expected_grad in zip(grads, expected_grads):
         assert torch.isfinite(grad).all()
-        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-9, atol=1e-12 / smallest_norm)
 
 
 # D=769 runs once per option set (tau=1 only), to keep the loops fast
@@ -38,7 +43,7 @@ CASES = [(shape, options) for shape in SHAPES for options in OPTION_GRID if shap
 
 @pytest.mark.parametrize("shape,options", CASES, ids=str)
 def test_reference_matches_naive_loops(shape, options):
-    proj, target = random_pair(shape, torch.float64, seed=hash((shape, str(options))) % 1000)
+    proj, target = random_pair(shape, torch.float64, seed=zlib.crc32(f"{shape}{options}".encode()) % 1000)  # str hashes vary per process
     _compare_with_naive(proj, target, **options)
 
 
