@@ -39,6 +39,9 @@ COVERING_TESTS = {
     "csrc/crepa_cuda_plan.h": ["tests/test_cuda_limits.py"],
     "crepa_kernels/training/capture.py": ["tests/test_training.py", "-k", "capture or checkpoint or hook"],
     "crepa_kernels/training/projector.py": ["tests/test_training.py", "-k", "projector"],
+    "crepa_kernels/function.py": ["tests/test_function.py", "tests/test_porting.py"],
+    "crepa_kernels/reference_backend.py": ["tests/test_function.py", "tests/test_reference.py"],
+    "crepa_kernels/training/feature_cache.py": ["tests/test_feature_cache.py"],
 }
 
 SPEC = "crepa_kernels/spec.py"
@@ -59,6 +62,9 @@ BACKENDS = "crepa_kernels/backends.py"
 DIST_TRAINING = "crepa_kernels/distributed/training.py"
 GPU_LIMITS = "crepa_kernels/gpu_limits.py"
 CUDA_PLAN = "csrc/crepa_cuda_plan.h"
+FUNCTION = "crepa_kernels/function.py"
+REFERENCE_BACKWARD = "crepa_kernels/reference_backend.py"
+FEATURE_CACHE = "crepa_kernels/training/feature_cache.py"
 
 MUTANTS = [
     # --- spec.py: options, neighbour structure, layouts -------------------------------------------------------
@@ -230,4 +236,24 @@ MUTANTS = [
            'saturating_sum(table, saturating_product(2, F))', "backward shared memory misses the band slots"),
     Mutant("gpu-limits-sm86-smem", GPU_LIMITS, '"sm_86": 99 * KB,', '"sm_86": 163 * KB,',
            "RTX 3090 / A6000 credited with A100 shared memory"),
+    # --- the autograd Function, the reference's hand-written backward, the feature cache ------------------------
+    Mutant("function-mean-grad-per-batch", FUNCTION, 'return grad_loss.expand(batch, frames) / (batch * frames)',
+           'return grad_loss.expand(batch, frames) / batch', "mean reduction's gradient not divided by the frames"),
+    Mutant("function-clamp-off-by-one", FUNCTION, 'options = LossOptions(tau=tau, neighbors=num_frames - 1,',
+           'options = LossOptions(tau=tau, neighbors=num_frames - 2,', "SimpleTuner's clamp one frame short"),
+    Mutant("function-needs-grad-swapped", FUNCTION, 'needs_proj_grad, needs_target_grad = ctx.needs_input_grad[:2]',
+           'needs_target_grad, needs_proj_grad = ctx.needs_input_grad[:2]', "the gradient asked for is not the one computed"),
+    Mutant("refbwd-no-radial-term", REFERENCE_BACKWARD,
+           'projected = (u - unit * (unit * u).sum(dim=-1, keepdim=True)) / norm', 'projected = u / norm',
+           "normalisation's Jacobian without its radial term"),
+    Mutant("refbwd-transpose-direction", REFERENCE_BACKWARD,
+           'out[:, first + offset:last + offset] += w * (per_frame[:, first:last] * x[:, first:last])',
+           'out[:, first:last] += w * (per_frame[:, first:last] * x[:, first + offset:last + offset])',
+           "target gradient gathered instead of scattered over neighbours"),
+    Mutant("refbwd-clamped-branch", REFERENCE_BACKWARD, 'return torch.where(norm > eps, projected, u / eps)',
+           'return torch.where(norm > eps, projected, u / norm.clamp_min(1.0))', "clamped norms divided by the wrong norm"),
+    Mutant("cache-entry-fingerprint-unchecked", FEATURE_CACHE, 'if metadata.get("fingerprint") != self.fingerprint:',
+           'if False:', "a stale entry served as current"),
+    Mutant("cache-not-atomic", FEATURE_CACHE, 'write(str(temporary))', 'write(str(path)); return',
+           "entries written in place: a crash leaves a partial one"),
 ]
