@@ -1,9 +1,9 @@
-"""The functional form of the loss; its autograd is CrossFrameAlignFunction's."""
+"""The functional form of the loss; its autograd is CrossFrameAlignFunction's (statistics kept for the backward)."""
 from __future__ import annotations
 
 import torch
 
-from .function import CrossFrameAlignFunction
+from .function import align_loss_keeping_statistics
 
 
 def cross_frame_align_loss(
@@ -43,8 +43,5 @@ def cross_frame_align_loss(
     Returns:
         The loss, fp32 (fp64 when an input is fp64): a scalar, or [B, F] for reduction="none".
     """
-    loss, *_statistics = CrossFrameAlignFunction.apply(
-        proj, target, tau, neighbors, neighbor_mode, normalize_weights, reduction, num_frames, eps, backend,
-        clamp_neighbors,
-    )
-    return loss
+    return align_loss_keeping_statistics(proj, target, tau, neighbors, neighbor_mode, normalize_weights, reduction,
+                                         num_frames, eps, backend, clamp_neighbors)

@@ -5,6 +5,7 @@ crepa_kernels.function.CrossFrameAlignFunction):
     unavailable_reason(device: torch.device) -> str | None      # None when it can run on that device at all
     call_unsupported_reason(proj, target, options) -> str | None  # None when it can run this call
     forward(proj, target, options) -> (L [B, F], *saved)        # saved: per-token statistics its backward reads
+    BACKWARD_READS_STATISTICS: bool                             # False when saved is always empty
     backward(grad_L, proj, target, saved, options, needs_proj_grad, needs_target_grad) -> (grad_proj | None,
                                                                                            grad_target | None)
 with proj and target as spec.as_frames gives them.

@@ -1,7 +1,7 @@
 """CrossFrameAlignFunction: the one place where a backend's backward is wired to its forward.
 
-The functional form (api.cross_frame_align_loss) and the module (module.CrossFrameAlignLoss) both call it, so
-the three forms run the same code. The backends' torch.library ops carry no autograd formula of their own.
+The functional form (api.cross_frame_align_loss) and the module (module.CrossFrameAlignLoss) both run it, so the
+three forms run the same code. The backends' torch.library ops carry no autograd formula of their own.
 
 A backend module provides (see backends.py)
     forward(proj, target, options) -> (L [B, F], *saved)    # saved: per-token statistics its backward reads
@@ -9,9 +9,12 @@ A backend module provides (see backends.py)
                                                                                               grad_target | None)
 with proj and target as spec.as_frames gives them, [B, F, N, D].
 
-Why ``apply`` returns ``(loss, *saved)``: ``setup_context`` (which torch.func needs) sees only the inputs and the
-outputs of ``forward``, so whatever the backward reads must be an output. The statistics are non-differentiable
-and small (a few floats per token); ``apply(...)[0]`` is the loss.
+Where the statistics live: ``setup_context`` (which torch.func needs) sees only the inputs and the outputs of
+``forward``, so a statistic the backward reads must be an output. ``CrossFrameAlignFunction.apply`` returns the
+bare loss, as a drop-in must, so its backward recomputes them with the backend's forward kernel (same kernel, same
+bits; one more read of proj and target). The functional form and the module run the same Function with the
+statistics as extra, non-differentiable outputs (``_StatisticsKeepingFunction``), and drop them: a few floats per
+token kept instead of a second forward pass.
 """
 from __future__ import annotations
 
@@ -96,34 +99,25 @@ class CrossFrameAlignFunction(torch.autograd.Function):
 
     ``CrossFrameAlignFunction.apply(proj, target, tau, neighbors, neighbor_mode, normalize_weights, reduction,
     num_frames, eps, backend, clamp_neighbors)`` (arguments as in :func:`crepa_kernels.cross_frame_align_loss`;
-    positional, all but proj and target optional) returns ``(loss, *saved)``: the loss, then the non-differentiable
-    per-token statistics the backend's backward reads. ``apply(...)[0]`` is what the functional form returns.
+    positional, all but proj and target optional) returns the loss, as the functional form does.
 
     forward runs the selected backend's fused forward; backward runs that backend's hand-written backward (for the
     reference backend, a hand-written PyTorch formula), computing only the gradients ``ctx.needs_input_grad`` asks
-    for. setup_context makes it usable under torch.func; double backward raises.
+    for. The per-token statistics the fused backwards read are recomputed there by the forward kernel (the
+    functional form keeps them instead; see the module docstring). setup_context makes it usable under torch.func;
+    double backward raises.
     """
 
     @staticmethod
     def forward(proj, target, tau=1.0, neighbors=1, neighbor_mode="adjacent", normalize_weights=False,
                 reduction="mean", num_frames=None, eps=1e-12, backend="auto", clamp_neighbors=False):
-        arguments = (tau, neighbors, neighbor_mode, normalize_weights, reduction, num_frames, eps, backend,
-                     clamp_neighbors)
-        proj_frames, target_frames, options, name = _prepare(proj, target, arguments)
-        per_frame, *saved = select_backend(name, proj_frames.device).forward(proj_frames, target_frames, options)
-        return (reduce_frames(per_frame, options.reduction), *saved)
+        return _forward(proj, target, tau, neighbors, neighbor_mode, normalize_weights, reduction, num_frames, eps,
+                        backend, clamp_neighbors)[0]
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        proj, target, *arguments = inputs
-        arguments = (*arguments, *DEFAULTS[len(arguments):])
-        proj_frames, _, options, name = _prepare(proj, target, arguments)
-        _, *saved = output
-        ctx.mark_non_differentiable(*saved)
-        ctx.save_for_backward(proj, target, *saved)
-        ctx.options = options
-        ctx.backend_name = name
-        ctx.frames_shape = tuple(proj_frames.shape)
+        _setup(ctx, inputs, saved=())
+        ctx.statistics_kept = False
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_saved):
@@ -134,9 +128,12 @@ class CrossFrameAlignFunction(torch.autograd.Function):
             batch, frames, tokens, _ = ctx.frames_shape
             grad_per_frame = _reduction_backward(grad_loss, ctx.options.reduction, batch, frames)
             backend = select_backend(ctx.backend_name, proj.device)
+            proj_frames, target_frames = proj.view(ctx.frames_shape), target.view(ctx.frames_shape)
             with torch.no_grad():
-                grads = backend.backward(grad_per_frame, proj.view(ctx.frames_shape), target.view(ctx.frames_shape),
-                                         tuple(saved), ctx.options, needs_proj_grad, needs_target_grad)
+                if not ctx.statistics_kept and backend.BACKWARD_READS_STATISTICS:
+                    _, *saved = backend.forward(proj_frames, target_frames, ctx.options)
+                grads = backend.backward(grad_per_frame, proj_frames, target_frames, tuple(saved), ctx.options,
+                                         needs_proj_grad, needs_target_grad)
             grads = tuple(None if g is None else g.view(x.shape) for g, x in zip(grads, (proj, target)))
             if torch.is_grad_enabled():  # create_graph=True: the gradients must not be differentiable silently
                 grads = tuple(None if g is None else _DoubleBackwardError.apply(g, grad_loss, proj, target)
@@ -144,12 +141,53 @@ class CrossFrameAlignFunction(torch.autograd.Function):
         return (*grads, *(None for _ in ARGUMENTS))
 
 
+class _StatisticsKeepingFunction(CrossFrameAlignFunction):
+    """CrossFrameAlignFunction whose ``apply`` returns ``(loss, *saved)``: the statistics are outputs, kept for the
+    backward (which is CrossFrameAlignFunction's) instead of recomputed. What the functional form and module run."""
+
+    @staticmethod
+    def forward(proj, target, tau=1.0, neighbors=1, neighbor_mode="adjacent", normalize_weights=False,
+                reduction="mean", num_frames=None, eps=1e-12, backend="auto", clamp_neighbors=False):
+        return _forward(proj, target, tau, neighbors, neighbor_mode, normalize_weights, reduction, num_frames, eps,
+                        backend, clamp_neighbors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, *saved = output
+        ctx.mark_non_differentiable(*saved)
+        _setup(ctx, inputs, saved)
+        ctx.statistics_kept = True
+
+
+def _forward(proj, target, *arguments):
+    """(reduced loss, *saved) of one call."""
+    proj_frames, target_frames, options, name = _prepare(proj, target, arguments)
+    per_frame, *saved = select_backend(name, proj_frames.device).forward(proj_frames, target_frames, options)
+    return (reduce_frames(per_frame, options.reduction), *saved)
+
+
+def _setup(ctx, inputs, saved) -> None:
+    proj, target, *arguments = inputs
+    arguments = (*arguments, *DEFAULTS[len(arguments):])
+    proj_frames, _, options, name = _prepare(proj, target, arguments)
+    ctx.save_for_backward(proj, target, *saved)
+    ctx.options = options
+    ctx.backend_name = name
+    ctx.frames_shape = tuple(proj_frames.shape)
+
+
 # Function.apply binds forward's default arguments on every call (setup_context is given all of them) through
 # inspect.signature, which rebuilds the signature each time unless the function carries one: ~30 us per call.
-CrossFrameAlignFunction.forward.__signature__ = inspect.signature(CrossFrameAlignFunction.forward)
+for _function in (CrossFrameAlignFunction, _StatisticsKeepingFunction):
+    _function.forward.__signature__ = inspect.signature(_function.forward)
+
+
+def align_loss_keeping_statistics(proj, target, *arguments) -> torch.Tensor:
+    """The loss of CrossFrameAlignFunction.apply(proj, target, *arguments), its statistics kept for the backward."""
+    return _StatisticsKeepingFunction.apply(proj, target, *arguments)[0]
 
 
 def per_frame_loss_on(backend: str, proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:
     """L [B, F] of a named backend for [B, F, N, D] inputs and validated options, with autograd."""
-    return CrossFrameAlignFunction.apply(proj, target, options.tau, options.neighbors, options.neighbor_mode,
-                                         options.normalize_weights, "none", None, options.eps, backend)[0]
+    return align_loss_keeping_statistics(proj, target, options.tau, options.neighbors, options.neighbor_mode,
+                                         options.normalize_weights, "none", None, options.eps, backend)

@@ -26,6 +26,10 @@ def call_unsupported_reason(proj, target, options) -> str | None:
     return None  # the specification runs every valid call
 
 
+# the backward needs nothing but the inputs: CrossFrameAlignFunction.apply has nothing to recompute
+BACKWARD_READS_STATISTICS = False
+
+
 def forward(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> tuple[torch.Tensor]:
     """(L [B, F],): the reference keeps nothing but the inputs for its backward."""
     return (reference.per_frame_loss(proj, target, options),)

@@ -60,7 +60,7 @@ def _function(backend):
     def loss(proj, target, tau, eps, num_frames):
         o = LOSS_OPTIONS
         return CrossFrameAlignFunction.apply(proj, target, tau, o["neighbors"], o["neighbor_mode"],
-                                             o["normalize_weights"], o["reduction"], num_frames, eps, backend)[0]
+                                             o["normalize_weights"], o["reduction"], num_frames, eps, backend)
     return loss, loss
 
 

@@ -6,6 +6,7 @@ import torch
 import crepa_kernels
 from crepa_kernels import CrossFrameAlignFunction, CrossFrameAlignLoss, available_backends, cross_frame_align_loss
 from crepa_kernels.backends import select_backend
+from crepa_kernels.function import _StatisticsKeepingFunction
 from crepa_kernels.reference import per_frame_loss as reference_per_frame_loss
 from crepa_kernels.spec import LossOptions
 from harness import OPTION_GRID, assert_backend_matches_reference, random_grad_output, random_pair
@@ -22,8 +23,7 @@ def _apply(proj, target, **kwargs):
     defaults = dict(tau=1.0, neighbors=1, neighbor_mode="adjacent", normalize_weights=False, reduction="mean",
                     num_frames=None, eps=1e-12, backend="auto")
     defaults.update(kwargs)
-    loss, *_statistics = CrossFrameAlignFunction.apply(proj, target, *(defaults[name] for name in FUNCTION_ARGS))
-    return loss
+    return CrossFrameAlignFunction.apply(proj, target, *(defaults[name] for name in FUNCTION_ARGS))
 
 
 def _module(proj, target, num_frames=None, **kwargs):
@@ -131,18 +131,40 @@ def test_backward_is_asked_only_for_the_gradients_needed(backend, asked, monkeyp
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_no_autograd_graph_inside_the_function(backend):
+@pytest.mark.parametrize("function", [CrossFrameAlignFunction, _StatisticsKeepingFunction], ids=lambda f: f.__name__)
+def test_no_autograd_graph_inside_the_function(backend, function):
     """The loss's grad_fn is the Function's node and leads straight to the two leaves: nothing of the forward
-    was recorded, and the Function saved the inputs plus non-differentiable statistics only."""
+    was recorded, and the Function saved the inputs (plus, when kept, non-differentiable statistics) only."""
     proj, target = random_pair((2, 5, 3, 7), torch.float32, seed=8)
-    outputs = CrossFrameAlignFunction.apply(proj, target, 1.0, 1, "adjacent", False, "none", None, 1e-12, backend)
-    loss, statistics = outputs[0], outputs[1:]
-    assert type(loss.grad_fn).__name__ == "CrossFrameAlignFunctionBackward"
+    outputs = function.apply(proj, target, 1.0, 1, "adjacent", False, "none", None, 1e-12, backend)
+    if function is CrossFrameAlignFunction:
+        assert isinstance(outputs, torch.Tensor), "apply must return the bare loss"
+        loss, statistics = outputs, ()
+    else:
+        loss, statistics = outputs[0], outputs[1:]
+        assert (backend == "reference") == (len(statistics) == 0)
+    assert type(loss.grad_fn).__name__ == f"{function.__name__}Backward"
     leaves = [next_fn for next_fn, _ in loss.grad_fn.next_functions]
     assert [type(f).__name__ for f in leaves] == ["AccumulateGrad", "AccumulateGrad"]
     assert [f.variable for f in leaves] == [proj, target]
     assert all(not s.requires_grad for s in statistics)
-    assert (backend == "reference") == (len(statistics) == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_apply_recomputes_the_statistics_the_functional_form_keeps(backend, monkeypatch):
+    """apply returns the bare loss, so its backward runs the forward kernel again for the statistics; the
+    functional form keeps them and runs it once. Both give the same gradients bitwise (test above)."""
+    module = select_backend(backend, torch.device("cpu"))
+    calls = []
+    original = module.forward
+    monkeypatch.setattr(module, "forward", lambda *args: calls.append(1) or original(*args))
+    proj, target = random_pair((2, 5, 3, 7), torch.float32, seed=12)
+    for form, forwards in (("function", 2), ("functional", 1)):
+        calls.clear()
+        loss = FORMS[form](proj, target, backend=backend, neighbors=2)
+        assert isinstance(loss, torch.Tensor) and loss.shape == ()
+        loss.backward()
+        assert len(calls) == (1 if backend == "reference" else forwards), (form, len(calls))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -174,7 +196,7 @@ def test_double_backward_raises_clearly(backend):
 
 def test_apply_accepts_only_proj_and_target():
     proj, target = random_pair((2, 5, 3, 7), torch.float64, seed=11)
-    loss, *_ = CrossFrameAlignFunction.apply(proj, target)
+    loss = CrossFrameAlignFunction.apply(proj, target)
     torch.testing.assert_close(loss, cross_frame_align_loss(proj, target), rtol=0, atol=0)
     torch.autograd.grad(loss, (proj, target))
 

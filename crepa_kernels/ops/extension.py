@@ -216,6 +216,9 @@ def _op_call(eager_op, traced_op, options: LossOptions):
     return eager_op, (options.neighbors, options.neighbor_mode == "cumulative", tau, options.normalize_weights, eps)
 
 
+BACKWARD_READS_STATISTICS = True
+
+
 def forward(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """(L [B, F], the per-token statistics the backward reads)."""
     if _module is None:

@@ -856,6 +856,9 @@ def _op_options(options: LossOptions) -> tuple:
     return options.tau, options.neighbors, options.neighbor_mode, options.normalize_weights, options.eps
 
 
+BACKWARD_READS_STATISTICS = True
+
+
 def forward(proj: torch.Tensor, target: torch.Tensor, options: LossOptions):
     """(L [B, F], clamped norms, cosine band): the loss and the per-token statistics the backward reads."""
     return triton_forward(proj, target, *_op_options(options))
