@@ -36,11 +36,20 @@ def frame_weight_sums(options: LossOptions, num_frames: int, dtype: torch.dtype,
     return weight_sum
 
 
+def clamped_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """max(|x|, eps) over the last dim (kept), as F.normalize clamps it; |x| = eps counts as clamped.
+
+    torch.where rather than clamp_min: a varying eps then stays symbolic under torch.compile (clamp_min's Scalar
+    pins it), and the gradient at the kink is 0 on every torch version (clamp_min's changed in torch 2.14)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return torch.where(norm > eps, norm, torch.ones_like(norm) * eps)
+
+
 def per_frame_loss(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:
     """[B, F, N, D] x 2 -> L of shape [B, F]."""
     dtype = compute_dtype(proj, target)
-    p_hat = F.normalize(proj.to(dtype), dim=-1, eps=options.eps)
-    y_hat = F.normalize(target.to(dtype), dim=-1, eps=options.eps)
+    p, y = proj.to(dtype), target.to(dtype)
+    p_hat, y_hat = p / clamped_norm(p, options.eps), y / clamped_norm(y, options.eps)
     num_frames = proj.shape[1]
 
     similarity = _mean_token_cosine(p_hat, y_hat)

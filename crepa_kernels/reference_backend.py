@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .reference import frame_overlap, frame_weight_sums
+from .reference import clamped_norm, frame_overlap, frame_weight_sums
 from .spec import LossOptions, compute_dtype
 
 
@@ -35,10 +35,10 @@ def forward(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> t
     return (reference.per_frame_loss(proj, target, options),)
 
 
-def _normalize_backward(x: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor, u: torch.Tensor, eps: float):
-    """J(x)^T u for x^ = x / max(|x|, eps); norm is |x| with a trailing dim of 1."""
-    projected = (u - unit * (unit * u).sum(dim=-1, keepdim=True)) / norm
-    return torch.where(norm > eps, projected, u / eps)
+def _normalize_backward(unit: torch.Tensor, clamped: torch.Tensor, u: torch.Tensor, eps: float):
+    """J(x)^T u for x^ = x / max(|x|, eps) = unit; clamped is max(|x|, eps) with a trailing dim of 1."""
+    projected = u - unit * (unit * u).sum(dim=-1, keepdim=True)
+    return torch.where(clamped > eps, projected, u) / clamped
 
 
 def _neighbour_sum(x: torch.Tensor, per_frame: torch.Tensor, options: LossOptions, transpose: bool) -> torch.Tensor:
@@ -61,20 +61,18 @@ def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, 
     """grad_loss [B, F] -> (dL/dproj or None, dL/dtarget or None), each in its input's dtype."""
     dtype = compute_dtype(proj, target)
     p, y = proj.to(dtype), target.to(dtype)
-    p_norm = torch.linalg.vector_norm(p, dim=-1, keepdim=True)
-    y_norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
-    p_hat = p / p_norm.clamp_min(options.eps)
-    y_hat = y / y_norm.clamp_min(options.eps)
+    p_norm, y_norm = clamped_norm(p, options.eps), clamped_norm(y, options.eps)
+    p_hat, y_hat = p / p_norm, y / y_norm
     z = frame_weight_sums(options, p.shape[1], dtype, p.device) if options.normalize_weights else 1.0
     scale = (grad_loss.to(dtype) * (-1.0 / p.shape[2]) / z)[:, :, None, None]  # s[b, f]
 
     grad_proj = grad_target = None
     if needs_proj_grad:
         u = _neighbour_sum(y_hat, scale, options, transpose=False)
-        grad_proj = _normalize_backward(p, p_hat, p_norm, u, options.eps).to(proj.dtype)
+        grad_proj = _normalize_backward(p_hat, p_norm, u, options.eps).to(proj.dtype)
     if needs_target_grad:
         v = _neighbour_sum(p_hat, scale, options, transpose=True)
-        grad_target = _normalize_backward(y, y_hat, y_norm, v, options.eps).to(target.dtype)
+        grad_target = _normalize_backward(y_hat, y_norm, v, options.eps).to(target.dtype)
     return grad_proj, grad_target
 
 

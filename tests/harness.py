@@ -65,7 +65,7 @@ EXACT_NORM_EPS = 0.625
 
 def pair_with_norms_equal_to_eps(dtype=torch.float64, *, device="cpu"):
     """Random [1, 3, 4, 2] inputs with one proj and one target token of norm exactly EXACT_NORM_EPS: there the
-    clamp max(|x|, eps) is at its kink, and torch's clamp_min passes no gradient (the radial term vanishes)."""
+    clamp max(|x|, eps) is at its kink, which the specification counts as clamped (the radial term vanishes)."""
     proj, target = (x.detach() for x in random_pair((1, 3, 4, 2), torch.float64, seed=37))
     proj[0, 1, 2] = torch.tensor([0.375, 0.5])
     target[0, 2, 1] = torch.tensor([-0.5, 0.375])

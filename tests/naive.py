@@ -9,10 +9,14 @@ import torch
 
 def _clamped_cosine(a, b, eps):
     # a, b: [N, D] -> [N]
-    # vector_norm has the zero subgradient at 0, where sqrt would give inf * 0
-    norm_a = torch.clamp(torch.linalg.vector_norm(a, dim=-1), min=eps)
-    norm_b = torch.clamp(torch.linalg.vector_norm(b, dim=-1), min=eps)
-    return (a * b).sum(-1) / (norm_a * norm_b)
+    # vector_norm has the zero subgradient at 0, where sqrt would give inf * 0; a norm of exactly eps counts as
+    # clamped (no gradient through the norm there), written out so that it does not depend on clamp_min's kink,
+    # whose gradient changed between torch versions
+    def clamped(x):
+        norm = torch.linalg.vector_norm(x, dim=-1)
+        return torch.where(norm > eps, norm, torch.full_like(norm, eps))
+
+    return (a * b).sum(-1) / (clamped(a) * clamped(b))
 
 
 def _neighbour_frames(f, num_frames, neighbors, mode):

@@ -122,13 +122,13 @@ def test_compile_automatic_dynamic_recompiles_once_then_never(form):
     _run_varying_calls(eager, compiled, counter, VARYING_CALLS, expected_frames=[1, 2, 2, 2])
 
 
-def test_compile_reference_backend_with_a_tau_schedule_and_changing_shapes():
-    """The reference backend traces the formula itself; tau stays symbolic through its neighbour weights. (eps is
-    fixed here: F.normalize's eps is pinned by AOTAutograd, so a new eps recompiles the reference backend.)"""
+@pytest.mark.parametrize("form", FORMS)
+def test_compile_reference_backend_with_tau_and_eps_schedules_and_changing_shapes(form):
+    """The reference backend traces the formula itself; tau and eps stay symbolic through its tensor arithmetic
+    (an eps given to F.normalize or clamp_min would be pinned: one graph per eps)."""
     torch._dynamo.reset()
-    eager, compiled, counter = _compiled("functional", "reference", "aot_eager", dynamic=True)
-    calls = [call[:5] + (1e-12,) for call in VARYING_CALLS]
-    _run_varying_calls(eager, compiled, counter, calls, expected_frames=[1, 1, 1, 1])
+    eager, compiled, counter = _compiled(form, "reference", "aot_eager", dynamic=True)
+    _run_varying_calls(eager, compiled, counter, VARYING_CALLS, expected_frames=[1, 1, 1, 1])
 
 
 def test_compile_second_tau_does_not_fail():
