@@ -22,8 +22,10 @@ def fresh_selection(monkeypatch):
     """Resolution is cached per call; the tests patch reasons, so each starts and ends with an empty cache."""
     monkeypatch.delenv(backends.ENV_OVERRIDE, raising=False)
     backends._resolve.cache_clear()
+    triton_loss._cached_capability.cache_clear()  # the tests patch torch.cuda.get_device_capability
     yield
     backends._resolve.cache_clear()
+    triton_loss._cached_capability.cache_clear()
 
 
 def _refuse_when(monkeypatch, module, predicate, reason="refused for the test"):
@@ -145,20 +147,57 @@ def test_cuda_order_passes_to_the_cuda_kernel_when_triton_refuses(monkeypatch):
     assert backends._choose("auto", None, device, key[:5] + (1,) + key[6:]).backend == "triton"
     # a GPU older than sm_80 (no bf16 tl.dot, not checked ahead of time) goes to the CUDA kernel too
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    triton_loss._cached_capability.cache_clear()
     choice = backends._choose("auto", None, device, key[:5] + (1,) + key[6:])
     assert choice.backend == "cuda" and "7.5" in choice.reasons["triton"]
 
 
-def test_triton_refuses_its_shifted_tiling_below_sm_90(monkeypatch):
-    """F=61 with d=57 takes the shifted tiling, whose kernels spill on sm_80 to sm_89 (tools/compile_triton.py)."""
-    cuda = torch.device("cuda")
-    spec = backends.InputSpec((1, 61, 3600, 1536), torch.bfloat16, cuda, True)
-    for capability, refused in (((8, 0), True), ((8, 9), True), ((9, 0), False)):
+def test_triton_runs_its_shifted_tiling_on_every_checked_arch(monkeypatch):
+    """F=61 with d=57 takes the shifted tiling, whose kernels spilled on sm_80 to sm_89 with sm_90's launch
+    configuration and were refused there; below sm_90 they now take 2 warps and one stage, which compile clean
+    (tools/compile_triton.py, tests/test_triton_compile.py). The capability changes no tile size, so the buffers
+    (stats_shapes) and the grid stay those of any other device."""
+    options = backends.LossOptions(neighbors=57)
+    shape = (1, 61, 3600, 1536)
+    for capability in ((8, 0), (8, 6), (8, 9), (9, 0)):
+        triton_loss._cached_capability.cache_clear()
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        reason = triton_loss.call_unsupported_reason(spec, spec, backends.LossOptions(neighbors=57))
-        assert (reason is not None) == refused and (not refused or "shifted tiling" in reason), (capability, reason)
-        # d = 1 on the same video takes 32-frame windows with a halo: no refusal anywhere
-        assert triton_loss.call_unsupported_reason(spec, spec, backends.LossOptions(neighbors=1)) is None
+        for device in (torch.device("cuda"), torch.device("cuda", 1)):
+            spec = backends.InputSpec(shape, torch.bfloat16, device, True)
+            assert triton_loss.call_unsupported_reason(spec, spec, options) is None, capability
+            assert triton_loss.device_capability(device) == capability
+        for dtype in (torch.bfloat16, torch.float32, torch.float64):
+            tiling = triton_loss.frame_tiling(61, 57, triton_loss.max_window(dtype, dtype))
+            halo = triton_loss.frame_tiling(61, 1, triton_loss.max_window(dtype, dtype))
+            assert tiling.shifted and not halo.shifted
+            for kernel in ("forward", "backward"):
+                chosen = triton_loss.launch_config(kernel, 1536, tiling, dtype, capability)
+                interpreter = triton_loss.launch_config(kernel, 1536, tiling, dtype)
+                assert (chosen.block_n, chosen.block_d) == (interpreter.block_n, interpreter.block_d)
+                below = capability < (9, 0)
+                assert ((chosen.num_warps, chosen.num_stages) == (2, 1)) == below, (capability, kernel, chosen)
+                assert chosen == interpreter or below
+                # the other tilings keep their configuration on every architecture
+                assert triton_loss.launch_config(kernel, 1536, halo, dtype, capability) == \
+                    triton_loss.launch_config(kernel, 1536, halo, dtype)
+    assert triton_loss.device_capability(torch.device("cpu")) is None
+    assert triton_loss.device_capability(torch.device("meta")) is None
+
+
+def test_triton_reads_the_capability_once_per_device(monkeypatch):
+    """A host query per launch would be cheap but is not needed: cached per indexed device; torch.device("cuda")
+    (the current device, which can change) is asked each time."""
+    asked = []
+
+    def capability(device=None):
+        asked.append(device)
+        return (8, 6)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    for _ in range(3):
+        for device in (torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cuda")):
+            assert triton_loss.device_capability(device) == (8, 6)
+    assert asked == [torch.device("cuda", 0), torch.device("cuda", 1)] + [torch.device("cuda")] * 3
 
 
 def test_triton_reasons_for_calls_it_cannot_run():

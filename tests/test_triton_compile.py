@@ -31,12 +31,47 @@ def test_ahead_of_time_compile_has_no_spills_and_no_approximate_maths():
     assert {"PROJ_GRAD=0", "TARGET_GRAD=0"} <= {word for r in results for word in r["constexprs"].split()}
     for r in results:
         assert r["registers"] > 0, r
-        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_bytes"] == 0, r
         assert 0 <= r["shared_bytes"] <= r["shared_limit"] == 227 * 1024, r
         # the PTX of the loss path: no sqrt.approx / div.full / ex2.approx / ftz (the table's libdevice exp
         # tests its argument's range with abs.ftz.f32, never a value)
         assert set(r["approximate"]) <= ({"abs.ftz.f32"} if r["kernel"] == "table" else set()), r
     assert done.returncode == 0, done.stderr
+
+
+# In a subprocess (see above): the two shifted-tiling kernels that spilled 16 bytes below sm_90 with sm_90's launch
+# configuration (the bf16 backward with the target gradient on sm_80/86/89, the bf16/fp32 forward on sm_80), built
+# as the dispatcher would launch them on those GPUs and compiled for them.
+SHIFTED_BELOW_SM90 = """
+import json, torch
+import compile_triton as ct
+picked = {86: ("backward", torch.bfloat16, torch.bfloat16), 80: ("forward", torch.bfloat16, torch.float32)}
+results = []
+for arch, (kernel, proj_dtype, target_dtype) in picked.items():
+    case = ct.Case(proj_dtype, target_dtype, 1536, 3600, 61, (("neighbors", 57),))
+    launch = next(launch for name, launch in ct.launches(case, arch)
+                  if name == kernel and launch.kwargs["SHIFTED"] and not launch.kwargs.get("PROJ_GRAD"))
+    source, target, options, _, named = ct.specialise(launch, arch)
+    results.append(dict(arch=arch, kernel=kernel, named=named, shared_limit=ct.SHARED_LIMITS[arch],
+                        **ct.compile_source(source, target, options)))
+print(json.dumps(results))
+"""
+
+
+def test_shifted_tiling_compiles_without_spills_below_sm_90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("CUDA_HOME", "/usr/local/cuda")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tools"), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", SHIFTED_BELOW_SM90], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [(r["arch"], r["kernel"]) for r in results] == [(86, "backward"), (80, "forward")]
+    for r in results:
+        assert r["registers"] > 0 and r["spill_stores"] == r["spill_loads"] == r["stack_bytes"] == 0, r
+        assert r["named"]["SHIFTED"] and r["named"]["num_stages"] == 1 and r["named"]["num_warps"] == 2, r
+        assert 0 <= r["shared_bytes"] <= r["shared_limit"], r
+        assert not r["approximate"], r
 
 
 @pytest.mark.gpu

@@ -2,16 +2,18 @@
 
 Compiles every specialisation the dispatcher launches for the cases below with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for sm_80, sm_86, sm_89 and sm_90, prints one
-line per distinct kernel (arch, kernel, constexprs, registers, spills, shared memory, approximate instructions) and
-exits non-zero on any register spill (except in kernels the backend refuses to launch on that architecture: the
-shifted tiling below sm_90), any kernel needing more shared memory per block than the architecture allows, any approximate or flush-to-zero floating-point instruction in the PTX, or any compile error.
+line per distinct kernel (arch, kernel, constexprs, warps and stages, registers, spills, stack, shared memory,
+approximate instructions) and exits non-zero on any register spill or stack frame (local memory), any kernel needing
+more shared memory per block than the architecture allows, any approximate or flush-to-zero floating-point
+instruction in the PTX, or any compile error.
 
 The cases cover what real calls specialise on: the frame windows the tiling makes (16 frames, 32 frames in one
 window, in halo mode and in shifted mode), every input dtype and the mixed pairs, the target gradient on and off,
 N divisible by 16 and not, the usual widths D. Neighbour ranges reach the kernels as runtime arguments marked
 do_not_specialize, so they change the specialisation only through the tiling (FRAMES, SHIFTED).
 
-The launches come from crepa_kernels.ops.triton_loss.{table,forward,backward}_launch on meta tensors, and the
+The launches come from crepa_kernels.ops.triton_loss.{table,forward,backward}_launch on meta tensors, with the
+launch configuration the dispatcher picks for each architecture (the shifted tiling's differs below sm_90), and the
 signature, constexprs and divisibility attributes from Triton's own JIT binder, so the check compiles exactly
 what the dispatcher would launch on contiguous inputs. Cases that share a specialisation compile once; results
 are cached by specialisation (source hash, options, arch, Triton version) in ~/.cache/crepa_kernels, and the
@@ -80,7 +82,7 @@ FRAME_CASES = (
 APPROXIMATE = re.compile(r"\b[a-z0-9]+\.(?:approx|full)\.[a-z0-9.]*|\b[a-z0-9]+\.ftz\.[a-z0-9.]*")
 ALLOWED = {"table": {"abs.ftz.f32"}}
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crepa_kernels" / \
-    f"compile_triton-{triton.__version__}.json"
+    f"compile_triton-{triton.__version__}-stack.json"  # entries with stack_bytes
 
 
 @dataclass
@@ -93,6 +95,7 @@ class Result:
     registers: int
     spill_stores: int
     spill_loads: int
+    stack_bytes: int  # the stack frame per thread: local memory, as spills cost
     shared_bytes: int
     shared_limit: int
     approximate: list  # distinct approximate / ftz instructions in the PTX
@@ -114,8 +117,10 @@ def cases(dtypes=DTYPES, dims=DIMS, tokens=TOKENS, frame_cases=FRAME_CASES):
         yield Case(proj_dtype, target_dtype, dim, num_tokens, num_frames, tuple(sorted(options.items())))
 
 
-def launches(case: Case):
-    """(name, launch) for the neighbour table, the forward and both backwards (target gradient on and off)."""
+def launches(case: Case, arch: int):
+    """(name, launch) for the neighbour table, the forward and both backwards (target gradient on and off), as the
+    dispatcher would launch them on an sm_<arch> GPU."""
+    capability = divmod(arch, 10)
     options = LossOptions(**dict(case.options))
     meta = dict(device="meta")
     shape = (1, case.num_frames, case.num_tokens, case.dim)
@@ -127,11 +132,11 @@ def launches(case: Case):
                                    for k in ("norms", "band", "partial", "table"))
     grad_loss = torch.empty(shape[:2], dtype=stat_dtype, **meta)
     yield "table", triton_loss.table_launch(options, case.num_frames, table)
-    yield "forward", triton_loss.forward_launch(proj, target, options, norms, band, partial, table)
+    yield "forward", triton_loss.forward_launch(proj, target, options, norms, band, partial, table, capability)
     for target_grad in (True, False):
         grad_target = torch.empty_like(target) if target_grad else None
         for launch in triton_loss.backward_launches(grad_loss, proj, target, norms, band, options,
-                                                    torch.empty_like(proj), grad_target, table):
+                                                    torch.empty_like(proj), grad_target, table, capability):
             yield "backward", launch
 
 
@@ -147,6 +152,7 @@ def specialise(launch: triton_loss.Launch, arch: int):
     source = ASTSource(kernel, signature, constexprs, attrs)
     named = {kernel.arg_names[path[0]]: value for path, value in constexprs.items()
              if kernel.arg_names[path[0]].isupper()}
+    named.update(num_warps=options.num_warps, num_stages=options.num_stages)  # they too set registers and smem
     options_text = repr(sorted(options.__dict__.items()))
     key = hashlib.sha256(f"{arch}|{source.hash()}|{options_text}".encode()).hexdigest()
     return source, target, options, key, named
@@ -171,6 +177,7 @@ def compile_source(source, target, options) -> dict:
     return dict(registers=_ptxas_number(r"Used (\d+) registers", log),
                 spill_stores=_ptxas_number(r"(\d+) bytes spill stores", log),
                 spill_loads=_ptxas_number(r"(\d+) bytes spill loads", log),
+                stack_bytes=_ptxas_number(r"(\d+) bytes stack frame", log),
                 shared_bytes=compiled.metadata.shared,
                 approximate=sorted(set(APPROXIMATE.findall(compiled.asm["ptx"]))))
 
@@ -178,7 +185,7 @@ def compile_source(source, target, options) -> dict:
 def _compile_job(job) -> tuple[str, dict]:
     """In a worker process: rebuild the launch of (case, launch index, arch) and compile it."""
     case, index, arch = job
-    _, launch = list(launches(case))[index]
+    _, launch = list(launches(case, arch))[index]
     source, target, options, key, _ = specialise(launch, arch)
     return key, compile_source(source, target, options)
 
@@ -197,7 +204,7 @@ def run(archs=ARCHS, case_list=None, jobs=2, use_cache=True, echo=True):
     case_list = list(cases()) if case_list is None else case_list
     distinct = {}  # key -> [arch, name, dtypes, constexprs, job, count]
     for case, arch in itertools.product(case_list, archs):
-        for index, (name, launch) in enumerate(launches(case)):
+        for index, (name, launch) in enumerate(launches(case, arch)):
             _, _, _, key, constexprs = specialise(launch, arch)
             if key in distinct:
                 distinct[key][5] += 1
@@ -223,26 +230,19 @@ def run(archs=ARCHS, case_list=None, jobs=2, use_cache=True, echo=True):
         results.append(result)
         if echo:
             print(f"sm_{arch} {name:8s} {dtypes:17s} {constexprs} regs={result.registers} "
-                  f"spills={result.spill_stores}/{result.spill_loads} smem={result.shared_bytes}/{result.shared_limit}"
-                  f"{' approx=' + ','.join(result.approximate) if result.approximate else ''} ({count} cases)"
-                  f"{' refused at run time on this arch' if refused(result) else ''}",
+                  f"spills={result.spill_stores}/{result.spill_loads} stack={result.stack_bytes} "
+                  f"smem={result.shared_bytes}/{result.shared_limit}"
+                  f"{' approx=' + ','.join(result.approximate) if result.approximate else ''} ({count} cases)",
                   flush=True)
     return results, len(todo)
-
-
-def refused(result: Result) -> bool:
-    """Kernels the backend never launches on this architecture: call_unsupported_reason refuses the shifted tiling
-    below triton_loss.SHIFTED_MIN_CAPABILITY (their spills are reported, not failed)."""
-    return "SHIFTED=1" in result.constexprs.split() and \
-        (result.arch // 10, result.arch % 10) < triton_loss.SHIFTED_MIN_CAPABILITY
 
 
 def failures(results) -> list[str]:
     problems = []
     for r in results:
         where = f"sm_{r.arch} {r.kernel} {r.dtypes} {r.constexprs}"
-        if (r.spill_stores or r.spill_loads) and not refused(r):
-            problems.append(f"{where}: spills {r.spill_stores}/{r.spill_loads} bytes")
+        if r.spill_stores or r.spill_loads or r.stack_bytes:
+            problems.append(f"{where}: spills {r.spill_stores}/{r.spill_loads} bytes, {r.stack_bytes}-byte stack")
         if r.shared_bytes > r.shared_limit:
             problems.append(f"{where}: {r.shared_bytes} bytes of shared memory > {r.shared_limit}")
         approximate = set(r.approximate) - ALLOWED.get(r.kernel, set())

@@ -22,7 +22,12 @@ class Mutant:
 COVERING_TESTS = {
     "crepa_kernels/spec.py": ["tests/test_reference.py", "tests/test_api.py"],
     "crepa_kernels/reference.py": ["tests/test_reference.py"],
-    "crepa_kernels/ops/triton_loss.py": ["tests/test_triton_backend.py"],
+    # the launch-configuration tests first (seconds), then the kernels under the interpreter (minutes)
+    "crepa_kernels/ops/triton_loss.py": [
+        "tests/test_backend_selection.py::test_triton_runs_its_shifted_tiling_on_every_checked_arch",
+        "tests/test_backend_selection.py::test_triton_reads_the_capability_once_per_device",
+        "tests/test_triton_compile.py::test_shifted_tiling_compiles_without_spills_below_sm_90",
+        "tests/test_triton_backend.py"],
     "csrc/crepa_cpu.cpp": ["tests/test_cpu_backend.py"],
     "csrc/crepa_math.h": ["tests/test_cpu_backend.py"],
     "crepa_kernels/training/token_grid.py": ["tests/test_training.py", "-k", "temporal or spatial or token_grid"],
@@ -233,6 +238,17 @@ MUTANTS = [
     # --- GPU launch planning, checked without a GPU -------------------------------------------------------------
     Mutant("triton-work-item-order", TRITON, 'return rest // num_tiles, token_block, rest % num_tiles',
            'return rest % num_tiles, token_block, rest // num_tiles', "flat work item decoded with batch and tile swapped"),
+    Mutant("triton-shifted-config-never", TRITON, 'and capability < SHIFTED_PIPELINED_CAPABILITY:',
+           'and capability < MIN_CAPABILITY:', "shifted kernels below sm_90 keep sm_90's spilling config"),
+    Mutant("triton-shifted-config-on-sm90", TRITON, 'and capability < SHIFTED_PIPELINED_CAPABILITY:',
+           'and capability <= SHIFTED_PIPELINED_CAPABILITY:', "sm_90 loses its pipelined config"),
+    Mutant("triton-launch-ignores-target-arch", TRITON,
+           '_forward_setup(proj, target, options, capability or device_capability(proj.device))',
+           '_forward_setup(proj, target, options, device_capability(proj.device))',
+           "the ahead-of-time check compiles sm_90's forward for every architecture"),
+    Mutant("triton-capability-cached-for-current-device", TRITON,
+           'if device.index is None else _cached_capability(device)', 'if False else _cached_capability(device)',
+           "torch.device('cuda') cached though the current device can change"),
     Mutant("cuda-plan-backward-smem", CUDA_PLAN,
            'saturating_sum(table, saturating_product(2, saturating_sum(F, W)))',
            'saturating_sum(table, saturating_product(2, F))', "backward shared memory misses the band slots"),

@@ -42,6 +42,7 @@ was imported.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -96,9 +97,22 @@ def unavailable_reason(device: torch.device) -> str | None:
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # bf16 tl.dot needs sm_80; tools/compile_triton.py checks sm_80 to sm_90 ahead of time
 MIN_CAPABILITY = (8, 0)
-# The shifted tiling (F > 32 with offsets past ~10 frames) compiles without spills on sm_90 only; on sm_80 to sm_89
-# its kernels spill 8-16 bytes, so those calls are refused there ("auto" takes the CUDA kernel).
-SHIFTED_MIN_CAPABILITY = (9, 0)
+# Below this the shifted tiling's kernels take their own launch configuration (launch_config)
+SHIFTED_PIPELINED_CAPABILITY = (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability launch_config targets: a host query cached per CUDA device (no synchronisation);
+    None for CPU (the interpreter) and meta tensors, which take sm_90's configuration. A device without an index
+    means the current device, which can change: not cached."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(device) if device.index is None else _cached_capability(device)
 
 
 def call_unsupported_reason(proj, target, options: LossOptions) -> str | None:
@@ -106,25 +120,18 @@ def call_unsupported_reason(proj, target, options: LossOptions) -> str | None:
     for name, x in (("proj", proj), ("target", target)):
         if x.dtype not in SUPPORTED_DTYPES:
             return f"the Triton kernels take {', '.join(map(str, SUPPORTED_DTYPES))}; {name} is {x.dtype}"
-    if proj.device.type == "cuda":
-        capability = torch.cuda.get_device_capability(proj.device)
-        if capability < MIN_CAPABILITY:
-            return (f"the Triton kernels need compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
-                    f"(bf16 tl.dot; checked ahead of time for sm_80 to sm_90), {proj.device} has "
-                    f"{capability[0]}.{capability[1]}")
+    capability = device_capability(proj.device)
+    if capability is not None and capability < MIN_CAPABILITY:
+        return (f"the Triton kernels need compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
+                f"(bf16 tl.dot; checked ahead of time for sm_80 to sm_90), {proj.device} has "
+                f"{capability[0]}.{capability[1]}")
     if proj.shape is None:
         return None
     batch, num_frames, num_tokens, dim = proj.shape
     try:
         tiling = frame_tiling(num_frames, max_offset(options, num_frames), max_window(proj.dtype, target.dtype))
-        if tiling.shifted and proj.device.type == "cuda":
-            capability = torch.cuda.get_device_capability(proj.device)
-            if capability < SHIFTED_MIN_CAPABILITY:
-                return (f"F={num_frames} with neighbours {max_offset(options, num_frames)} frames away takes the "
-                        f"Triton backend's shifted tiling, whose kernels spill registers below sm_90 ({proj.device} "
-                        f"is sm_{capability[0]}{capability[1]})")
         for kernel in ("forward", "backward"):
-            config = launch_config(kernel, dim, tiling, dot_dtype(kernel, proj.dtype, target.dtype))
+            config = launch_config(kernel, dim, tiling, dot_dtype(kernel, proj.dtype, target.dtype), capability)
             plan_grid(batch * triton.cdiv(num_tokens, config.block_n) * tiling.num_tiles)
     except ValueError as error:
         return str(error)
@@ -197,8 +204,10 @@ def frame_tiling(num_frames: int, halo: int, window: int = MAX_SINGLE_WINDOW_FRA
     return halo_mode if halo_reads <= shifted_reads else shifted
 
 
-def launch_config(kernel: str, dim: int, tiling: FrameTiling, dtype: torch.dtype) -> LaunchConfig:
-    """Tile sizes for ``kernel`` ("forward" or "backward") from D, the frame tiling and the tl.dot dtype.
+def launch_config(kernel: str, dim: int, tiling: FrameTiling, dtype: torch.dtype,
+                  capability: tuple[int, int] | None = None) -> LaunchConfig:
+    """Tile sizes for ``kernel`` ("forward" or "backward") from D, the frame tiling, the tl.dot dtype and the target
+    compute capability (device_capability; None: sm_90's configuration, as on the interpreter).
 
     * A program's tile is BLOCK_N x FRAMES x BLOCK_D per input: ~2-4K elements per tile with 4 warps keeps each
       input tile at <= 32 registers per thread; BLOCK_D = 64 bf16 = 128 bytes keeps each row load on a full line.
@@ -214,7 +223,9 @@ def launch_config(kernel: str, dim: int, tiling: FrameTiling, dtype: torch.dtype
       drops below 16 (tl.dot).
     * num_stages = 2: the D loop is a plain streaming loop; one tile in flight hides the latency, more stages
       only cost shared memory (each stage holds both input tiles).
-    tools/compile_triton.py checks every configuration this returns: no spills, shared memory within each
+    * Shifted mode below sm_90: 2 warps and 1 stage for both kernels (below). The capability changes only
+      num_warps and num_stages, never BLOCK_N or BLOCK_D, so buffers and grids do not depend on it.
+    tools/compile_triton.py checks every configuration this returns: no spills or stack, shared memory within each
     architecture's per-block limit.
     """
     frames = tiling.frames
@@ -231,7 +242,12 @@ def launch_config(kernel: str, dim: int, tiling: FrameTiling, dtype: torch.dtype
         # shifted mode rebuilds A per column window inside the D loop; with 4 warps ptxas spilled at 80 registers
         num_warps = 2 if tiling.shifted else 4
     block_d = max(MIN_DOT_DIM, min(block_d, triton.next_power_of_2(dim)))
-    return LaunchConfig(block_n=block_n, block_d=block_d, num_warps=num_warps, num_stages=2)
+    num_stages = 2
+    if tiling.shifted and capability is not None and capability < SHIFTED_PIPELINED_CAPABILITY:
+        # sm_80-sm_89's ptxas spilled 8-16 bytes with the prefetch stage; of the clean configs, 2 warps issue the
+        # fewest instructions (4 and 8 warps repeat the small 16 x 16 dots and A per warp): same bytes read
+        num_warps, num_stages = 2, 1
+    return LaunchConfig(block_n=block_n, block_d=block_d, num_warps=num_warps, num_stages=num_stages)
 
 
 def dot_dtype(kernel: str, proj_dtype: torch.dtype, target_dtype: torch.dtype) -> torch.dtype:
@@ -653,10 +669,10 @@ def _device_guard(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _forward_setup(proj, target, options: LossOptions) -> tuple[_Plan, LaunchConfig, torch.dtype]:
+def _forward_setup(proj, target, options: LossOptions, capability=None) -> tuple[_Plan, LaunchConfig, torch.dtype]:
     plan = _plan(options, proj.shape[1], max_window(proj.dtype, target.dtype))
     dtype = dot_dtype("forward", proj.dtype, target.dtype)
-    return plan, launch_config("forward", proj.shape[3], plan.tiling, dtype), dtype
+    return plan, launch_config("forward", proj.shape[3], plan.tiling, dtype, capability), dtype
 
 
 def stats_shapes(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> dict[str, tuple[int, ...]]:
@@ -705,9 +721,10 @@ def table_launch(options: LossOptions, num_frames: int, table) -> Launch:
     return Launch(_neighbour_table_kernel, (1, 1, 1), args, dict(BLOCK=TABLE_BLOCK, num_warps=2, num_stages=1))
 
 
-def forward_launch(proj, target, options: LossOptions, norms, band, partial, table) -> Launch:
+def forward_launch(proj, target, options: LossOptions, norms, band, partial, table, capability=None) -> Launch:
+    """capability: the GPU to launch on (tools/compile_triton.py), else proj's device's (device_capability)."""
     batch, num_frames, num_tokens, dim = proj.shape
-    plan, config, dtype = _forward_setup(proj, target, options)
+    plan, config, dtype = _forward_setup(proj, target, options, capability or device_capability(proj.device))
     tiling = plan.tiling
     token_blocks = triton.cdiv(num_tokens, config.block_n)
     args = (
@@ -727,14 +744,15 @@ def forward_launch(proj, target, options: LossOptions, norms, band, partial, tab
 
 
 def backward_launches(grad_loss, proj, target, norms, band, options: LossOptions, grad_proj, grad_target,
-                      table) -> list[Launch]:
+                      table, capability=None) -> list[Launch]:
     """The backward: one launch, or in shifted mode one per gradient (each rebuilds its own A per column window;
-    both in one program spilled on sm_86/sm_90). grad_target=None: no target gradient."""
+    both in one program spilled on sm_86/sm_90). grad_target=None: no target gradient. capability: as in
+    forward_launch."""
     batch, num_frames, num_tokens, dim = proj.shape
     plan = _plan(options, num_frames, max_window(proj.dtype, target.dtype))
     tiling = plan.tiling
     dtype = dot_dtype("backward", proj.dtype, target.dtype)
-    config = launch_config("backward", dim, tiling, dtype)
+    config = launch_config("backward", dim, tiling, dtype, capability or device_capability(proj.device))
     token_blocks = triton.cdiv(num_tokens, config.block_n)
     target_grad = grad_target is not None
     grad_target = grad_target if target_grad else grad_proj  # never written: TARGET_GRAD is False
