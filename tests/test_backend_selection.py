@@ -105,8 +105,9 @@ def test_no_backend_left_raises(monkeypatch):
 
 def test_an_unsupported_dtype_falls_back_to_the_reference_for_real():
     """float8 is a floating dtype the spec accepts and the fused kernels do not: no patching needed."""
-    proj = torch.randn(1, 3, 4, 8).to(torch.float8_e4m3fn)
-    target = torch.randn(1, 3, 4, 8)
+    # seeded, correlated inputs: an unseeded pair gave a loss near 0, where fp32 cancellation exceeded the tolerance
+    proj, target = (x.detach() for x in random_pair((1, 3, 4, 8), seed=21))
+    proj = proj.to(torch.float8_e4m3fn)
     reasons = available_backends(proj=proj, target=target, neighbors=1)
     assert reasons["reference"] is True
     assert "float8_e4m3fn" in reasons["cpu"] and "float8_e4m3fn" in reasons["triton"]
