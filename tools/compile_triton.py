@@ -10,7 +10,8 @@ instruction in the PTX, or any compile error.
 The cases cover what real calls specialise on: the frame windows the tiling makes (16 frames, 32 frames in one
 window, in halo mode and in shifted mode), every input dtype and the mixed pairs, the target gradient on and off,
 N divisible by 16 and not, the usual widths D. Neighbour ranges reach the kernels as runtime arguments marked
-do_not_specialize, so they change the specialisation only through the tiling (FRAMES, SHIFTED).
+do_not_specialize, so they change the specialisation only through the tiling (FRAMES, SHIFTED); tau and eps as
+one-element fp64 tensors (pointer arguments, built on the meta device here), so they never do.
 
 The launches come from crepa_kernels.ops.triton_loss.{table,forward,backward}_launch on meta tensors, with the
 launch configuration the dispatcher picks for each architecture (the shifted tiling's differs below sm_90), and the

@@ -186,22 +186,36 @@ def frame_tiling(num_frames: int, halo: int, window: int = MAX_SINGLE_WINDOW_FRA
     * Longer videos, shifted mode: 16-frame windows that write all their frames and visit the column windows
       -s..s (s = ceil(halo / 16)) whole windows away, one after the other, so distant neighbours cost further
       tiles instead of a wider window (a 64- or 128-frame window spilled and outgrew the shared memory of
-      sm_86/sm_89; 32-frame windows in this mode spilled on sm_86 to sm_90).
-    The mode that reads fewer frames wins: halo mode up to halo = 9 on 32-frame windows (d = 1 reads 1.07x the
-    input).
+      sm_86/sm_89; 32-frame windows in this mode spilled on sm_86 to sm_90). Without neighbours (halo 0), 16-frame
+      windows that read every frame once.
+    The mode that reads fewer frames per written frame wins, window / (window - 2 halo) against 2 s + 1: halo mode
+    up to halo = 10 on 32-frame windows (d = 1 reads 1.07x the input), 5 on 16-frame ones. The choice depends on
+    the halo only, not on F: under torch.compile (F symbolic) the only guards are F <= window, F <= 16 and their
+    negations, so clips of any other length in the same regime reuse the graph.
     """
     if num_frames <= window:
-        frames = max(MIN_DOT_DIM, triton.next_power_of_2(num_frames))
-        return FrameTiling(frames, num_frames, 0, 1)
+        return FrameTiling(_frames_for(num_frames), num_frames, 0, 1)
     shifts = triton.cdiv(halo, MIN_DOT_DIM)
-    shifted = FrameTiling(MIN_DOT_DIM, MIN_DOT_DIM, 0, triton.cdiv(num_frames, MIN_DOT_DIM), shifts)
     rows = window - 2 * halo
-    if rows < 1:
-        return shifted
-    halo_mode = FrameTiling(window, rows, halo, triton.cdiv(num_frames, rows))
-    halo_reads = halo_mode.num_tiles * window
-    shifted_reads = shifted.num_tiles * (2 * shifts + 1) * MIN_DOT_DIM
-    return halo_mode if halo_reads <= shifted_reads else shifted
+    if shifts > 0 and rows >= 1 and window <= (2 * shifts + 1) * rows:
+        return FrameTiling(window, rows, halo, triton.cdiv(num_frames, rows))
+    return FrameTiling(MIN_DOT_DIM, MIN_DOT_DIM, 0, triton.cdiv(num_frames, MIN_DOT_DIM), shifts)
+
+
+def _frames_for(num_frames: int) -> int:
+    """The power of two >= max(16, F) (tl.dot's smallest dimension) by comparisons: on a symbolic F they are range
+    guards, where triton.next_power_of_2's bit twiddling guards on an expression only this F satisfies."""
+    frames = MIN_DOT_DIM
+    while frames < num_frames:
+        frames *= 2
+    return frames
+
+
+def _block_for(size: int, block: int) -> int:
+    """min(block, next_power_of_2(size)), at least 16 (tl.dot), with range guards only (see _frames_for)."""
+    while block > MIN_DOT_DIM and 2 * size <= block:
+        block //= 2
+    return block
 
 
 def launch_config(kernel: str, dim: int, tiling: FrameTiling, dtype: torch.dtype,
@@ -241,7 +255,7 @@ def launch_config(kernel: str, dim: int, tiling: FrameTiling, dtype: torch.dtype
         block_d = 16 if wide or tiling.shifted else 32
         # shifted mode rebuilds A per column window inside the D loop; with 4 warps ptxas spilled at 80 registers
         num_warps = 2 if tiling.shifted else 4
-    block_d = max(MIN_DOT_DIM, min(block_d, triton.next_power_of_2(dim)))
+    block_d = _block_for(dim, block_d)
     num_stages = 2
     if tiling.shifted and capability is not None and capability < SHIFTED_PIPELINED_CAPABILITY:
         # sm_80-sm_89's ptxas spilled 8-16 bytes with the prefetch stage; of the clean configs, 2 warps issue the
@@ -288,10 +302,6 @@ _RUNTIME_ONLY = ["num_batches", "num_frames", "num_tokens", "rows_per_tile", "ha
 if triton is not None:
 
     @triton.jit
-    def _unsplit(hi, lo, COMPUTE: tl.constexpr):
-        return tl.cast(hi, COMPUTE) + tl.cast(lo, COMPUTE)
-
-    @triton.jit
     def _to_element(x, ptr):
         """x in ptr's element type; 16-bit outputs round through fp32 (the interpreter's direct fp64 -> bf16
         cast is wrong; fp64 -> fp32 -> bf16 double rounding differs from direct rounding by <= 1 ulp, rarely)."""
@@ -326,12 +336,12 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["num_frames", "near", "far", "z_far"],
                 do_not_specialize_on_alignment=_ANY_ALIGNMENT)
-    def _neighbour_table_kernel(weight_ptr, z_ptr, num_frames, near, far, z_far, inv_tau_hi, inv_tau_lo,
-                                BLOCK: tl.constexpr):
+    def _neighbour_table_kernel(weight_ptr, z_ptr, num_frames, near, far, z_far, tau_ptr, BLOCK: tl.constexpr):
         """weight[delta] = C's numerator for frames delta apart (1 at 0, exp(-delta / tau) at neighbour distances
         near..far, else 0) and z[f] = Z_f (1 + the weights of f's neighbours inside [0, F) at distances
-        near..z_far; z_far = near - 1 without normalize_weights), for delta, f < F. One program, fp64 maths."""
-        inv_tau = _unsplit(inv_tau_hi, inv_tau_lo, tl.float64)
+        near..z_far; z_far = near - 1 without normalize_weights), for delta, f < F. One program, fp64 maths (tau is
+        read from the device: see scalar_tensor)."""
+        inv_tau = 1.0 / tl.load(tau_ptr)
         for start in range(0, num_frames, BLOCK):
             i = start + tl.arange(0, BLOCK)
             ok = i < num_frames
@@ -463,13 +473,13 @@ if triton is not None:
         num_batches, num_frames, num_tokens, dim,
         sp_b, sp_f, sp_n, sp_d, sy_b, sy_f, sy_n, sy_d,
         rows_per_tile, halo, shifts, num_tiles, num_token_blocks,
-        near, far, eps_hi, eps_lo,
+        near, far, eps_ptr,
         slot_first, slot_step, num_slots,
         FP64: tl.constexpr, NATIVE_DOT: tl.constexpr, SHIFTED: tl.constexpr,
         FRAMES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         COMPUTE: tl.constexpr = tl.float64 if FP64 else tl.float32
-        eps = _unsplit(eps_hi, eps_lo, COMPUTE)
+        eps = tl.load(eps_ptr).to(COMPUTE)  # fp64 on the device (scalar_tensor)
         batch, token_block, tile = _work_item(num_batches, num_token_blocks, num_tiles)
         first_row = tile * rows_per_tile
         window = tl.arange(0, FRAMES).to(tl.int64)
@@ -511,13 +521,13 @@ if triton is not None:
         sp_b, sp_f, sp_n, sp_d, sy_b, sy_f, sy_n, sy_d,
         gp_b, gp_f, gp_n, gp_d, gy_b, gy_f, gy_n, gy_d,
         rows_per_tile, halo, shifts, num_tiles, num_token_blocks,
-        near, far, eps_hi, eps_lo,
+        near, far, eps_ptr,
         slot_first, slot_step, num_slots,
         FP64: tl.constexpr, SPLIT_BF16_DOT: tl.constexpr, SHIFTED: tl.constexpr, PROJ_GRAD: tl.constexpr,
         TARGET_GRAD: tl.constexpr, FRAMES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         COMPUTE: tl.constexpr = tl.float64 if FP64 else tl.float32
-        eps = _unsplit(eps_hi, eps_lo, COMPUTE)
+        eps = tl.load(eps_ptr).to(COMPUTE)  # fp64 on the device (scalar_tensor)
         batch, token_block, tile = _work_item(num_batches, num_token_blocks, num_tiles)
         first_row = tile * rows_per_tile
         rows = first_row - halo + tl.arange(0, FRAMES).to(tl.int64)
@@ -641,22 +651,25 @@ class _Plan:
     num_slots: int
 
 
-def _plan(options: LossOptions, num_frames: int, window: int = MAX_SINGLE_WINDOW_FRAMES) -> _Plan:
-    offsets = options.offsets(num_frames)
-    positive = [offset for offset in offsets if offset > 0]
+def _distances(options: LossOptions, num_frames: int) -> tuple[int, int, int]:
+    """(near, far, z_far) of _Plan: all the neighbour table needs (not the tiling, whose guards on a symbolic F
+    depend on the dtype's window)."""
+    positive = [offset for offset in options.offsets(num_frames) if offset > 0]
     near, far = (positive[0], positive[-1]) if positive else (1, 0)
-    z_far = far if options.normalize_weights else near - 1
+    return near, far, far if options.normalize_weights else near - 1
+
+
+def _plan(options: LossOptions, num_frames: int, window: int) -> _Plan:
     slot_first, slot_step, num_slots = band_slots(options, num_frames)
-    return _Plan(frame_tiling(num_frames, max_offset(options, num_frames), window), near, far, z_far,
-                 slot_first, slot_step, num_slots)
+    return _Plan(frame_tiling(num_frames, max_offset(options, num_frames), window),
+                 *_distances(options, num_frames), slot_first, slot_step, num_slots)
 
 
-def _split(value: float) -> tuple[float, float]:
-    """A double as hi + lo, two fp32-exact floats: Triton passes Python floats as fp32 (the interpreter too),
-    and the fp64 kernels need the scalar to ~48 bits."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    lo = float(torch.tensor(value - hi, dtype=torch.float32))
-    return hi, lo
+def scalar_tensor(value: float, like: torch.Tensor) -> torch.Tensor:
+    """tau or eps as a one-element fp64 tensor on ``like``'s device, which the kernels load. A Python float kernel
+    argument would reach them as fp32 and, under torch.compile, pin a varying tau or eps (a SymFloat) to its
+    value: one graph per value. torch.full traces the SymFloat into the graph, with no guard and no host sync."""
+    return torch.full((1,), value, dtype=torch.float64, device=like.device)
 
 
 def _interpreting_fake(tensor: torch.Tensor) -> bool:
@@ -694,11 +707,12 @@ def plan_grid(work_items: int) -> tuple[int, int, int]:
     CUDA allows gridDim.x < 2^31 and gridDim.y, z <= 65,535; a [B, token blocks, frame tiles] grid passed 65,535
     on axis 1 from N = 65,536 tokens on. Axis 1 is needed only past 2^31 - 1 work items.
     """
-    x = min(work_items, MAX_GRID_X)
-    y = triton.cdiv(work_items, x)
+    if work_items <= MAX_GRID_X:  # a range guard under torch.compile (min() and cdiv(n, n) would add more)
+        return work_items, 1, 1
+    y = triton.cdiv(work_items, MAX_GRID_X)
     if y > MAX_GRID_YZ:
         raise ValueError(f"triton backend: {work_items} programs exceed the CUDA grid ({MAX_GRID_X} x {MAX_GRID_YZ})")
-    return x, y, 1
+    return MAX_GRID_X, y, 1
 
 
 @dataclass(frozen=True)
@@ -716,8 +730,7 @@ TABLE_BLOCK = 64
 
 
 def table_launch(options: LossOptions, num_frames: int, table) -> Launch:
-    plan = _plan(options, num_frames)
-    args = (table[0], table[1], num_frames, plan.near, plan.far, plan.z_far, *_split(1.0 / options.tau))
+    args = (table[0], table[1], num_frames, *_distances(options, num_frames), scalar_tensor(options.tau, table))
     return Launch(_neighbour_table_kernel, (1, 1, 1), args, dict(BLOCK=TABLE_BLOCK, num_warps=2, num_stages=1))
 
 
@@ -732,7 +745,7 @@ def forward_launch(proj, target, options: LossOptions, norms, band, partial, tab
         batch, num_frames, num_tokens, dim,
         *proj.stride(), *target.stride(),
         tiling.rows_per_tile, tiling.halo, tiling.shifts, tiling.num_tiles, token_blocks,
-        plan.near, plan.far, *_split(options.eps),
+        plan.near, plan.far, scalar_tensor(options.eps, proj),
         plan.slot_first, plan.slot_step, plan.num_slots,
     )
     kwargs = dict(
@@ -761,7 +774,7 @@ def backward_launches(grad_loss, proj, target, norms, band, options: LossOptions
         batch, num_frames, num_tokens, dim,
         *proj.stride(), *target.stride(), *grad_proj.stride(), *grad_target.stride(),
         tiling.rows_per_tile, tiling.halo, tiling.shifts, tiling.num_tiles, token_blocks,
-        plan.near, plan.far, *_split(options.eps),
+        plan.near, plan.far, scalar_tensor(options.eps, proj),
         plan.slot_first, plan.slot_step, plan.num_slots,
     )
     kwargs = dict(
