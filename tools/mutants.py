@@ -22,11 +22,12 @@ class Mutant:
 COVERING_TESTS = {
     "crepa_kernels/spec.py": ["tests/test_reference.py", "tests/test_api.py"],
     "crepa_kernels/reference.py": ["tests/test_reference.py"],
-    # the launch-configuration tests first (seconds), then the kernels under the interpreter (minutes)
+    # the launch-configuration and guard tests first (seconds), then the kernels under the interpreter (minutes)
     "crepa_kernels/ops/triton_loss.py": [
         "tests/test_backend_selection.py::test_triton_runs_its_shifted_tiling_on_every_checked_arch",
         "tests/test_backend_selection.py::test_triton_reads_the_capability_once_per_device",
         "tests/test_triton_compile.py::test_shifted_tiling_compiles_without_spills_below_sm_90",
+        "tests/test_triton_guards.py",
         "tests/test_triton_backend.py"],
     "csrc/crepa_cpu.cpp": ["tests/test_cpu_backend.py"],
     "csrc/crepa_math.h": ["tests/test_cpu_backend.py"],
@@ -132,8 +133,17 @@ MUTANTS = [
            'z += tl.where(i - distance > 0, w, 0.0)', "Z_f misses the neighbour at frame 0"),
     Mutant("triton-norm-plus-eps", TRITON, 'p_norm = tl.maximum(_sqrt(p_squares, COMPUTE), eps)',
            'p_norm = _sqrt(p_squares, COMPUTE) + eps', "eps added to |p| instead of clamping it"),
-    Mutant("triton-scalar-split", TRITON, '    return hi, lo\n', '    return hi, 0.0\n',
-           "fp64 kernels get tau and eps rounded to fp32"),
+    Mutant("triton-tau-fp32", TRITON, 'inv_tau = 1.0 / tl.load(tau_ptr)',
+           'inv_tau = 1.0 / tl.load(tau_ptr).to(tl.float32)', "the neighbour weights use tau rounded to fp32"),
+    Mutant("triton-eps-fp32", TRITON, "eps = tl.load(eps_ptr).to(COMPUTE)  # fp64 on the device (scalar_tensor)\n"
+           "        batch, token_block, tile = _work_item(num_batches, num_token_blocks, num_tiles)\n"
+           "        first_row = tile * rows_per_tile\n        window",
+           "eps = tl.load(eps_ptr).to(tl.float32).to(COMPUTE)\n"
+           "        batch, token_block, tile = _work_item(num_batches, num_token_blocks, num_tiles)\n"
+           "        first_row = tile * rows_per_tile\n        window",
+           "the fp64 forward clamps the norms with eps rounded to fp32"),
+    Mutant("triton-window-by-power", TRITON, 'while frames < num_frames:', 'while frames <= num_frames:',
+           "F = 16 takes a 32-frame window: torch.compile guards F < 16, so F = 16 recompiles"),
     Mutant("triton-halo-z", TRITON, 'for distance in range(near, z_far + 1):',
            'for distance in range(near, z_far):',
            "Z_f misses the farthest neighbour"),
