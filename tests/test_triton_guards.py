@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TRACED = dict(B=2, F=13, N=97, D=768, tau=0.5, eps=1e-12)
 OTHER_VALUES = dict(B=3, N=3600, D=1536, tau=0.7, eps=1e-8)
 
-# (name, dtypes, options, F traced, other F of the same regime, bindings of another regime that must fail a guard)
+# (name, dtypes, options, F traced, other F of the same regime, bindings of another regime that must fail a guard;
+# on sm_90 unless named)
 REGIMES = [
     ("one 16-frame window", ("bfloat16", "bfloat16"), dict(neighbors=1), 13, (2, 9, 15, 16),
      (dict(F=17), dict(D=32), dict(N=2**31))),
@@ -30,17 +31,20 @@ REGIMES = [
      (34, 61, 4000), (dict(F=32), dict(F=9))),
     ("shifted mode", ("bfloat16", "bfloat16"), dict(neighbors=57), 61, (58, 64, 1000),
      (dict(F=57), dict(F=32), dict(D=16))),
+    ("shifted mode on sm_86", ("bfloat16", "bfloat16"), dict(neighbors=25, neighbor_mode="cumulative"), 61,
+     (33, 64, 1000), (dict(F=32), dict(F=25), dict(D=16))),
 ]
 
 
 @pytest.fixture(scope="module")
 def traces():
     cases = []
-    for _, dtypes, options, frames, same_frames, others in REGIMES:
+    for name, dtypes, options, frames, same_frames, others in REGIMES:
         same = [dict(TRACED, F=frames, **OTHER_VALUES)] + [dict(TRACED, F=f) for f in same_frames]
         bindings = same + [{**TRACED, "F": frames, **other} for other in others]
         cases.append(dict(dtypes=dtypes, options=dict(dict(neighbor_mode="adjacent", normalize_weights=False),
                                                       **options),
+                          capability=(8, 6) if name.endswith("sm_86") else (9, 0),
                           traced=dict(TRACED, F=frames), bindings=bindings, same=len(same)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))

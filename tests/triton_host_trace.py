@@ -6,7 +6,7 @@ wrap_triton yields the traceable launch. Reads a JSON list of cases on stdin, pr
 the non-tensor kernel arguments that are floats, the fp64 one-element tensor arguments (tau, eps), every guard the
 host code installed (symbols renamed B, F, N, D, tau, eps), and for each binding of other values the guards it
 fails. A case: {"dtypes": [proj, target], "options": {neighbors, neighbor_mode, normalize_weights},
-"traced": {B, F, N, D, tau, eps}, "bindings": [{B, F, N, D, tau, eps}, ...]}.
+"capability": [major, minor], "traced": {B, F, N, D, tau, eps}, "bindings": [{B, F, N, D, tau, eps}, ...]}.
 """
 from __future__ import annotations
 
@@ -43,9 +43,11 @@ def trace(case: dict) -> dict:
     proj_dtype, target_dtype = (getattr(torch, name) for name in case["dtypes"])
     options = case["options"]
     scalars = (options["neighbors"], options["neighbor_mode"], options["normalize_weights"])
-    # torch.cuda.device needs a CUDA driver; the guard it is for changes nothing in what is traced
+    # torch.cuda.device and the capability query need a CUDA driver: the GPU traced for is the case's
+    capability = tuple(case["capability"])
     with FakeTensorMode(shape_env=env), \
-            _patched(triton_loss, _run=record, _device_guard=lambda tensor: contextlib.nullcontext()):
+            _patched(triton_loss, _run=record, _device_guard=lambda tensor: contextlib.nullcontext(),
+                     device_capability=lambda device: capability):
         shape = tuple(values[name] for name in "BFND")
         proj = torch.empty(shape, dtype=proj_dtype, device="cuda")
         target = torch.empty(shape, dtype=target_dtype, device="cuda")
