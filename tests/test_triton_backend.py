@@ -259,7 +259,8 @@ def test_unavailable_reason():
 
 def test_opcheck_registered_ops():
     proj, target = _pair((1, 3, 2, 5))
-    options = (0.7, 1, "adjacent", True, 1e-12)
+    tau, eps = triton_loss.device_scalars(LossOptions(tau=0.7, eps=1e-12), proj)
+    options = (tau, 1, "adjacent", True, eps)
     # the ops carry no autograd formula (crepa_kernels.CrossFrameAlignFunction wires their backward), so they are
     # checked on inputs that do not require grad
     torch.library.opcheck(torch.ops.crepa_kernels.triton_forward.default, (proj.detach(), target.detach(), *options))

@@ -4,7 +4,9 @@ schedule or clips of other lengths in the same regime do not recompile.
 
 On a GPU the ops are triton_ops, whose bodies torch.compile traces with symbolic sizes and scalars; here (no GPU)
 tests/triton_host_trace.py runs those bodies on fake CUDA tensors under a ShapeEnv, in a subprocess without
-TRITON_INTERPRET, and each guard it installs is evaluated at other values.
+TRITON_INTERPRET, and each guard it installs is evaluated at other values. Before that, Dynamo sees the op call
+itself (under the interpreter too, where the op is opaque): its tau and eps must be tensors, or Dynamo specialises
+them, and the compiled calls below count that.
 """
 import json
 import os
@@ -13,6 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch._dynamo.testing
+
+from crepa_kernels import cross_frame_align_loss
+from harness import assert_close_and_finite, random_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACED = dict(B=2, F=13, N=97, D=768, tau=0.5, eps=1e-12)
@@ -75,3 +82,35 @@ def test_guards_are_ranges_that_admit_the_same_regime(traces, index):
         assert failed, f"{binding} needs another kernel configuration, yet passes every guard {result['guards']}"
     # no guard names tau or eps: only the sizes steer the host code
     assert not [guard for guard in result["guards"] if "tau" in guard or "eps" in guard], result["guards"]
+
+
+# (B, F, N, D, tau, eps): one frame regime (one 16-frame window), fp32 (BLOCK_D 16 whatever D)
+VARYING_CALLS = [(2, 5, 3, 7, 0.5, 1e-12), (3, 7, 4, 9, 0.7, 1e-8), (2, 9, 5, 20, 0.9, 1e-6), (4, 13, 2, 40, 0.3, 1e-10)]
+
+
+@pytest.mark.parametrize("dynamic,expected_frames", [(True, [1, 1, 1, 1]), (None, [1, 2, 2, 2])],
+                         ids=["dynamic=True", "automatic dynamic"])
+def test_compiled_triton_backend_keeps_tau_eps_and_sizes_symbolic(dynamic, expected_frames):
+    """torch.compile(fullgraph=True) of the Triton backend with tau, eps and every size changing per call: no
+    recompilation with dynamic=True; with automatic dynamic shapes only the first change recompiles. The ops used
+    to take tau and eps as Python numbers, which Dynamo specialised (a guard tau == 0.5 per graph)."""
+    def loss(p, y, tau, eps):
+        return cross_frame_align_loss(p, y, tau=tau, eps=eps, neighbors=2, neighbor_mode="cumulative",
+                                      normalize_weights=True, backend="triton")
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss, backend=counter, fullgraph=True, dynamic=dynamic)
+    for index, (batch, frames, tokens, dim, tau, eps) in enumerate(VARYING_CALLS):
+        results = []
+        for fn in (compiled, loss):
+            proj, target = random_pair((batch, frames, tokens, dim), torch.float32, seed=index)
+            proj.requires_grad_(True)
+            target.requires_grad_(True)
+            value = fn(proj, target, tau, eps)
+            value.backward(torch.tensor(0.7))
+            results.append((value.detach(), proj.grad, target.grad))
+        for name, got, expected in zip(("loss", "grad proj", "grad target"), *results):
+            assert_close_and_finite(got, expected, f"call {index}: {name}")
+        assert counter.frame_count == expected_frames[index], \
+            f"call {index}: {counter.frame_count} compilations, expected {expected_frames[index]}"

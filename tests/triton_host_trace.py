@@ -24,6 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.fx.experimental.symbolic_shapes import ShapeEnv  # noqa: E402
 
 from crepa_kernels.ops import triton_loss  # noqa: E402
+from crepa_kernels.spec import LossOptions  # noqa: E402
 
 NAMES = ("B", "F", "N", "D", "tau", "eps")
 
@@ -41,8 +42,7 @@ def trace(case: dict) -> dict:
     values = {name: (env.create_symfloatnode if isinstance(value, float) else env.create_symintnode)(
         symbols[name], hint=value) for name, value in case["traced"].items()}
     proj_dtype, target_dtype = (getattr(torch, name) for name in case["dtypes"])
-    options = case["options"]
-    scalars = (options["neighbors"], options["neighbor_mode"], options["normalize_weights"])
+    options = LossOptions(tau=values["tau"], eps=values["eps"], **case["options"])
     # torch.cuda.device and the capability query need a CUDA driver: the GPU traced for is the case's
     capability = tuple(case["capability"])
     with FakeTensorMode(shape_env=env), \
@@ -51,11 +51,10 @@ def trace(case: dict) -> dict:
         shape = tuple(values[name] for name in "BFND")
         proj = torch.empty(shape, dtype=proj_dtype, device="cuda")
         target = torch.empty(shape, dtype=target_dtype, device="cuda")
-        loss, norms, band = torch.ops.crepa_kernels.triton_forward(proj, target, values["tau"], *scalars,
-                                                                   values["eps"])
+        # the backend's entry points, as CrossFrameAlignFunction calls them: they build the ops' tau and eps
+        loss, *saved = triton_loss.forward(proj, target, options)
         for target_grad in (True, False):
-            torch.ops.crepa_kernels.triton_backward(torch.empty_like(loss), proj, target, norms, band, values["tau"],
-                                                    *scalars, values["eps"], target_grad)
+            triton_loss.backward(torch.empty_like(loss), proj, target, tuple(saved), options, True, target_grad)
     names = {symbol: sympy.Symbol(name) for name, symbol in symbols.items()}
     guards = [guard.expr for guard in env.guards]
     return {

@@ -47,7 +47,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch.types import Number
 
 from .. import gpu_limits
 from ..spec import LossOptions, compute_dtype
@@ -666,10 +665,28 @@ def _plan(options: LossOptions, num_frames: int, window: int) -> _Plan:
 
 
 def scalar_tensor(value: float, like: torch.Tensor) -> torch.Tensor:
-    """tau or eps as a one-element fp64 tensor on ``like``'s device, which the kernels load. A Python float kernel
-    argument would reach them as fp32 and, under torch.compile, pin a varying tau or eps (a SymFloat) to its
-    value: one graph per value. torch.full traces the SymFloat into the graph, with no guard and no host sync."""
-    return torch.full((1,), value, dtype=torch.float64, device=like.device)
+    """tau or eps as a 0-d fp64 tensor on ``like``'s device, which the kernels load: a Python float kernel argument
+    would reach them as fp32 and, under torch.compile, pin a varying tau or eps to its value (one graph per value).
+    A fill on the device: no host sync."""
+    return torch.full((), value, dtype=torch.float64, device=like.device)
+
+
+def device_scalars(options: LossOptions, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tau, eps) as the ops take them: 0-d fp64 tensors on ``like``'s device. Under torch.compile as ones * value,
+    which keeps a varying value symbolic; a torch.full of it, or a float op argument, is specialised by Dynamo
+    (tensorify_python_scalars: a guard tau == 0.5, one graph per value)."""
+    if torch.compiler.is_compiling():
+        one = torch.ones((), dtype=torch.float64, device=like.device)
+        return one * options.tau, one * options.eps
+    return scalar_tensor(options.tau, like), scalar_tensor(options.eps, like)
+
+
+def _check_scalar(name: str, value: torch.Tensor, proj: torch.Tensor) -> None:
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.float64 or value.dim() != 0 \
+            or value.device != proj.device:
+        given = f"{value.dtype} {tuple(value.shape)} on {value.device}" if isinstance(value, torch.Tensor) else \
+            type(value).__name__
+        raise ValueError(f"{name}: expected a 0-d float64 tensor on {proj.device} (device_scalars), got {given}")
 
 
 def _interpreting_fake(tensor: torch.Tensor) -> bool:
@@ -729,13 +746,17 @@ class Launch:
 TABLE_BLOCK = 64
 
 
-def table_launch(options: LossOptions, num_frames: int, table) -> Launch:
-    args = (table[0], table[1], num_frames, *_distances(options, num_frames), scalar_tensor(options.tau, table))
+def table_launch(options: LossOptions, num_frames: int, table, tau=None) -> Launch:
+    """tau: a 0-d fp64 tensor (device_scalars), else options.tau's."""
+    tau = scalar_tensor(options.tau, table) if tau is None else tau
+    args = (table[0], table[1], num_frames, *_distances(options, num_frames), tau)
     return Launch(_neighbour_table_kernel, (1, 1, 1), args, dict(BLOCK=TABLE_BLOCK, num_warps=2, num_stages=1))
 
 
-def forward_launch(proj, target, options: LossOptions, norms, band, partial, table, capability=None) -> Launch:
-    """capability: the GPU to launch on (tools/compile_triton.py), else proj's device's (device_capability)."""
+def forward_launch(proj, target, options: LossOptions, norms, band, partial, table, capability=None,
+                   eps=None) -> Launch:
+    """capability: the GPU to launch on (tools/compile_triton.py), else proj's device's (device_capability); eps:
+    a 0-d fp64 tensor (device_scalars), else options.eps's."""
     batch, num_frames, num_tokens, dim = proj.shape
     plan, config, dtype = _forward_setup(proj, target, options, capability or device_capability(proj.device))
     tiling = plan.tiling
@@ -745,7 +766,7 @@ def forward_launch(proj, target, options: LossOptions, norms, band, partial, tab
         batch, num_frames, num_tokens, dim,
         *proj.stride(), *target.stride(),
         tiling.rows_per_tile, tiling.halo, tiling.shifts, tiling.num_tiles, token_blocks,
-        plan.near, plan.far, scalar_tensor(options.eps, proj),
+        plan.near, plan.far, scalar_tensor(options.eps, proj) if eps is None else eps,
         plan.slot_first, plan.slot_step, plan.num_slots,
     )
     kwargs = dict(
@@ -757,9 +778,9 @@ def forward_launch(proj, target, options: LossOptions, norms, band, partial, tab
 
 
 def backward_launches(grad_loss, proj, target, norms, band, options: LossOptions, grad_proj, grad_target,
-                      table, capability=None) -> list[Launch]:
+                      table, capability=None, eps=None) -> list[Launch]:
     """The backward: one launch, or in shifted mode one per gradient (each rebuilds its own A per column window;
-    both in one program spilled on sm_86/sm_90). grad_target=None: no target gradient. capability: as in
+    both in one program spilled on sm_86/sm_90). grad_target=None: no target gradient. capability, eps: as in
     forward_launch."""
     batch, num_frames, num_tokens, dim = proj.shape
     plan = _plan(options, num_frames, max_window(proj.dtype, target.dtype))
@@ -774,7 +795,7 @@ def backward_launches(grad_loss, proj, target, norms, band, options: LossOptions
         batch, num_frames, num_tokens, dim,
         *proj.stride(), *target.stride(), *grad_proj.stride(), *grad_target.stride(),
         tiling.rows_per_tile, tiling.halo, tiling.shifts, tiling.num_tiles, token_blocks,
-        plan.near, plan.far, scalar_tensor(options.eps, proj),
+        plan.near, plan.far, scalar_tensor(options.eps, proj) if eps is None else eps,
         plan.slot_first, plan.slot_step, plan.num_slots,
     )
     kwargs = dict(
@@ -796,33 +817,48 @@ def _run(launch: Launch, device_of: torch.Tensor) -> None:
         torch.library.wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.kwargs)
 
 
-def neighbour_table(proj: torch.Tensor, options: LossOptions, dtype: torch.dtype) -> torch.Tensor:
-    """[2, F]: the weights by frame distance and Z by frame, computed on the device (one small launch)."""
+def neighbour_table(proj: torch.Tensor, options: LossOptions, dtype: torch.dtype, tau=None) -> torch.Tensor:
+    """[2, F]: the weights by frame distance and Z by frame, computed on the device (one small launch). tau: as in
+    table_launch."""
     table = proj.new_empty((2, proj.shape[1]), dtype=dtype)
     if not _interpreting_fake(proj):
-        _run(table_launch(options, proj.shape[1], table), proj)
+        _run(table_launch(options, proj.shape[1], table, tau), proj)
     return table
 
 
-def forward_into(proj, target, options: LossOptions, norms, band, partial) -> None:
-    """Launches the forward kernel, writing every element of norms, band and partial (shapes: stats_shapes)."""
+def _contiguous_strides(shape: tuple) -> tuple:
+    """Row-major strides of ``shape``. Compared with a buffer's, not is_contiguous(): that would guard on whether a
+    symbolic size (the token blocks) is 1, where any stride is contiguous (a recompile between N <= 4 and N > 4)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step = step * size
+    return tuple(reversed(strides))
+
+
+def forward_into(proj, target, options: LossOptions, norms, band, partial, tau=None, eps=None) -> None:
+    """Launches the forward kernel, writing every element of norms, band and partial (shapes: stats_shapes). tau,
+    eps: 0-d fp64 tensors (device_scalars), else the options'."""
     shapes = stats_shapes(proj, target, options)
     for name, buffer in (("norms", norms), ("band", band), ("partial", partial)):
-        if tuple(buffer.shape) != shapes[name] or not buffer.is_contiguous():
+        if tuple(buffer.shape) != shapes[name] or buffer.stride() != _contiguous_strides(shapes[name]):
             raise ValueError(f"forward_into: {name} must be a contiguous {shapes[name]} tensor, got "
                              f"{tuple(buffer.shape)} with strides {buffer.stride()}")
-    table = neighbour_table(proj, options, norms.dtype)
+    table = neighbour_table(proj, options, norms.dtype, tau)
     if _interpreting_fake(proj):
         return
-    _run(forward_launch(proj, target, options, norms, band, partial, table), proj)
+    _run(forward_launch(proj, target, options, norms, band, partial, table, eps=eps), proj)
 
 
-def backward_into(grad_loss, proj, target, norms, band, options: LossOptions, grad_proj, grad_target) -> None:
-    """Launches the backward kernel; grad_target=None skips the target gradient (a constexpr branch)."""
-    table = neighbour_table(proj, options, norms.dtype)
+def backward_into(grad_loss, proj, target, norms, band, options: LossOptions, grad_proj, grad_target, tau=None,
+                  eps=None) -> None:
+    """Launches the backward kernel; grad_target=None skips the target gradient (a constexpr branch). tau, eps: as
+    in forward_into."""
+    table = neighbour_table(proj, options, norms.dtype, tau)
     if _interpreting_fake(proj):
         return
-    for launch in backward_launches(grad_loss, proj, target, norms, band, options, grad_proj, grad_target, table):
+    for launch in backward_launches(grad_loss, proj, target, norms, band, options, grad_proj, grad_target, table,
+                                    eps=eps):
         _run(launch, proj)
 
 
@@ -848,22 +884,27 @@ def _define_op(name: str):
     return define
 
 
-def _options(tau: float, neighbors: int, neighbor_mode: str, normalize_weights: bool, eps: float) -> LossOptions:
-    return LossOptions(tau=tau, neighbors=neighbors, neighbor_mode=neighbor_mode,
-                       normalize_weights=normalize_weights, eps=eps)
+def _options(proj: torch.Tensor, tau: torch.Tensor, neighbors: int, neighbor_mode: str, normalize_weights: bool,
+             eps: torch.Tensor) -> LossOptions:
+    """The neighbour structure of an op call, after checking its tau and eps tensors. Those reach the launches as
+    they are; the options keep LossOptions' default tau and eps, which the ops never read."""
+    _check_scalar("tau", tau, proj)
+    _check_scalar("eps", eps, proj)
+    return LossOptions(neighbors=neighbors, neighbor_mode=neighbor_mode, normalize_weights=normalize_weights)
 
 
 @_define_op("crepa_kernels::triton_forward")
-def triton_forward(proj: torch.Tensor, target: torch.Tensor, tau: Number, neighbors: int, neighbor_mode: str,
-                   normalize_weights: bool, eps: Number) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (per-frame loss [B, F], clamped norms [2, B, F, N], cosine band [B, F, slots, N])."""
-    options = _options(tau, neighbors, neighbor_mode, normalize_weights, eps)
+def triton_forward(proj: torch.Tensor, target: torch.Tensor, tau: torch.Tensor, neighbors: int, neighbor_mode: str,
+                   normalize_weights: bool, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (per-frame loss [B, F], clamped norms [2, B, F, N], cosine band [B, F, slots, N]); tau and eps: 0-d fp64
+    tensors on proj's device (device_scalars)."""
+    options = _options(proj, tau, neighbors, neighbor_mode, normalize_weights, eps)
     dtype = compute_dtype(proj, target)
     shapes = stats_shapes(proj, target, options)
     norms = proj.new_empty(shapes["norms"], dtype=dtype)
     band = proj.new_empty(shapes["band"], dtype=dtype)
     partial = proj.new_empty(shapes["partial"], dtype=dtype)
-    forward_into(proj, target, options, norms, band, partial)
+    forward_into(proj, target, options, norms, band, partial, tau, eps)
     # second stage of the token reduction: a fixed-order sum over token blocks
     loss = partial.sum(dim=-1) * (-1.0 / proj.shape[2])
     return loss, norms, band
@@ -871,20 +912,22 @@ def triton_forward(proj: torch.Tensor, target: torch.Tensor, tau: Number, neighb
 
 @_define_op("crepa_kernels::triton_backward")
 def triton_backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, norms: torch.Tensor,
-                    band: torch.Tensor, tau: Number, neighbors: int, neighbor_mode: str, normalize_weights: bool,
-                    eps: Number, target_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (grad_proj, grad_target); grad_target is an empty tensor when target_grad is False."""
-    options = _options(tau, neighbors, neighbor_mode, normalize_weights, eps)
+                    band: torch.Tensor, tau: torch.Tensor, neighbors: int, neighbor_mode: str,
+                    normalize_weights: bool, eps: torch.Tensor, target_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (grad_proj, grad_target); grad_target is an empty tensor when target_grad is False. tau, eps: as in
+    triton_forward."""
+    options = _options(proj, tau, neighbors, neighbor_mode, normalize_weights, eps)
     grad_loss = grad_loss.to(norms.dtype).contiguous()
     grad_proj = torch.empty(proj.shape, dtype=proj.dtype, device=proj.device)
     grad_target = torch.empty(target.shape if target_grad else (0,), dtype=target.dtype, device=target.device)
-    backward_into(grad_loss, proj, target, norms, band, options, grad_proj, grad_target if target_grad else None)
+    backward_into(grad_loss, proj, target, norms, band, options, grad_proj, grad_target if target_grad else None,
+                  tau, eps)
     return grad_proj, grad_target
 
 
-def _op_options(options: LossOptions) -> tuple:
-    # tau and eps are Scalars in the op schemas: torch.compile keeps a varying Scalar symbolic, a float it pins
-    return options.tau, options.neighbors, options.neighbor_mode, options.normalize_weights, options.eps
+def _op_options(options: LossOptions, like: torch.Tensor) -> tuple:
+    tau, eps = device_scalars(options, like)
+    return tau, options.neighbors, options.neighbor_mode, options.normalize_weights, eps
 
 
 BACKWARD_READS_STATISTICS = True
@@ -892,7 +935,7 @@ BACKWARD_READS_STATISTICS = True
 
 def forward(proj: torch.Tensor, target: torch.Tensor, options: LossOptions):
     """(L [B, F], clamped norms, cosine band): the loss and the per-token statistics the backward reads."""
-    return triton_forward(proj, target, *_op_options(options))
+    return triton_forward(proj, target, *_op_options(options, proj))
 
 
 def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, saved: tuple, options: LossOptions,
@@ -900,7 +943,7 @@ def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, 
     """grad_loss [B, F] -> (dL/dproj or None, dL/dtarget or None). The kernel always writes grad_proj; the
     target gradient is a constexpr branch, computed only when asked for."""
     norms, band = saved
-    grad_proj, grad_target = triton_backward(grad_loss, proj, target, norms, band, *_op_options(options),
+    grad_proj, grad_target = triton_backward(grad_loss, proj, target, norms, band, *_op_options(options, proj),
                                              needs_target_grad)
     return grad_proj if needs_proj_grad else None, grad_target if needs_target_grad else None
 
