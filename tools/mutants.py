@@ -142,6 +142,11 @@ MUTANTS = [
            "        batch, token_block, tile = _work_item(num_batches, num_token_blocks, num_tiles)\n"
            "        first_row = tile * rows_per_tile\n        window",
            "the fp64 forward clamps the norms with eps rounded to fp32"),
+    Mutant("triton-compiled-scalars-filled", TRITON, 'return one * options.tau, one * options.eps',
+           'return scalar_tensor(options.tau, like), scalar_tensor(options.eps, like)',
+           "torch.compile specialises tau and eps: one graph per value"),
+    Mutant("triton-buffers-is-contiguous", TRITON, 'buffer.stride() != _contiguous_strides(shapes[name])',
+           'not buffer.is_contiguous()', "torch.compile guards on one token block: N = 5 after N <= 4 recompiles"),
     Mutant("triton-window-by-power", TRITON, 'while frames < num_frames:', 'while frames <= num_frames:',
            "F = 16 takes a 32-frame window: torch.compile guards F < 16, so F = 16 recompiles"),
     Mutant("triton-halo-z", TRITON, 'for distance in range(near, z_far + 1):',
