@@ -271,6 +271,16 @@ def test_opcheck_registered_ops():
                               (grad_loss, proj.detach(), target.detach(), norms, band, *options, target_grad))
 
 
+@pytest.mark.parametrize("name,bad", [("tau", torch.tensor(0.7)), ("eps", torch.tensor([1e-12], dtype=torch.float64))],
+                         ids=["tau fp32", "eps 1-d"])
+def test_ops_refuse_tau_and_eps_other_than_0d_fp64_tensors(name, bad):
+    proj, target = _pair((1, 3, 2, 5))
+    scalars = dict(zip(("tau", "eps"), triton_loss.device_scalars(LossOptions(tau=0.7), proj)), **{name: bad})
+    with pytest.raises(ValueError, match=f"{name}: expected a 0-d float64 tensor"):
+        torch.ops.crepa_kernels.triton_forward(proj.detach(), target.detach(), scalars["tau"], 1, "adjacent", True,
+                                               scalars["eps"])
+
+
 def test_torch_compile_fullgraph_matches_eager():
     """On CUDA Inductor sees the kernels (triton_op); under the interpreter the op is opaque (custom_op). Either
     way the compiled graph must give the eager loss and gradients, bit for bit, and both the float64 reference's."""
