@@ -246,3 +246,24 @@ def test_readme_table_has_a_row_per_case(cli_report):
     assert [header.split(" | ")[3] for header in headers] == [f"`{name}` backend" for name in backends]
     rows = [line for line in table.splitlines() if line.startswith("| cogvideox-5b*")]
     assert len(rows) == len(backends) * len(report["results"]) and all("**" in row for row in rows)
+
+
+def test_bench_forms_times_the_three_forms_interleaved():
+    """benchmarks/bench_forms.py: one sample per form per round, and each form computes the same gradient."""
+    import bench_forms
+
+    proj, target = (torch.randn(1, 3, 5, 7, generator=torch.Generator().manual_seed(seed)) for seed in (0, 1))
+    proj.requires_grad_(True)
+    calls = bench_forms.forms(proj, target, "reference", neighbors=1)
+    grads = [torch.autograd.grad(call(), proj)[0] for call in calls.values()]
+    for grad in grads[1:]:
+        assert torch.equal(grad, grads[0])
+    samples = bench_forms.time_rounds(calls, proj, rounds=3, warmup=1)
+    assert set(samples) == {"functional", "module", "Function.apply"}
+    assert all(len(times) == 3 and min(times) > 0 for times in samples.values())
+    assert proj.grad is None  # gradients are returned, not accumulated: no extra add inside the timing
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "bench_forms.py"), "--backend", "reference", "--tokens",
+                          "5", "--dim", "7", "--rounds", "2", "--warmup", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "Function.apply" in run.stdout and "x the functional form" in run.stdout
