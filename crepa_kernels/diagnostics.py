@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .spec import LossOptions, as_frames, frames_view
+from .spec import LossOptions, as_frames, check_floating_tensor, frames_view
 
 # Elements per fp64 working block when chunk_size is None: 2**22 elements = 32 MiB.
 BLOCK_ELEMENTS = 1 << 22
@@ -35,10 +35,7 @@ def _check_chunk_size(chunk_size) -> None:
 
 
 def _check_samples(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{name}: expected a floating-point dtype, got {x.dtype}")
+    check_floating_tensor(name, x)
     if x.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D [n, d] tensor of n samples, got {x.dim()}-D shape {tuple(x.shape)}")
     if x.numel() == 0:

@@ -105,13 +105,18 @@ def _check_num_frames(num_frames) -> None:
         raise ValueError(f"num_frames: expected a positive int or None, got {num_frames}")
 
 
-def frames_view(name: str, x, num_frames: int | None) -> torch.Tensor:
-    """Checks one input named ``name`` and views it as [B, F, N, D]."""
-    _check_num_frames(num_frames)
+def check_floating_tensor(name: str, x) -> None:
+    """TypeError unless the argument ``name`` is a tensor of a floating-point dtype."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
         raise TypeError(f"{name}: expected a floating-point dtype, got {x.dtype}")
+
+
+def frames_view(name: str, x, num_frames: int | None) -> torch.Tensor:
+    """Checks one input named ``name`` and views it as [B, F, N, D]."""
+    _check_num_frames(num_frames)
+    check_floating_tensor(name, x)
     if x.dim() == 4:
         if num_frames is not None and x.shape[1] != num_frames:
             raise ValueError(

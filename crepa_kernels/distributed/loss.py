@@ -7,7 +7,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..backends import check_backend_name, select_backend
-from ..spec import LossOptions, _check_num_frames, compute_dtype, frames_view, reduce_frames
+from ..spec import LossOptions, _check_num_frames, check_floating_tensor, compute_dtype, frames_view, reduce_frames
 from .collectives import exchange_rows, replicated_input, sum_over_ranks
 from .layout import SequenceLayout, any_halo, call_ranges, halo_exchange, plan_rank, piece_range
 from .views import token_range_views
@@ -166,10 +166,7 @@ def _resolve_dtensor(proj, target, target_sharded, shard_sizes, group) -> _Shard
 
 
 def _check_local(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{name}: expected a floating-point dtype, got {x.dtype}")
+    check_floating_tensor(name, x)
     if x.dim() != 3:
         raise ValueError(f"{name}: expected this rank's shard [B, S_local, D] (3-D), got shape {tuple(x.shape)}")
     if x.shape[0] == 0 or x.shape[2] == 0:
