@@ -117,7 +117,6 @@ class CrossFrameAlignFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup(ctx, inputs, saved=())
-        ctx.statistics_kept = False
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_saved):
@@ -130,7 +129,7 @@ class CrossFrameAlignFunction(torch.autograd.Function):
             backend = select_backend(ctx.backend_name, proj.device)
             proj_frames, target_frames = proj.view(ctx.frames_shape), target.view(ctx.frames_shape)
             with torch.no_grad():
-                if not ctx.statistics_kept and backend.BACKWARD_READS_STATISTICS:
+                if not saved and backend.BACKWARD_READS_STATISTICS:  # apply's: not kept, recomputed
                     _, *saved = backend.forward(proj_frames, target_frames, ctx.options)
                 grads = backend.backward(grad_per_frame, proj_frames, target_frames, tuple(saved), ctx.options,
                                          needs_proj_grad, needs_target_grad)
@@ -156,7 +155,6 @@ class _StatisticsKeepingFunction(CrossFrameAlignFunction):
         _, *saved = output
         ctx.mark_non_differentiable(*saved)
         _setup(ctx, inputs, saved)
-        ctx.statistics_kept = True
 
 
 def _forward(proj, target, *arguments):

@@ -276,14 +276,14 @@ MUTANTS = [
            'options = LossOptions(tau=tau, neighbors=num_frames - 2,', "SimpleTuner's clamp one frame short"),
     Mutant("function-needs-grad-swapped", FUNCTION, 'needs_proj_grad, needs_target_grad = ctx.needs_input_grad[:2]',
            'needs_target_grad, needs_proj_grad = ctx.needs_input_grad[:2]', "the gradient asked for is not the one computed"),
-    Mutant("function-apply-trusts-missing-statistics", FUNCTION, """        _setup(ctx, inputs, saved=())
-        ctx.statistics_kept = False""", """        _setup(ctx, inputs, saved=())
-        ctx.statistics_kept = True""", "apply's backward runs without the statistics it did not keep"),
-    Mutant("function-keeping-form-recomputes", FUNCTION, """        _setup(ctx, inputs, saved)
-        ctx.statistics_kept = True""", """        _setup(ctx, inputs, saved)
-        ctx.statistics_kept = False""", "the functional form pays a second forward for statistics it kept"),
+    Mutant("function-apply-trusts-missing-statistics", FUNCTION,
+           'if not saved and backend.BACKWARD_READS_STATISTICS:', 'if False:',
+           "apply's backward runs without the statistics it did not keep"),
+    Mutant("function-keeping-form-recomputes", FUNCTION,
+           'if not saved and backend.BACKWARD_READS_STATISTICS:', 'if backend.BACKWARD_READS_STATISTICS:',
+           "the functional form pays a second forward for statistics it kept"),
     Mutant("function-reference-recomputes", FUNCTION,
-           'if not ctx.statistics_kept and backend.BACKWARD_READS_STATISTICS:', 'if not ctx.statistics_kept:',
+           'if not saved and backend.BACKWARD_READS_STATISTICS:', 'if not saved:',
            "the reference backend runs its whole forward again for nothing"),
     Mutant("refbwd-no-radial-term", REFERENCE_BACKWARD,
            'projected = u - unit * (unit * u).sum(dim=-1, keepdim=True)', 'projected = u',
