@@ -6,7 +6,8 @@
 // proj, target: [B, F, N, D], any strides, floating dtypes; T = F N tokens per sample, frame-major.
 // key_weight [T]: a[j], how often token j counts as a j (1 without anchors). frame_weight [B, F]: w per frame of
 // the gradient, which is that of sum_{b,f} w[b,f] L[b,f]. Both in the accumulation dtype (fp64 if an input is,
-// else fp32), as are the loss and the arithmetic; gradients come back in their input's dtype.
+// else fp32), as are the loss and the arithmetic (the loss sums run in fp64); gradients come back in their
+// input's dtype.
 //
 // With p^, y^ the unit rows, delta_ij = p^_i.p^_j - y^_i.y^_j and g_ij = sign(delta_ij) [|delta_ij| > margin]:
 //   L[b, f] = sum_{i in f} sum_{j counted} a_j relu(|delta_ij| - margin)
@@ -102,7 +103,7 @@ void run(const at::Tensor& p_hat, const at::Tensor& y_hat, const at::Tensor& p_n
       const at::Tensor p_rows = p_hat[b].narrow(0, i0, bi), y_rows = y_hat[b].narrow(0, i0, bi);
       at::Tensor acc_p = grad_p ? at::zeros({bi, D}, p_hat.options()) : at::Tensor();
       at::Tensor acc_y = grad_y ? at::zeros({bi, D}, p_hat.options()) : at::Tensor();
-      std::vector<scalar_t> loss(bi, scalar_t(0));
+      std::vector<double> loss(bi, 0.0);  // fp64 sums: a row has up to F N terms
       // "spatial" only meets the frames of its own rows
       const int64_t j_begin = pairs == Pairs::kSpatial ? (i0 / N) * N : 0;
       const int64_t j_end = pairs == Pairs::kSpatial ? ((i0 + bi - 1) / N + 1) * N : T;
@@ -117,7 +118,7 @@ void run(const at::Tensor& p_hat, const at::Tensor& y_hat, const at::Tensor& p_n
         for (int64_t ii = 0; ii < bi; ++ii) {
           const int64_t i = i0 + ii, frame_i = i / N;
           const scalar_t a_i = a[i], w_i = any_grad ? w[b * F + frame_i] : scalar_t(0);
-          scalar_t row = 0;
+          double row = 0;
           for (int64_t jj = 0; jj < bj; ++jj) {
             const int64_t j = j0 + jj, frame_j = j / N;
             const bool rule = pair_counts(pairs, frame_i, frame_j);
@@ -135,7 +136,7 @@ void run(const at::Tensor& p_hat, const at::Tensor& y_hat, const at::Tensor& p_n
       }
       if (row_loss) {
         scalar_t* out = row_loss->data_ptr<scalar_t>() + b * T + i0;
-        for (int64_t ii = 0; ii < bi; ++ii) out[ii] = loss[ii];
+        for (int64_t ii = 0; ii < bi; ++ii) out[ii] = static_cast<scalar_t>(loss[ii]);
       }
       // chain through x^ = x / max(|x|, eps), row by row
       if (grad_p) chain_rows<scalar_t>(acc_p, p_hat, p_norm, *grad_p, b, i0, bi, eps);
@@ -198,9 +199,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relation_cpu(const at::Tensor& pr
       const scalar_t* rows = row_loss.data_ptr<scalar_t>();
       scalar_t* out = per_frame.data_ptr<scalar_t>();
       for (int64_t bf = 0; bf < B * F; ++bf) {
-        scalar_t total = 0;
+        double total = 0;  // fp64: up to N row sums of F N terms each
         for (int64_t n = 0; n < N; ++n) total += rows[bf * N + n];
-        out[bf] = total;
+        out[bf] = static_cast<scalar_t>(total);
       }
     });
   }

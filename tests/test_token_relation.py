@@ -284,3 +284,35 @@ def test_rotation_invariance_distinguishes_it_from_crepa():
     rotated = proj @ rotation
     torch.testing.assert_close(token_relation_loss(rotated, target), token_relation_loss(proj, target))
     assert not torch.allclose(cross_frame_align_loss(rotated, target), cross_frame_align_loss(proj, target))
+
+
+def test_past_two_to_the_31_pair_terms():
+    """B (F N)^2 = 2,147,580,964 > 2^31 pair terms through the fused cpu backend, against a closed form: p^ is the
+    same e1 for every token, y^ is e2 for the tokens t with t % 3 == 0 and e1 otherwise, so delta = 1 between the
+    two classes and 0 within one."""
+    if "cpu" not in FUSED:
+        pytest.skip("the cpu backend is unavailable here")
+    frames, tokens_per_frame, margin = 2, 23171, 0.25
+    tokens = frames * tokens_per_frame
+    assert tokens ** 2 > 2 ** 31
+    second = torch.arange(tokens) % 3 == 0
+    proj = torch.zeros(1, tokens, 3)
+    proj[..., 0] = 2.0
+    target = torch.zeros(1, tokens, 3)
+    target[0, second, 1] = 0.5
+    target[0, ~second, 0] = 3.0
+    proj.requires_grad_(True)
+    target.requires_grad_(True)
+    loss = token_relation_loss(proj, target, margin=margin, num_frames=frames, backend="cpu")
+    n_second = int(second.sum())
+    n_first = tokens - n_second
+    pairs = tokens ** 2
+    expected = (1 - margin) * 2 * n_first * n_second / pairs
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    grad_proj, grad_target = torch.autograd.grad(loss, (proj, target))
+    assert not grad_proj.any()  # every p^_j is p^_i: the gradient is radial and the normalisation removes it
+    # dL/dy_k = -(2 / M) (tokens of the other class) e_other / |y_k|
+    expected_target = torch.zeros(tokens, 3, dtype=torch.float64)
+    expected_target[second, 0] = -2 * n_first / pairs / 0.5
+    expected_target[~second, 1] = -2 * n_second / pairs / 3.0
+    torch.testing.assert_close(grad_target[0].double(), expected_target, rtol=1e-5, atol=0)
