@@ -26,14 +26,21 @@ import torch
 from ..relation_spec import RelationOptions
 from ..spec import compute_dtype
 from .triton_loss import INTERPRETED, Launch, triton, unavailable_reason as _triton_unavailable_reason
+from .triton_loss import _div  # x / y rounded to nearest ("/" compiles to the approximate div.full.f32)
 
 if triton is not None:
     import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 PAIR_CODES = {"all": 0, "spatial": 1, "temporal": 2}
-BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_DOUT = 64, 64, 64, 128
-NUM_WARPS, NUM_STAGES = 4, 2
+NUM_STAGES = 2
+# Tiles per kernel and operand path, chosen so that every kernel compiles without spills on sm_80/86/89/90
+# (tools/compile_triton.py checks it): (BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_DOUT, num_warps). 16-bit operands take
+# tensor-core dots; an fp32 operand takes IEEE fp32 dots on the FMA units, whose tiles need more registers, so its
+# tiles are smaller. The gradient kernel also holds [BLOCK_I, BLOCK_DOUT] accumulators, and the bf16 coefficient
+# split keeps its product on tensor cores; fp16 and fp32 gradients multiply in fp32 (see the module docstring).
+LOSS_TILES = {True: (64, 64, 32, 0, 8), False: (32, 32, 32, 0, 8)}  # keyed by "every operand 16-bit"
+GRAD_TILES = {True: (32, 64, 64, 128, 8), False: (16, 32, 32, 64, 8)}  # keyed by "bf16 coefficient split"
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -74,10 +81,10 @@ if triton is not None:
                 sim_y += tl.dot(y_i.to(acc_dtype), tl.trans(y_j.to(acc_dtype)), input_precision="ieee")
         row_off = b.to(tl.int64) * T + rows
         key_off = b.to(tl.int64) * T + keys
-        inv_p_i = 1.0 / tl.load(norm_p_ptr + row_off, mask=row_ok, other=1.0)
-        inv_p_j = 1.0 / tl.load(norm_p_ptr + key_off, mask=key_ok, other=1.0)
-        inv_y_i = 1.0 / tl.load(norm_y_ptr + row_off, mask=row_ok, other=1.0)
-        inv_y_j = 1.0 / tl.load(norm_y_ptr + key_off, mask=key_ok, other=1.0)
+        inv_p_i = _div(1.0, tl.load(norm_p_ptr + row_off, mask=row_ok, other=1.0), acc_dtype)
+        inv_p_j = _div(1.0, tl.load(norm_p_ptr + key_off, mask=key_ok, other=1.0), acc_dtype)
+        inv_y_i = _div(1.0, tl.load(norm_y_ptr + row_off, mask=row_ok, other=1.0), acc_dtype)
+        inv_y_j = _div(1.0, tl.load(norm_y_ptr + key_off, mask=key_ok, other=1.0), acc_dtype)
         sim_p = sim_p * inv_p_i[:, None] * inv_p_j[None, :]
         sim_y = sim_y * inv_y_i[:, None] * inv_y_j[None, :]
         return sim_p, sim_y, inv_p_j, inv_y_j
@@ -199,7 +206,7 @@ if triton is not None:
         out_mask = row_ok[:, None] & dout_ok[None, :]
         if GRAD_P:
             norm = tl.load(norm_p_ptr + b.to(tl.int64) * T + rows, mask=row_ok, other=1.0)
-            inv = 1.0 / norm
+            inv = _div(1.0, norm, acc_dtype)
             p_i = tl.load(base_p + rows[:, None] * sp_t + dout64[None, :] * sp_d, mask=out_mask, other=0.0)
             unit = p_i.to(acc_dtype) * inv[:, None]
             clamped = norm <= eps
@@ -207,7 +214,7 @@ if triton is not None:
             tl.store(gp_ptr + out_off, grad, mask=out_mask)
         if GRAD_Y:
             norm = tl.load(norm_y_ptr + b.to(tl.int64) * T + rows, mask=row_ok, other=1.0)
-            inv = 1.0 / norm
+            inv = _div(1.0, norm, acc_dtype)
             y_i = tl.load(base_y + rows[:, None] * sy_t + dout64[None, :] * sy_d, mask=out_mask, other=0.0)
             unit = y_i.to(acc_dtype) * inv[:, None]
             clamped = norm <= eps
@@ -252,10 +259,11 @@ def loss_launch(p, y, norm_p, norm_y, key_weight, row_loss, scalars, options: Re
     fp64 = row_loss.dtype == torch.float64
     args = (p, y, norm_p, norm_y, key_weight, row_loss, scalars, tokens, tokens_per_frame, dim,
             *p.stride(), *y.stride())
-    kwargs = dict(PAIRS=PAIR_CODES[options.pairs], P16=_native_dot(p.dtype) and not fp64,
-                  Y16=_native_dot(y.dtype) and not fp64, FP64=fp64, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_D=BLOCK_D,
-                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    return Launch(_relation_loss_kernel, (batch * triton.cdiv(tokens, BLOCK_I), 1, 1), args, kwargs)
+    native_p, native_y = _native_dot(p.dtype) and not fp64, _native_dot(y.dtype) and not fp64
+    block_i, block_j, block_d, _, warps = LOSS_TILES[native_p and native_y]
+    kwargs = dict(PAIRS=PAIR_CODES[options.pairs], P16=native_p, Y16=native_y, FP64=fp64, BLOCK_I=block_i,
+                  BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps, num_stages=NUM_STAGES)
+    return Launch(_relation_loss_kernel, (batch * triton.cdiv(tokens, block_i), 1, 1), args, kwargs)
 
 
 def grad_launch(p, y, norm_p, norm_y, key_weight, frame_weight, grad_p, grad_y, scalars,
@@ -268,11 +276,14 @@ def grad_launch(p, y, norm_p, norm_y, key_weight, frame_weight, grad_p, grad_y, 
             some if grad_y is None else grad_y, scalars, tokens, tokens_per_frame, frame_weight.shape[1], dim,
             *p.stride(), *y.stride())
     native_p, native_y = _native_dot(p.dtype) and not fp64, _native_dot(y.dtype) and not fp64
-    kwargs = dict(PAIRS=PAIR_CODES[options.pairs], P16=native_p, Y16=native_y, FP64=fp64,
-                  SPLIT_P=p.dtype == torch.bfloat16 and native_p, SPLIT_Y=y.dtype == torch.bfloat16 and native_y,
-                  GRAD_P=grad_p is not None, GRAD_Y=grad_y is not None, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
-                  BLOCK_D=BLOCK_D, BLOCK_DOUT=BLOCK_DOUT, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    grid = (batch * triton.cdiv(tokens, BLOCK_I), triton.cdiv(dim, BLOCK_DOUT), 1)
+    split_p, split_y = p.dtype == torch.bfloat16 and native_p, y.dtype == torch.bfloat16 and native_y
+    # the split path only where every gradient asked for takes it
+    split = (grad_p is None or split_p) and (grad_y is None or split_y) and native_p and native_y
+    block_i, block_j, block_d, block_dout, warps = GRAD_TILES[split]
+    kwargs = dict(PAIRS=PAIR_CODES[options.pairs], P16=native_p, Y16=native_y, FP64=fp64, SPLIT_P=split_p,
+                  SPLIT_Y=split_y, GRAD_P=grad_p is not None, GRAD_Y=grad_y is not None, BLOCK_I=block_i,
+                  BLOCK_J=block_j, BLOCK_D=block_d, BLOCK_DOUT=block_dout, num_warps=warps, num_stages=NUM_STAGES)
+    grid = (batch * triton.cdiv(tokens, block_i), triton.cdiv(dim, block_dout), 1)
     return Launch(_relation_grad_kernel, grid, args, kwargs)
 
 
