@@ -316,3 +316,18 @@ def test_past_two_to_the_31_pair_terms():
     expected_target[second, 0] = -2 * n_first / pairs / 0.5
     expected_target[~second, 1] = -2 * n_second / pairs / 3.0
     torch.testing.assert_close(grad_target[0].double(), expected_target, rtol=1e-5, atol=0)
+
+
+def test_cpu_kernel_writes_every_output_element():
+    # with poisoning on, every buffer the C++ kernel allocates starts as NaN (the Triton backend's always do)
+    if "cpu" not in FUSED:
+        pytest.skip("the cpu backend is unavailable here")
+    from crepa_kernels.ops import extension
+
+    extension.set_poison_buffers(True)
+    try:
+        for pairs in ("spatial", "all"):
+            _compare("cpu", (2, 3, 50, 6), pairs, 0.1, None, "none")
+            _compare("cpu", (2, 3, 50, 6), pairs, 0.0, torch.tensor([3, 77, 149]), "mean")
+    finally:
+        extension.set_poison_buffers(False)
