@@ -79,7 +79,7 @@ def _prepare(proj, target, arguments):
     check_anchors(anchors, frames * tokens_per_frame)
     weight = key_weight(anchors, frames * tokens_per_frame, compute_dtype(proj_frames, target_frames),
                         proj_frames.device)
-    count = batch * pairs_per_sample(options, frames, tokens_per_frame, weight)
+    count = batch * pairs_per_sample(options, frames, tokens_per_frame, anchors)
     check_pair_count(count, options, proj_frames.shape)
     module = select_relation_backend(backend, proj_frames.device)
     return proj_frames, target_frames, options, weight, count, module

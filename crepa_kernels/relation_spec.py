@@ -66,7 +66,8 @@ def check_anchors(anchors, tokens: int) -> None:
     if anchors.dim() != 1 or anchors.numel() == 0:
         raise ValueError(f"anchors: expected a non-empty 1-D tensor of token positions, got shape "
                          f"{tuple(anchors.shape)}")
-    low, high = int(anchors.min()), int(anchors.max())  # a host read: anchors are a few indices, chosen on the host
+    # a host read (a synchronisation for anchors on a GPU): anchors are a few indices, usually chosen on the host
+    low, high = int(anchors.min()), int(anchors.max())
     if low < 0 or high >= tokens:
         raise ValueError(f"anchors: expected token positions in [0, F*N) = [0, {tokens}), got values from {low} "
                          f"to {high}")
@@ -79,10 +80,11 @@ def key_weight(anchors, tokens: int, dtype: torch.dtype, device) -> torch.Tensor
     return torch.bincount(anchors.to(device=device, dtype=torch.int64), minlength=tokens).to(dtype)
 
 
-def pairs_per_sample(options: RelationOptions, num_frames: int, tokens_per_frame: int, weight: torch.Tensor) -> float:
-    """The number of (i, j) pairs one sample counts: each counted j pairs with the N rows of its frame
-    ("spatial"), the other (F - 1) N rows ("temporal"), or all F N rows ("all")."""
-    keys = float(weight.sum())
+def pairs_per_sample(options: RelationOptions, num_frames: int, tokens_per_frame: int, anchors) -> int:
+    """The number of (i, j) pairs one sample counts: each counted j (every token, or each listed anchor) pairs with
+    the N rows of its frame ("spatial"), the other (F - 1) N rows ("temporal"), or all F N rows ("all"). From the
+    sizes alone: no read of device memory."""
+    keys = num_frames * tokens_per_frame if anchors is None else anchors.numel()
     rows = {"all": num_frames * tokens_per_frame, "spatial": tokens_per_frame,
             "temporal": (num_frames - 1) * tokens_per_frame}[options.pairs]
     return rows * keys

@@ -238,7 +238,9 @@ def _clamped_norms(x: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Ten
 def _scalars(options: RelationOptions, device) -> torch.Tensor:
     """(margin, eps) as fp64 on the device: kernel arguments by pointer, so an fp64 call keeps their fp64 values
     (a Python float argument would reach the kernel as fp32)."""
-    return torch.tensor([float(options.margin), float(options.eps)], dtype=torch.float64, device=device)
+    # two fills rather than torch.tensor([...], device=...), which copies from the host and waits for the stream
+    return torch.stack([torch.full((), float(value), dtype=torch.float64, device=device)
+                        for value in (options.margin, options.eps)])
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
