@@ -124,6 +124,23 @@ def test_bitwise_deterministic(backend):
         assert torch.equal(first, second)
 
 
+def test_cpu_result_does_not_depend_on_the_thread_count():
+    if "cpu" not in FUSED:
+        pytest.skip("the cpu backend is unavailable here")
+    proj, target = random_pair((2, 3, 90, 12), torch.float32, seed=13)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            loss = token_relation_loss(proj, target, pairs="temporal", margin=0.02, reduction="none", backend="cpu")
+            runs.append((loss, *torch.autograd.grad(loss, (proj, target), torch.ones_like(loss))))
+    finally:
+        torch.set_num_threads(threads)
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kink_at_the_margin_gives_no_gradient(backend):
     # y^ tokens are +-e1 or e2, p^ all e1: every delta is exactly 0, 1 or 2 and |delta| = margin = 1 on some pairs
