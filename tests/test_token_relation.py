@@ -348,3 +348,44 @@ def test_cpu_kernel_writes_every_output_element():
             _compare("cpu", (2, 3, 50, 6), pairs, 0.0, torch.tensor([3, 77, 149]), "mean")
     finally:
         extension.set_poison_buffers(False)
+
+
+# In a subprocess: this pytest process has TRITON_INTERPRET=1, under which @triton.jit kernels cannot be compiled.
+RELATION_COMPILE = """
+import json, torch
+import compile_triton as ct
+picked = [(80, ct.RelationCase(torch.bfloat16, torch.bfloat16, 1024, "temporal")),
+          (86, ct.RelationCase(torch.float32, torch.bfloat16, 1024, "all"))]
+results = []
+for arch, case in picked:
+    for name, launch in ct.launches(case, arch):
+        source, target, options, _, named = ct.specialise(launch, arch)
+        results.append(dict(arch=arch, kernel=name, named=named, **ct.compile_source(source, target, options)))
+print(json.dumps(results))
+"""
+
+
+def test_relation_kernels_compile_without_spills():
+    """The relation kernels that spilled with earlier tile sizes (sm_80 bf16 temporal loss; sm_86 fp32 projector
+    with bf16 features); tools/compile_triton.py (make test) compiles every case for sm_80/86/89/90."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("CUDA_HOME", "/usr/local/cuda")
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tools"), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", RELATION_COMPILE], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [(r["arch"], r["kernel"]) for r in results] == [(80, "relation_loss"), (80, "relation_grad"),
+                                                          (80, "relation_grad"), (86, "relation_loss"),
+                                                          (86, "relation_grad"), (86, "relation_grad")]
+    for r in results:
+        assert r["registers"] > 0 and r["spill_stores"] == r["spill_loads"] == r["stack_bytes"] == 0, r
+        assert not r["approximate"], r
