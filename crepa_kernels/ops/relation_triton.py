@@ -21,6 +21,8 @@ bf16 dot operands as raw bits: triton-lang/triton#11584), as in triton_loss.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..relation_spec import RelationOptions
@@ -290,16 +292,9 @@ def grad_launch(p, y, norm_p, norm_y, key_weight, frame_weight, grad_p, grad_y, 
 
 
 def _run(launch: Launch, device: torch.device) -> None:
-    with torch.cuda.device(device) if device.type == "cuda" else _no_guard():
+    """Launches on the inputs' device (its current stream)."""
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         launch.kernel[launch.grid](*launch.args, **launch.kwargs)
-
-
-class _no_guard:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _poisoned(shape, dtype, device) -> torch.Tensor:
