@@ -13,6 +13,10 @@ N divisible by 16 and not, the usual widths D. Neighbour ranges reach the kernel
 do_not_specialize, so they change the specialisation only through the tiling (FRAMES, SHIFTED); tau and eps as
 one-element fp64 tensors (pointer arguments, built on the meta device here), so they never do.
 
+The token relation distillation kernels (crepa_kernels/ops/relation_triton.py: loss and gradient, RelationCase)
+are compiled too, on VideoREPA's full-resolution sample: bf16 with every pair rule, fp16, fp32 and the fp32
+projector with bf16 features, with the proj gradient alone and with both.
+
 The launches come from crepa_kernels.ops.triton_loss.{table,forward,backward}_launch on meta tensors, with the
 launch configuration the dispatcher picks for each architecture (the shifted tiling's differs below sm_90), and the
 signature, constexprs and divisibility attributes from Triton's own JIT binder, so the check compiles exactly
