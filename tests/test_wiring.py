@@ -170,12 +170,12 @@ LOSS_CASES = {
 HIDDEN, FRAMES, TOKENS, BATCH = 8, 5, 3, 2
 
 
-def _regularizer_inputs(flags: dict):
+def _regularizer_inputs(flags: dict, tokens: int = TOKENS):
     generator = torch.Generator().manual_seed(3)
     layers, teachers = flags.get("_layers", 1), flags.get("_teachers", 1)
-    hidden = [torch.randn(BATCH, FRAMES * TOKENS, HIDDEN, generator=generator, dtype=torch.float64)
+    hidden = [torch.randn(BATCH, FRAMES * tokens, HIDDEN, generator=generator, dtype=torch.float64)
               .requires_grad_(True) for _ in range(layers)]
-    targets = [torch.randn(BATCH, FRAMES, TOKENS, 4 + t, generator=generator, dtype=torch.float64)
+    targets = [torch.randn(BATCH, FRAMES, tokens, 4 + t, generator=generator, dtype=torch.float64)
                for t in range(teachers)]
     return hidden, targets
 
@@ -184,11 +184,11 @@ def _forward_arguments(arguments: dict) -> dict:
     return {name: arguments.pop(name) for name in ("sample_weight", "frame_mask") if name in arguments}
 
 
-def _make_regularizer(arguments: dict, flags: dict) -> CrepaRegularizer:
+def _make_regularizer(arguments: dict, flags: dict, kind=CrepaRegularizer) -> CrepaRegularizer:
     teachers = flags.get("_teachers", 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
-        return CrepaRegularizer(HIDDEN, [4 + t for t in range(teachers)], **arguments).double()
+        return kind(HIDDEN, [4 + t for t in range(teachers)], **arguments).double()
 
 
 def _saved_bytes(run: Callable[[], object], width: int) -> tuple[object, int]:
