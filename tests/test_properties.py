@@ -44,8 +44,8 @@ def loss_calls(draw, max_frames=9):
     norms = torch.cat([proj.norm(dim=-1).flatten(), target.norm(dim=-1).flatten()])
     eps = draw(st.sampled_from([1e-12, float(norms.median()), float(norms.min()) * 1.5, float(norms.max()) * 0.7]))
     options = dict(
-        tau=draw(st.floats(0.05, 100.0)),
-        neighbors=draw(st.integers(0, frames + 2)),  # up to and past F
+        tau=draw(st.floats(0.05, 100.0) | st.floats(20.0, 100.0)),  # often large: far neighbours count
+        neighbors=draw(st.integers(0, frames + 2) | st.integers(max(0, frames - 3), frames + 2)),  # up to, past F
         neighbor_mode=draw(st.sampled_from(["adjacent", "cumulative"])),
         normalize_weights=draw(st.booleans()),
         reduction=draw(st.sampled_from(["mean", "frame_sum", "none"])),
@@ -74,6 +74,33 @@ def test_loss_and_gradients_equal_the_naive_loops(call, grad_scale):
     got = torch.autograd.grad(loss, [proj, target], grad_output)
     want = torch.autograd.grad(expected, [proj, target], grad_output)
     for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)
+
+
+def _cpu_backend_reason():
+    from crepa_kernels import available_backends
+
+    reason = available_backends("cpu").get("cpu")
+    return None if reason is True else reason
+
+
+@settings(max_examples=15)
+@given(loss_calls(max_frames=40), st.floats(-2.0, 3.0))
+def test_cpu_backend_equals_the_naive_loops_with_far_neighbours(call, grad_scale):
+    """The fused CPU kernel on clips up to 40 frames, d up to F + 2 and tau up to 100: neighbours 30 frames away
+    weigh e^-0.3, so a term dropped or misweighted at the far edge of the band shows in float64."""
+    reason = _cpu_backend_reason()
+    if reason is not None:
+        pytest.skip(f"the cpu backend is not available: {reason}")
+    proj, target, options = call
+    proj, target = proj.requires_grad_(True), target.requires_grad_(True)
+    loss = cross_frame_align_loss(proj, target, backend="cpu", **options)
+    expected = naive_loss(proj, target, **_naive_options(options, proj.shape[1]))
+    torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-12)
+    grad_output = torch.full_like(loss, grad_scale) + torch.linspace(0, 1, loss.numel(), dtype=loss.dtype).view(
+        loss.shape)
+    for g, w in zip(torch.autograd.grad(loss, [proj, target], grad_output),
+                    torch.autograd.grad(expected, [proj, target], grad_output)):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)
 
 

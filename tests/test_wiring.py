@@ -500,7 +500,7 @@ def _samples():
     return [(f"clip {i}", torch.rand(3, 9, 40, 64, generator=generator)) for i in range(2)]
 
 
-def _cache(kwargs, tmp_path_factory=None):
+def _cache(kwargs):
     arguments, flags = split(kwargs)
     root = _CACHE_ROOTS.mktemp("cache")
     adapter = adapter_for(random_encoder(MODEL_TYPE, seed=3), temporal_ratio=4)
