@@ -237,7 +237,8 @@ def _mirror_alignment(arguments: dict, flags: dict, hidden: list, targets: list,
         for t in range(teachers):
             index = t if shared else l * teachers + t
             if index not in projectors:
-                projector = build_projector(HIDDEN, 4 + t, kind=get("projector", "mlp"), width=get("projector_width", 2048),
+                projector = build_projector(HIDDEN, 4 + t, kind=get("projector", "mlp"),
+                                            width=get("projector_width", 2048),
                                             depth=get("projector_depth", 3)).double()
                 projector.load_state_dict(weights_from.projectors[index].state_dict())  # strict: same architecture
                 projectors[index] = projector
@@ -247,7 +248,8 @@ def _mirror_alignment(arguments: dict, flags: dict, hidden: list, targets: list,
     teacher_weights = list(get("teacher_weights") or [1.0] * teachers)
     layer_names = list(get("layer_names") or [f"layer{i}" for i in range(layers)])
     teacher_names = list(get("teacher_names") or [f"teacher{i}" for i in range(teachers)])
-    loss_options = dict(tau=get("tau", 1.0), neighbors=get("neighbors", 1), neighbor_mode=get("neighbor_mode", "adjacent"),
+    loss_options = dict(tau=get("tau", 1.0), neighbors=get("neighbors", 1),
+                        neighbor_mode=get("neighbor_mode", "adjacent"),
                         normalize_weights=get("normalize_weights", False), eps=get("eps", 1e-12))
     weight = get("loss_weight", 0.5)
     weight = weight if isinstance(weight, float) else weight.value()
