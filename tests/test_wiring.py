@@ -7,6 +7,8 @@ at collection, and its test fails until ``CASES`` gives it a value (or ``EXEMPT`
 
     CrossFrameAlignLoss -> cross_frame_align_loss -> CrossFrameAlignFunction.apply -> backend choice + naive loops
     CrepaTransformer -> HiddenStateCapture + CrepaRegularizer -> projectors + naive loops + weighted reduction
+    LambdaSchedule, the timestep weights -> their documented formulas, step by step
+    encoder_features_to_tokens -> the frame grouping and the 2-D resize written out
     adapter_for(...)(video, grid) -> hand-written preprocessing + the transformers model + encoder_features_to_tokens
     build_feature_cache -> the adapter's features and cache_spec
     sequence_parallel_align_loss, SequenceParallelRegularizer -> their single-process counterparts (gloo, 3 ranks:
@@ -544,6 +546,126 @@ def _cache_roots(tmp_path_factory):
     _CACHE_ROOTS.factory = tmp_path_factory
 
 
+# --- the lambda schedule, the token grid, the timestep weights -------------------------------------------------------
+from crepa_kernels.training import LambdaSchedule  # noqa: E402
+from crepa_kernels.training.token_grid import TEMPORAL_MODES  # noqa: E402
+from crepa_kernels.training.weighting import hard_timestep_weight, sigmoid_timestep_weight  # noqa: E402
+
+SIMILARITIES = [0.1, 0.5, 0.3, 0.7, 0.65, 0.9, 0.2, 0.8, 0.95, 0.4, 0.6, 0.75, 0.85, 0.5]
+
+
+def _schedule(kwargs, similarities=SIMILARITIES):
+    arguments, _ = split(kwargs)
+    schedule = LambdaSchedule(**arguments)
+    values = []
+    for similarity in similarities:
+        values.append(schedule.value())
+        schedule.step(similarity)
+    return [*values, schedule.cut_off]
+
+
+def _schedule_lower(kwargs, similarities=SIMILARITIES):
+    """The module docstring's formula, step by step, with the EMA written out."""
+    arguments, _ = split(kwargs)
+    get = arguments.get
+    weight, shape, warmup = get("weight", 0.5), get("shape", "constant"), get("warmup_steps", 0)
+    decay_steps, final, power, cutoff = get("decay_steps"), get("final_weight", 0.0), get("power", 1.0), get(
+        "cutoff_step")
+    threshold, decay = get("similarity_threshold"), get("similarity_ema_decay", 0.99)
+    if shape != "constant" and not decay_steps:
+        raise ValueError("decay_steps needed")
+    values, ema, cut = [], None, False
+    for step, similarity in enumerate(similarities):
+        if cut or (cutoff is not None and step >= cutoff):
+            value = 0.0
+        elif step < warmup:
+            value = weight * (step + 1) / warmup
+        elif shape == "constant":
+            value = weight
+        else:
+            progress = min(1.0, (step - warmup) / decay_steps)
+            fraction = {"linear": 1 - progress, "cosine": (1 + math.cos(math.pi * progress)) / 2,
+                        "polynomial": (1 - progress) ** power}[shape]
+            value = final + (weight - final) * fraction
+        values.append(value)
+        if threshold is not None and value > 0:
+            ema = similarity if ema is None else decay * ema + (1 - decay) * similarity
+            cut = cut or ema >= threshold
+    return [*values, cut]
+
+
+SCHEDULE_CASES = {
+    "weight": dict(weight=0.8),
+    "shape": dict(shape="linear", decay_steps=5),
+    "warmup_steps": dict(warmup_steps=3),
+    "decay_steps": dict(decay_steps=4, shape="cosine"),
+    "final_weight": dict(final_weight=0.2, shape="linear", decay_steps=4),
+    "power": dict(power=2.5, shape="polynomial", decay_steps=6),
+    "cutoff_step": dict(cutoff_step=4),
+    "similarity_threshold": dict(similarity_threshold=0.12),  # the EMA (decay 0.99) passes it at step 5
+    "similarity_ema_decay": dict(similarity_ema_decay=0.5, similarity_threshold=0.6),
+}
+
+
+def _features():
+    return torch.randn(2, 9, 3, 5, 4, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+
+
+def _to_tokens(kwargs):
+    arguments, flags = split(kwargs)
+    return [encoder_features_to_tokens(_features(), flags.get("_grid", (3, 4, 6)), temporal_ratio=4, **arguments)]
+
+
+def _to_tokens_lower(kwargs):
+    """Frame 0 alone, then each group of 4 pixel frames (mean or last), then groups of temporal_patch latent frames,
+    then a 2-D bilinear resize of each frame, written out."""
+    arguments, flags = split(kwargs)
+    mode, patch = arguments.get("temporal_mode", "mean"), arguments.get("temporal_patch", 1)
+    if mode not in TEMPORAL_MODES:
+        raise ValueError(mode)
+    features = _features()
+
+    def pick(group):
+        return group.mean(dim=1) if mode == "mean" else group[:, -1]
+
+    latent = [features[:, 0]] + [pick(features[:, 1 + i:5 + i]) for i in range(0, 8, 4)]
+    latent = torch.stack([pick(torch.stack(latent[i:i + patch], 1)) for i in range(0, len(latent), patch)], 1)
+    grid = flags.get("_grid", (3, 4, 6))
+    b, f, h, w, d = latent.shape
+    maps = F.interpolate(latent.permute(0, 1, 4, 2, 3).reshape(b * f, d, h, w), size=grid[1:], mode="bilinear",
+                         align_corners=False, antialias=arguments.get("antialias", True))
+    return [maps.reshape(b, f, d, -1).transpose(2, 3)]
+
+
+TOKEN_CASES = {
+    "temporal_patch": dict(temporal_patch=3, _grid=(1, 4, 6)),
+    "temporal_mode": dict(temporal_mode="subsample"),
+    "antialias": dict(antialias=False, _grid=(3, 2, 3)),  # downsampling: antialiasing changes the values
+}
+
+TIMES = torch.tensor([0.0, 0.2, 0.3, 0.5, 0.7, 1.0], dtype=torch.float64)
+
+
+def _hard(kwargs):
+    return [hard_timestep_weight(TIMES, **split(kwargs)[0])]
+
+
+def _hard_lower(kwargs):
+    threshold = split(kwargs)[0].get("threshold", 0.5)
+    return [torch.tensor([1.0 if t <= threshold else 0.0 for t in TIMES.tolist()], dtype=torch.float64)]
+
+
+def _sigmoid(kwargs):
+    return [sigmoid_timestep_weight(TIMES, **split(kwargs)[0])]
+
+
+def _sigmoid_lower(kwargs):
+    arguments = split(kwargs)[0]
+    center, sharpness = arguments.get("center", 0.5), arguments.get("sharpness", 10.0)
+    return [torch.tensor([1 / (1 + math.exp(-sharpness * (center - t))) for t in TIMES.tolist()],
+                         dtype=torch.float64)]
+
+
 # --- the registry ------------------------------------------------------------------------------------------------
 ENTRY_POINTS = {
     "cross_frame_align_loss": EntryPoint((cross_frame_align_loss,), _functional, _apply,
@@ -558,6 +680,10 @@ ENTRY_POINTS = {
                                    _transformer_lower, TRANSFORMER_COMMON),
     "adapter_for": EntryPoint((EncoderAdapter.__init__,), _adapter, _adapter_lower),
     "build_feature_cache": EntryPoint((build_feature_cache,), _cache, _cache_lower),
+    "LambdaSchedule": EntryPoint((LambdaSchedule.__init__,), _schedule, _schedule_lower),
+    "encoder_features_to_tokens": EntryPoint((encoder_features_to_tokens,), _to_tokens, _to_tokens_lower),
+    "hard_timestep_weight": EntryPoint((hard_timestep_weight,), _hard, _hard_lower),
+    "sigmoid_timestep_weight": EntryPoint((sigmoid_timestep_weight,), _sigmoid, _sigmoid_lower),
 }
 CASES = {
     "cross_frame_align_loss": LOSS_CASES,
@@ -567,11 +693,16 @@ CASES = {
     "CrepaTransformer": TRANSFORMER_CASES,
     "adapter_for": ENCODER_CASES,
     "build_feature_cache": CACHE_CASES,
+    "LambdaSchedule": SCHEDULE_CASES,
+    "encoder_features_to_tokens": TOKEN_CASES,
+    "hard_timestep_weight": {"threshold": dict(threshold=0.3)},  # t = 0.3 exactly: included
+    "sigmoid_timestep_weight": {"center": dict(center=0.3), "sharpness": dict(sharpness=3.0)},
 }
 # options that change no value an entry point returns, with the reason; everything else needs a case
 EXEMPT = {
     ("build_feature_cache", "total"): "the progress bar's length only",
     ("build_feature_cache", "progress"): "whether a progress bar is drawn, nothing stored",
+    ("LambdaSchedule", "process_group"): "needs several processes: tests/test_wiring_distributed.py",
 }
 
 

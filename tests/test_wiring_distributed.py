@@ -1,7 +1,8 @@
 """The wiring test of tests/test_wiring.py for the sequence-parallel entry points, on 3 gloo processes (one launch):
-every option of ``sequence_parallel_align_loss`` and of ``SequenceParallelRegularizer``, set to a non-default
-value, gives on every rank what the single-process call with the same option gives (``cross_frame_align_loss``,
-``CrepaRegularizer``), and changes the result on some rank.
+every option of ``sequence_parallel_align_loss`` and of ``SequenceParallelRegularizer`` (and ``LambdaSchedule``'s
+``process_group``), set to a non-default value, gives on every rank what the single-process call with the same
+option gives (``cross_frame_align_loss``, ``CrepaRegularizer``, the schedule of one rank alone), and changes the
+result on some rank.
 
 3 ranks, so that the shards split frames mid-way (the loss's single-offset boundary terms run) and a sequence
 whose length 3 does not divide is split as ``tensor_split`` splits it, not as ``chunk`` would.
@@ -21,12 +22,16 @@ from crepa_kernels.distributed.training import SequenceParallelRegularizer
 from crepa_kernels.training import CrepaRegularizer
 from harness import pair_straddling_eps, random_grad_output
 from test_distributed import launch
+from crepa_kernels.training import LambdaSchedule
 from test_wiring import (
     BATCH,
     REGULARIZER_CASES,
+    SIMILARITIES,
     EntryPoint,
     _make_regularizer,
     _regularizer_inputs,
+    _schedule,
+    _schedule_lower,
     describe,
     options_of,
     outcome,
@@ -160,6 +165,28 @@ SP_REGULARIZER_CASES = {
     "group": _with_full_states(dict(group="each rank alone", _rank_inputs=True)),
 }
 
+def _rank_similarities():
+    return [s + (0.15, 0.0, -0.1)[dist.get_rank()] for s in SIMILARITIES]
+
+
+def _schedule_arguments(kwargs):
+    arguments = dict(kwargs)
+    if arguments.get("process_group") == "each rank alone":
+        arguments["process_group"] = GROUPS[dist.get_rank()]
+    return arguments
+
+
+def _rank_schedule(kwargs):
+    """Each rank feeds its own similarities; the EMA is the group's (the world's by default)."""
+    return _schedule(_schedule_arguments(kwargs), _rank_similarities())
+
+
+def _rank_schedule_lower(kwargs):
+    arguments = _schedule_arguments(kwargs)
+    arguments.pop("process_group")  # one rank alone in its group: the single-process schedule on its similarities
+    return _schedule_lower(arguments, _rank_similarities())
+
+
 ENTRY_POINTS = {
     "sequence_parallel_align_loss": (EntryPoint((sequence_parallel_align_loss,), _sp_loss, _sp_loss_lower),
                                      SP_LOSS_CASES),
@@ -167,13 +194,19 @@ ENTRY_POINTS = {
                                                 CrepaRegularizer.forward), _sp_regularizer, _sp_regularizer_lower,
                                                dict(backend="reference", projector_width=16)),
                                     SP_REGULARIZER_CASES),
+    # only the option tests/test_wiring.py cannot run in one process
+    "LambdaSchedule": (EntryPoint((LambdaSchedule.__init__,), _rank_schedule, _rank_schedule_lower,
+                                  dict(similarity_threshold=0.6, similarity_ema_decay=0.5)),
+                       {"process_group": dict(process_group="each rank alone")}),
 }
-REQUIRED = {"num_frames"}  # keyword-only without default: data, not an option
+ONLY = {"LambdaSchedule": {"process_group"}}
 
 
 def _cases():
     for entry_name, (entry, cases) in ENTRY_POINTS.items():
         for option in options_of(entry):
+            if entry_name in ONLY and option not in ONLY[entry_name]:
+                continue
             case = cases.get(option)
             if case is None:
                 yield entry_name, option, None
