@@ -9,6 +9,7 @@ at collection, and its test fails until ``CASES`` gives it a value (or ``EXEMPT`
     CrepaTransformer -> HiddenStateCapture + CrepaRegularizer -> projectors + naive loops + weighted reduction
     LambdaSchedule, the timestep weights -> their documented formulas, step by step
     encoder_features_to_tokens -> the frame grouping and the 2-D resize written out
+    cknna, cross_frame_similarity, temporal_smoothness -> the naive versions of tests/test_diagnostics.py
     adapter_for(...)(video, grid) -> hand-written preprocessing + the transformers model + encoder_features_to_tokens
     build_feature_cache -> the adapter's features and cache_spec
     sequence_parallel_align_loss, SequenceParallelRegularizer -> their single-process counterparts (gloo, 3 ranks:
@@ -666,6 +667,46 @@ def _sigmoid_lower(kwargs):
                          dtype=torch.float64)]
 
 
+# --- the diagnostics ---------------------------------------------------------------------------------------------
+from crepa_kernels.diagnostics import cknna, cross_frame_similarity, temporal_smoothness  # noqa: E402
+from test_diagnostics import naive_cknna, naive_similarity, naive_smoothness  # noqa: E402
+
+
+def _cknna_inputs():
+    generator = torch.Generator().manual_seed(17)
+    a = torch.randn(23, 6, generator=generator, dtype=torch.float64)
+    return a, 0.5 * a[:, :5] + torch.randn(23, 5, generator=generator, dtype=torch.float64)
+
+
+def _cknna(kwargs):
+    return [cknna(*_cknna_inputs(), **split(kwargs)[0])]
+
+
+def _cknna_lower(kwargs):
+    return [torch.as_tensor(naive_cknna(*_cknna_inputs(), split(kwargs)[0].get("topk", 10)), dtype=torch.float64)]
+
+
+def _similarity(kwargs):
+    arguments, flags = split(kwargs)
+    proj, target = _loss_inputs(flags)
+    return [cross_frame_similarity(proj, target, **arguments)]
+
+
+def _similarity_lower(kwargs):
+    arguments, flags = split(kwargs)
+    proj, target = (x.detach() for x in _loss_inputs({}))  # the naive loops take [B, F, N, D]
+    return [naive_similarity(proj, target, eps=arguments.get("eps", 1e-12))]
+
+
+def _smoothness(kwargs):
+    arguments, flags = split(kwargs)
+    return [temporal_smoothness(_loss_inputs(flags)[0].detach(), **arguments)]
+
+
+def _smoothness_lower(kwargs):
+    return [torch.tensor(naive_smoothness(_loss_inputs({})[0].detach()), dtype=torch.float64)]
+
+
 # --- the registry ------------------------------------------------------------------------------------------------
 ENTRY_POINTS = {
     "cross_frame_align_loss": EntryPoint((cross_frame_align_loss,), _functional, _apply,
@@ -684,6 +725,9 @@ ENTRY_POINTS = {
     "encoder_features_to_tokens": EntryPoint((encoder_features_to_tokens,), _to_tokens, _to_tokens_lower),
     "hard_timestep_weight": EntryPoint((hard_timestep_weight,), _hard, _hard_lower),
     "sigmoid_timestep_weight": EntryPoint((sigmoid_timestep_weight,), _sigmoid, _sigmoid_lower),
+    "cknna": EntryPoint((cknna,), _cknna, _cknna_lower),
+    "cross_frame_similarity": EntryPoint((cross_frame_similarity,), _similarity, _similarity_lower),
+    "temporal_smoothness": EntryPoint((temporal_smoothness,), _smoothness, _smoothness_lower),
 }
 CASES = {
     "cross_frame_align_loss": LOSS_CASES,
@@ -697,6 +741,11 @@ CASES = {
     "encoder_features_to_tokens": TOKEN_CASES,
     "hard_timestep_weight": {"threshold": dict(threshold=0.3)},  # t = 0.3 exactly: included
     "sigmoid_timestep_weight": {"center": dict(center=0.3), "sharpness": dict(sharpness=3.0)},
+    # chunk sizes bound memory: the same numbers by design, so only the equality one level down is checked
+    "cknna": {"topk": dict(topk=4), "chunk_size": dict(chunk_size=5, _same_as_default=True)},
+    "cross_frame_similarity": {"num_frames": dict(num_frames=SHAPE[1], _flat=True), "eps": dict(eps=LOSS_EPS),
+                               "chunk_size": dict(chunk_size=2, _same_as_default=True)},
+    "temporal_smoothness": {"num_frames": dict(num_frames=SHAPE[1], _flat=True)},
 }
 # options that change no value an entry point returns, with the reason; everything else needs a case
 EXEMPT = {
@@ -727,12 +776,12 @@ def test_option_reaches_the_computation(entry_name, option, case):
     arguments = {**entry.common, **case}
     base = {**entry.common, **{k: v for k, v in case.items() if k != option}}
     raises = arguments.pop("_raises", False)
-    base.pop("_raises", None)
+    same_as_default = arguments.pop("_same_as_default", False)
     got, expected = outcome(entry.run, arguments), outcome(entry.lower, arguments)
     assert raises == (expected.error is not None), f"one level down: {describe(expected)}"
     assert same(got, expected), (f"{entry_name}({option}={case[option]!r}) gives {describe(got)}; the same call one "
                                  f"level down gives {describe(expected)}")
-    assert not same(got, outcome(entry.run, base)), (
+    assert same_as_default or not same(got, outcome(entry.run, base)), (
         f"{entry_name}: {option}={case[option]!r} changes nothing on this input, so the case cannot see it dropped")
 
 
