@@ -261,3 +261,37 @@ def test_lambda_schedule_follows_its_formula_at_every_step(kwargs):
             expected = final + (weight - final) * fraction
         assert schedule.value() == pytest.approx(expected, rel=1e-12, abs=1e-15), step
         schedule.step()
+
+
+# The fused kernels' far edge, with a tau that makes it count: each backend's frame tiling (one window; windows with a
+# halo; 16-frame windows paired with whole-window shifts) at the largest offsets it serves. Example-based: the
+# Triton interpreter takes seconds per call, too slow for drawn examples.
+FAR_CASES = [
+    ((1, 18, 2, 3), torch.float64, dict(neighbors=17, neighbor_mode="adjacent")),  # fp64 windows: 16 frames, shifted
+    ((1, 18, 2, 3), torch.float64, dict(neighbors=16, neighbor_mode="cumulative", normalize_weights=True)),
+    ((2, 19, 1, 4), torch.float64, dict(neighbors=3, neighbor_mode="cumulative")),  # halo tiling
+    ((1, 35, 2, 3), torch.float32, dict(neighbors=34, neighbor_mode="adjacent")),  # fp32 windows: 32 frames
+    ((1, 35, 1, 3), torch.float32, dict(neighbors=31, neighbor_mode="cumulative", normalize_weights=True)),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("shape,dtype,options", FAR_CASES, ids=lambda v: str(v))
+def test_far_neighbours_at_large_tau(backend, shape, dtype, options):
+    if backend == "cpu" and _cpu_backend_reason() is not None:
+        pytest.skip(f"the cpu backend is not available: {_cpu_backend_reason()}")
+    generator = torch.Generator().manual_seed(shape[1] * 7 + options["neighbors"])
+    proj = torch.randn(shape, generator=generator, dtype=torch.float64)
+    target = 0.5 * proj + torch.randn(shape, generator=generator, dtype=torch.float64)
+    proj, target = (x.to(dtype).requires_grad_(True) for x in (proj, target))
+    loss = cross_frame_align_loss(proj, target, tau=100.0, reduction="none", backend=backend, **options)
+    expected = naive_loss(proj.detach().double().requires_grad_(True), target.detach().double().requires_grad_(True),
+                          tau=100.0, reduction="none", **options)
+    rtol, atol = (1e-9, 1e-12) if dtype == torch.float64 else (1e-5, 1e-6)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=rtol, atol=atol)
+    grad_output = torch.linspace(-0.5, 2.0, loss.numel(), dtype=torch.float64).view(loss.shape)
+    got = torch.autograd.grad(loss, [proj, target], grad_output.to(loss.dtype))
+    inputs = [proj.detach().double().requires_grad_(True), target.detach().double().requires_grad_(True)]
+    want = torch.autograd.grad(naive_loss(*inputs, tau=100.0, reduction="none", **options), inputs, grad_output)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol * float(w.abs().max()))
