@@ -13,13 +13,14 @@ at collection, and its test fails until ``CASES`` gives it a value (or ``EXEMPT`
     adapter_for(...)(video, grid) -> hand-written preprocessing + the transformers model + encoder_features_to_tokens
     build_feature_cache -> the adapter's features and cache_spec
     sequence_parallel_align_loss, SequenceParallelRegularizer -> their single-process counterparts (gloo, 3 ranks:
-    tests/wiring_distributed.py)
+    tests/test_wiring_distributed.py)
 """
 from __future__ import annotations
 
 import inspect
 import json
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -507,12 +508,12 @@ def _samples():
 
 def _cache(kwargs):
     arguments, flags = split(kwargs)
-    root = _CACHE_ROOTS.mktemp("cache")
     adapter = adapter_for(random_encoder(MODEL_TYPE, seed=3), temporal_ratio=4)
-    build_feature_cache(root, _samples(), adapter, GRID, progress=False, **arguments)
-    cache = FeatureCache(root)
-    return [cache.spec, *[cache.load(sample_id) for sample_id, _ in _samples()],
-            *[cache.load(sample_id).dtype for sample_id, _ in _samples()]]
+    with tempfile.TemporaryDirectory(prefix="crepa-wiring-cache-") as root:
+        build_feature_cache(root, _samples(), adapter, GRID, progress=False, **arguments)
+        cache = FeatureCache(root)
+        return [cache.spec, *[cache.load(sample_id) for sample_id, _ in _samples()],
+                *[cache.load(sample_id).dtype for sample_id, _ in _samples()]]
 
 
 def _cache_lower(kwargs):
@@ -528,23 +529,6 @@ CACHE_CASES = {
     "storage_dtype": dict(storage_dtype=torch.float32),
     "extra": dict(extra={"vae": "wan2.1", "crop": [1, 2]}),
 }
-
-
-class _Roots:
-    """tmp_path_factory for the module-level runners (set by a fixture)."""
-
-    factory = None
-
-    def mktemp(self, name):
-        return self.factory.mktemp(name)
-
-
-_CACHE_ROOTS = _Roots()
-
-
-@pytest.fixture(autouse=True)
-def _cache_roots(tmp_path_factory):
-    _CACHE_ROOTS.factory = tmp_path_factory
 
 
 # --- the lambda schedule, the token grid, the timestep weights -------------------------------------------------------
