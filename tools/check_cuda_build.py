@@ -156,6 +156,21 @@ def widest_full_band(limit: int, acc: torch.dtype, dim: int = 2048) -> int:
     return frames
 
 
+def check_row(arch: str, function: str, fields: dict[str, int]) -> tuple[int, int, int | None, list[str]]:
+    """One kernel's cuobjdump resource row -> (static shared bytes, most dynamic shared bytes, the arch's per-block
+    limit or None, what is wrong with it)."""
+    limit = gpu_limits.SHARED_BYTES_PER_BLOCK_OPTIN.get(arch)
+    if limit is None:
+        return 0, 0, None, [f"{arch}: no per-block shared memory limit in crepa_kernels.gpu_limits"]
+    static = fields.get("SHARED", 0) - gpu_limits.RESERVED_SHARED_BYTES_IN_CUBIN[arch]
+    dynamic = max_dynamic_shared(kernel_name(function), limit)
+    failures = [f"{arch} {short_name(function)}: {key}={fields[key]}" for key in FORBIDDEN if fields.get(key)]
+    if static + dynamic > limit:
+        failures.append(f"{arch} {short_name(function)}: {static} bytes of static shared memory + up to {dynamic} "
+                        f"dynamic > {limit}")
+    return static, dynamic, limit, failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rebuild", action="store_true", help="build a fresh FORCE_CUDA=1 extension")
@@ -178,18 +193,11 @@ def main() -> int:
     print(f"{'arch':7} {'kernel':38} {'REG':>4} {'STACK':>6} {'LOCAL':>6} {'static':>7} {'+ max dynamic':>14} "
           f"{'limit':>7}")
     for arch, function, fields in sorted(rows, key=lambda row: (int(row[0][3:]), short_name(row[1]))):
-        limit = gpu_limits.SHARED_BYTES_PER_BLOCK_OPTIN.get(arch)
-        if limit is None:
-            failures.append(f"{arch}: no per-block shared memory limit in crepa_kernels.gpu_limits")
-            continue
-        static = fields.get("SHARED", 0) - gpu_limits.RESERVED_SHARED_BYTES_IN_CUBIN[arch]
-        dynamic = max_dynamic_shared(kernel_name(function), limit)
-        print(f"{arch:7} {short_name(function):38} {fields.get('REG', 0):4} {fields.get('STACK', 0):6} "
-              f"{fields.get('LOCAL', 0):6} {static:7} {dynamic:14} {limit:7}")
-        failures += [f"{arch} {short_name(function)}: {key}={fields[key]}" for key in FORBIDDEN if fields.get(key)]
-        if static + dynamic > limit:
-            failures.append(f"{arch} {short_name(function)}: {static} bytes of static shared memory + up to {dynamic} "
-                            f"dynamic > {limit}")
+        static, dynamic, limit, row_failures = check_row(arch, function, fields)
+        if limit is not None:
+            print(f"{arch:7} {short_name(function):38} {fields.get('REG', 0):4} {fields.get('STACK', 0):6} "
+                  f"{fields.get('LOCAL', 0):6} {static:7} {dynamic:14} {limit:7}")
+        failures += row_failures
     for arch in sorted(sass_required):
         found = {kernel_name(function) for a, function, _ in rows if a == arch}
         failures += [f"{arch}: no {name}" for name in KERNELS if name not in found]

@@ -32,22 +32,28 @@ COVERING_TESTS = {
     "csrc/crepa_cpu.cpp": ["tests/test_cpu_backend.py"],
     "csrc/crepa_math.h": ["tests/test_cpu_backend.py"],
     "crepa_kernels/training/token_grid.py": ["tests/test_training.py", "-k", "temporal or spatial or token_grid"],
-    "crepa_kernels/training/regularizer.py": ["tests/test_training.py", "tests/test_training_features.py", "-k",
-                                              "regularizer or layers or mask"],
+    "crepa_kernels/training/regularizer.py": ["tests/test_wiring.py", "tests/test_properties.py",
+                                              "tests/test_boundaries.py", "tests/test_training.py",
+                                              "tests/test_training_features.py", "-k", "regularizer or layers or mask"],
     "crepa_kernels/training/weighting.py": ["tests/test_training_features.py", "-k", "weight or mask or reduction"],
-    "crepa_kernels/training/schedule.py": ["tests/test_schedule.py"],
-    "crepa_kernels/training/encoders.py": ["tests/test_encoders.py"],
+    "crepa_kernels/training/schedule.py": ["tests/test_boundaries.py", "tests/test_properties.py",
+                                           "tests/test_schedule.py"],
+    "crepa_kernels/training/encoders.py": ["tests/test_boundaries.py", "tests/test_wiring.py",
+                                           "tests/test_encoders.py"],
     "crepa_kernels/distributed/layout.py": ["tests/test_distributed_plan.py"],
     "crepa_kernels/distributed/collectives.py": ["tests/test_distributed_plan.py", "tests/test_distributed.py"],
     "crepa_kernels/backends.py": ["tests/test_api.py", "tests/test_backend_selection.py"],
-    "crepa_kernels/distributed/training.py": ["tests/test_distributed_training.py", "-k", "shard_sizes"],
-    "crepa_kernels/gpu_limits.py": ["tests/test_cuda_limits.py", "tests/test_gpu_limits.py"],
+    "crepa_kernels/distributed/training.py": ["tests/test_wiring_distributed.py", "tests/test_properties.py",
+                                              "tests/test_boundaries.py", "tests/test_distributed_training.py", "-k",
+                                              "shard_sizes or sequence_parallel or context_parallel"],
+    "crepa_kernels/gpu_limits.py": ["tests/test_tooling_constants.py", "tests/test_cuda_limits.py",
+                                    "tests/test_gpu_limits.py"],
     "csrc/crepa_cuda_plan.h": ["tests/test_cuda_limits.py"],
-    "crepa_kernels/training/capture.py": ["tests/test_training.py", "-k", "capture or checkpoint or hook"],
+    "crepa_kernels/training/capture.py": ["tests/test_boundaries.py", "tests/test_training.py", "-k",
+                                          "capture or checkpoint or hook"],
     "crepa_kernels/training/projector.py": ["tests/test_training.py", "-k", "projector"],
     "crepa_kernels/function.py": ["tests/test_function.py", "tests/test_porting.py"],
     "crepa_kernels/reference_backend.py": ["tests/test_function.py", "tests/test_reference.py"],
-    "crepa_kernels/training/feature_cache.py": ["tests/test_feature_cache.py"],
     # token_relation_loss (issue 24)
     "crepa_kernels/relation_spec.py": ["tests/test_token_relation.py", "-k", "not triton and (oracle or bad)"],
     "crepa_kernels/relation_reference.py": ["tests/test_token_relation.py", "-k", "reference"],
@@ -55,6 +61,12 @@ COVERING_TESTS = {
     "csrc/crepa_relation_cpu.cpp": ["tests/test_token_relation.py", "-k", "cpu and not two_to_the"],
     "crepa_kernels/ops/relation_triton.py": ["tests/test_token_relation.py", "-k", "triton and (oracle or kink)"],
     "crepa_kernels/training/relation_regularizer.py": ["tests/test_token_relation_training.py", "-k", "regularizer"],
+    "crepa_kernels/training/feature_cache.py": ["tests/test_wiring.py", "tests/test_feature_cache.py"],
+    # entry points first mutated by the issue-21 block below
+    "crepa_kernels/module.py": ["tests/test_wiring.py", "tests/test_api.py", "tests/test_function.py"],
+    "crepa_kernels/training/model.py": ["tests/test_wiring.py", "tests/test_training.py",
+                                        "tests/test_training_features.py"],
+    "crepa_kernels/distributed/loss.py": ["tests/test_wiring_distributed.py", "tests/test_distributed.py"],
 }
 
 SPEC = "crepa_kernels/spec.py"
@@ -84,6 +96,9 @@ TRD_FUNCTION = "crepa_kernels/relation_function.py"
 TRD_CPU = "csrc/crepa_relation_cpu.cpp"
 TRD_TRITON = "crepa_kernels/ops/relation_triton.py"
 TRD_REGULARIZER = "crepa_kernels/training/relation_regularizer.py"
+MODULE = "crepa_kernels/module.py"
+MODEL = "crepa_kernels/training/model.py"
+DIST_LOSS = "crepa_kernels/distributed/loss.py"
 
 MUTANTS = [
     # --- spec.py: options, neighbour structure, layouts -------------------------------------------------------
@@ -342,4 +357,56 @@ MUTANTS = [
            'return (i0 // N) * N, (i0 // N + 1) * N', "spatial rows of a block spanning frames miss keys"),
     Mutant("trd-regularizer-pair-count", TRD_REGULARIZER, 'return per_frame / (tokens * keys)',
            'return per_frame / keys', "the per-frame loss not divided by the frame's rows"),
+]
+
+# --- issue 21: mutants written from the five classes of bug a suite tuned to its own mutants misses -------------
+# (docs/testing.md, "Writing a new mutant"). Names: i21-<class>-..., class w (an option dropped on its way from an
+# entry point), e (an exact edge), i (an input no test used), d (a bug hidden by default parameters), t (a constant
+# only tooling reads).
+MUTANTS += [
+    Mutant("i21-w-module-clamp-dropped", MODULE, 'backend=self.backend, clamp_neighbors=self.clamp_neighbors,',
+           'backend=self.backend, clamp_neighbors=False,', "the module ignores its clamp_neighbors"),
+    Mutant("i21-w-module-eps-dropped", MODULE, 'num_frames=num_frames, eps=self.eps,',
+           'num_frames=num_frames, eps=1e-12,', "the module calls the loss with the default eps"),
+    Mutant("i21-w-sp-boundary-default-eps", DIST_LOSS, 'repa_star = LossOptions(neighbors=0, eps=options.eps)',
+           'repa_star = LossOptions(neighbors=0)', "sequence-parallel boundary terms use the default eps"),
+    Mutant("i21-w-transformer-mask-dropped", MODEL, 'frame_mask=frame_mask)', 'frame_mask=None)',
+           "CrepaTransformer ignores frame_mask"),
+    Mutant("i21-w-transformer-output-index-dropped", MODEL, 'output_index=output_index)', 'output_index=0)',
+           "CrepaTransformer captures element 0 whatever output_index says"),
+    Mutant("i21-w-regularizer-eps-dropped", REGULARIZER, 'reduction="none", eps=o.eps, backend=self.backend,',
+           'reduction="none", eps=1e-12, backend=self.backend,', "the regulariser's loss uses the default eps"),
+    Mutant("i21-w-sp-regularizer-tau-dropped", DIST_TRAINING, 'num_frames=frames, tau=o.tau,',
+           'num_frames=frames, tau=1.0,', "the sequence-parallel regulariser uses the default tau"),
+    Mutant("i21-w-encoder-resample-dropped", ENCODERS, 'mode=self.resample,', 'mode="bilinear",',
+           "the encoder adapter resizes bilinearly whatever resample says"),
+    Mutant("i21-w-cache-extra-dropped", FEATURE_CACHE, 'spec = cache_spec(adapter, token_grid, storage_dtype, extra)',
+           'spec = cache_spec(adapter, token_grid, storage_dtype, None)', "the cache key leaves out extra="),
+    Mutant("i21-e-schedule-threshold-strict", SCHEDULE, 'if self.similarity_ema >= self.similarity_threshold:',
+           'if self.similarity_ema > self.similarity_threshold:', "an EMA exactly at the threshold does not cut off"),
+    Mutant("i21-e-schedule-warmup-inclusive", SCHEDULE, 'if step < self.warmup_steps:',
+           'if step <= self.warmup_steps:', "warm-up runs one step too long (past the full weight)"),
+    Mutant("i21-e-encoder-size-floor", ENCODERS, 'round(height * scale / patch_h) * patch_h',
+           'int(height * scale / patch_h) * patch_h', "input height rounded down instead of to the nearest patch"),
+    Mutant("i21-e-regularizer-zero-weights", REGULARIZER, 'sum(weights) <= 0', 'sum(weights) < 0',
+           "all-zero layer or teacher weights accepted (the loss divides by 0)"),
+    Mutant("i21-e-capture-negative-bound", CAPTURE, 'not -len(block_list) <= i < len(block_list)',
+           'not -len(block_list) < i < len(block_list)', "block index -len(blocks) refused"),
+    Mutant("i21-i-capture-dedupe-by-index", CAPTURE, 'if len({id(b) for b in self.blocks}) != len(self.blocks):',
+           'if len(set(indices)) != len(indices):', "a negative index aliasing a positive one is not caught"),
+    Mutant("i21-i-cp-shard-chunk", DIST_TRAINING, 'hidden_states.tensor_split(world, dim=1)[rank]',
+           'hidden_states.chunk(world, dim=1)[rank]', "context-parallel shards by chunk (wrong when S % world != 0)"),
+    Mutant("i21-i-capture-output-index", CAPTURE, 'output[self.output_index] if isinstance',
+           'output[0] if isinstance', "a tuple-returning block always gives its first element"),
+    Mutant("i21-d-regularizer-mean-by-count", REGULARIZER,
+           'align_loss = sum(w * loss for w, loss in zip(term_weights, term_losses)) / total',
+           'align_loss = sum(w * loss for w, loss in zip(term_weights, term_losses)) / len(term_weights)',
+           "terms averaged by count, not by weight (equal under the default weights of 1)"),
+    Mutant("i21-d-figures-neighbour-weight-without-z", REGULARIZER,
+           'neighbour_weight = [(sum(row) - row[f]) * z[f]', 'neighbour_weight = [(sum(row) - row[f])',
+           "the neighbour similarity's weights not scaled back by Z_f (equal without normalize_weights)"),
+    Mutant("i21-t-gpu-limits-sm120-smem", GPU_LIMITS, '"sm_120": 99 * KB,', '"sm_120": 100 * KB,',
+           "sm_120's opt-in shared memory per block taken as 100 KB"),
+    Mutant("i21-t-reserved-from-sm100", GPU_LIMITS, '(1024 if int(arch[3:]) >= 90 else 0)',
+           '(1024 if int(arch[3:]) >= 100 else 0)', "sm_90's cubin reservation not subtracted"),
 ]
