@@ -107,6 +107,14 @@ class TrainConfig:
     cutoff_step: int = -1  # lambda = 0 from this step on (negative: never)
     similarity_threshold: float = math.inf  # lambda = 0 once the all-reduced similarity EMA reaches it
     similarity_ema_decay: float = 0.99
+    # upstream trainers' conventions (docs/porting.md has the mapping of each upstream option)
+    warmup_nonzero_start: bool = False  # warm-up weight*(s+1)/W instead of upstream's weight*s/W (0 at step 0)
+    threshold_mode: str = "permanent"  # or "recoverable": lambda returns once the similarity EMA falls back
+    cutoff_timing: str = "next_step"  # or "same_step": the forward's own similarity decides its lambda (upstream)
+    similarity_every_step: bool = False  # also fold the similarity into the EMA where the shape gives lambda 0
+    similarity_signal: str = "self"  # what the cutoff watches: "self", "total" (SimpleTuner), "normalized" (musubi)
+    clamp_neighbors: bool = False  # d = min(neighbors, F - 1), as SimpleTuner and takenoko
+    skip_nonfinite: bool = False  # leave out (and count) a step whose alignment loss is not finite, as musubi
     condition_frames: int = 0  # leading token frames of every video left out of the loss, as I2V conditioning
     sample_weighting: str = "none"  # per-video weight from the diffusion time: "hard", "sigmoid", "cosine", "snr"
     tau: float = 1.0
@@ -203,7 +211,8 @@ def build_model(config: TrainConfig, backend: str, device: torch.device, encoder
         backend=backend, projector=config.projector, projector_width=config.projector_width,
         projector_depth=config.projector_depth, checkpoint_projector=config.checkpoint_projector,
         num_layers=len(blocks), share_projector=config.share_projector,
-        layer_names=[f"block{index}" for index in blocks], **parallel,
+        layer_names=[f"block{index}" for index in blocks], clamp_neighbors=config.clamp_neighbors,
+        similarity_signal=config.similarity_signal, skip_nonfinite=config.skip_nonfinite, **parallel,
     )
     return CrepaTransformer(transformer, regularizer, blocks).to(device)
 
@@ -223,7 +232,9 @@ def build_schedule(config: TrainConfig) -> LambdaSchedule:
         final_weight=config.final_weight, power=config.schedule_power,
         cutoff_step=config.cutoff_step if config.cutoff_step >= 0 else None,
         similarity_threshold=config.similarity_threshold if math.isfinite(config.similarity_threshold) else None,
-        similarity_ema_decay=config.similarity_ema_decay,
+        similarity_ema_decay=config.similarity_ema_decay, threshold_mode=config.threshold_mode,
+        cutoff_timing=config.cutoff_timing, similarity_every_step=config.similarity_every_step,
+        warmup_from_zero=not config.warmup_nonzero_start,
     )
 
 
