@@ -186,8 +186,8 @@ class CrepaRegularizer(nn.Module):
         of all the step's micro-batches: the schedule then sees their similarity over all the frames they
         included, not the last micro-batch's alone."""
         alignments = [alignment] if isinstance(alignment, AlignmentOutput) else list(alignment)
-        # an observed similarity is in the EMA already; a skipped non-finite step has no similarity to give
-        computed = [a for a in alignments if a.computed and not a.observed and not a.nonfinite]
+        # an observed similarity is in the EMA already; a skipped non-finite step counts no frame
+        computed = [a for a in alignments if a.computed and not a.observed]
         if not computed:
             self.schedule.step()
             return
