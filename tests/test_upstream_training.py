@@ -398,3 +398,140 @@ def test_regularizer_bad_arguments():
         CrepaRegularizer(6, 5, similarity_signal="mean")
     with pytest.raises(TypeError, match="skip_nonfinite"):
         CrepaRegularizer(6, 5, skip_nonfinite=None)
+
+
+def test_nothing_is_watched_past_the_step_cutoff():
+    """Past cutoff_step lambda is 0 for good: even a recoverable cutoff stops computing the similarity."""
+    hidden, target = _inputs()
+    schedule = LambdaSchedule(0.5, cutoff_step=2, similarity_threshold=0.99, threshold_mode="recoverable",
+                              similarity_every_step=True)
+    regularizer = _regularizer(loss_weight=schedule)
+    for _ in range(2):
+        assert regularizer.active
+        regularizer.end_step(regularizer(hidden, target))
+    assert not schedule.needs_similarity and not regularizer.active
+    assert not regularizer(hidden, target).computed
+
+
+# ----------------------------------------------------------------------------------------------- grids
+
+
+def linear_resample(x, count):
+    """1-D linear interpolation with half-token centres (F.interpolate(mode="linear", align_corners=False)),
+    written out: output token j samples position (j + 0.5) N / count - 0.5, clamped at 0, between its two
+    neighbouring input tokens (the last one repeated past the end). x: [..., N, D]."""
+    tokens = x.shape[-2]
+    rows = []
+    for j in range(count):
+        source = max((j + 0.5) * tokens / count - 0.5, 0.0)
+        low = int(math.floor(source))
+        high = min(low + 1, tokens - 1)
+        w = source - low
+        rows.append((1 - w) * x[..., low, :] + w * x[..., high, :])
+    return torch.stack(rows, -2)
+
+
+def upstream_frame_pick(x, count):
+    """SimpleTuner's / musubi-tuner's frame pick: x[:, linspace(0, F - 1, count).long()]."""
+    return x.index_select(1, torch.linspace(0, x.shape[1] - 1, count).long())
+
+
+@pytest.mark.parametrize("tokens, count", [(6, 4), (4, 6), (7, 3), (5, 5), (1, 3), (9, 1)])
+def test_resample_tokens_is_upstream_linear_interpolation(tokens, count):
+    from crepa_kernels.training.token_grid import resample_tokens
+
+    x = torch.randn(2, 3, tokens, 5, dtype=torch.float64)
+    torch.testing.assert_close(resample_tokens(x, count), linear_resample(x, count), rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("frames, count", [(9, 3), (10, 4), (7, 7), (13, 5), (5, 1), (6, 5)])
+def test_pick_frames_any_counts(frames, count):
+    from crepa_kernels.training.token_grid import pick_frames
+
+    x = torch.randn(2, frames, 3, 4, dtype=torch.float64)
+    assert torch.equal(pick_frames(x, count), upstream_frame_pick(x, count))
+    with pytest.raises(ValueError, match="count"):
+        pick_frames(x, frames + 1)
+
+
+def musubi_loss(proj, target, neighbors, tau):
+    """musubi-tuner's loss on [B, T, N, D]: -sum_f [self + sum_delta w (both neighbours)] averaged over videos,
+    over the mean number of terms per frame."""
+    p = torch.nn.functional.normalize(proj, dim=-1)
+    y = torch.nn.functional.normalize(target, dim=-1)
+    sim = torch.einsum("btnd,bsnd->btsn", p, y).mean(-1)
+    frames = sim.shape[1]
+    loss, terms = torch.zeros(sim.shape[0], dtype=sim.dtype), frames
+    for f in range(frames):
+        loss = loss - sim[:, f, f]
+        for delta in range(1, neighbors + 1):
+            for k in (f - delta, f + delta):
+                if 0 <= k < frames:
+                    loss = loss - math.exp(-delta / tau) * sim[:, f, k]
+                    terms += 1
+    return loss.mean() / max(terms / frames, 1.0)
+
+
+@pytest.mark.parametrize("latent_frames, pixel_frames, tokens, patches", [(3, 9, 6, 4), (4, 10, 5, 8), (2, 2, 4, 4)])
+def test_musubi_dino_mode_grids(latent_frames, pixel_frames, tokens, patches):
+    """musubi-tuner's dino mode: the encoder's frames picked to the DiT's, the projected DiT tokens resampled 1-D
+    to the encoder's patch count, then its loss. Ours: frame_align="pick", token_align="linear"."""
+    neighbors, tau = 2, 0.9
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, latent_frames * tokens, 6, generator=generator, dtype=torch.float64)
+    features = torch.randn(2, pixel_frames, patches, 5, generator=generator, dtype=torch.float64)
+    terms = latent_frames + 2 * sum(latent_frames - d for d in range(1, min(neighbors, latent_frames - 1) + 1))
+    regularizer = _regularizer(neighbors=neighbors, neighbor_mode="cumulative", tau=tau, reduction="frame_sum",
+                               frame_align="pick", token_align="linear",
+                               loss_weight=1.0 / max(terms / latent_frames, 1.0))  # their divisor, as lambda
+    projected = regularizer.projector(hidden).reshape(2, latent_frames, tokens, 5)
+    expected = musubi_loss(linear_resample(projected, patches), upstream_frame_pick(features, latent_frames),
+                           neighbors, tau)
+    out = regularizer(hidden, features, hidden_frames=latent_frames)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dit_frames, target_frames, dit_tokens, target_tokens",
+                         [(5, 3, 9, 16), (3, 5, 16, 9), (4, 4, 6, 10), (6, 2, 7, 7)])
+def test_simpletuner_grids(dit_frames, target_frames, dit_tokens, target_tokens):
+    """SimpleTuner: the side with more frames is picked down to the other (the DiT's too), then both sides' tokens
+    go to the smaller count, bilinearly when both counts are squares, else 1-D. Ours: frame_align="pick",
+    token_align="to_smaller"."""
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, dit_frames, dit_tokens, 6, generator=generator, dtype=torch.float64)
+    features = torch.randn(2, target_frames, target_tokens, 5, generator=generator, dtype=torch.float64)
+    regularizer = _regularizer(neighbors=2, clamp_neighbors=True, frame_align="pick", token_align="to_smaller")
+    projected = regularizer.projector(hidden)
+    frames = min(dit_frames, target_frames)
+    projected, features_picked = upstream_frame_pick(projected, frames), upstream_frame_pick(features, frames)
+    count = min(dit_tokens, target_tokens)
+
+    def simpletuner_tokens(x):
+        if x.shape[2] == count:
+            return x
+        side, new = math.isqrt(x.shape[2]), math.isqrt(count)
+        if side * side == x.shape[2] and new * new == count:
+            maps = x.reshape(-1, side, side, x.shape[-1]).permute(0, 3, 1, 2)
+            maps = torch.nn.functional.interpolate(maps, size=(new, new), mode="bilinear", align_corners=False)
+            return maps.permute(0, 2, 3, 1).reshape(*x.shape[:2], count, x.shape[-1])
+        return linear_resample(x, count)
+
+    total = simpletuner_total_similarity(simpletuner_tokens(projected), simpletuner_tokens(features_picked), 2,
+                                         1.0, cumulative=False)
+    out = regularizer(hidden, features)
+    torch.testing.assert_close(out.align_loss, -(total.sum(1) / frames).mean().detach(), rtol=1e-12, atol=0)
+    assert out.included_frames.item() == 2 * frames
+    out.loss.backward()  # the gradient reaches the projector through the resampling
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in regularizer.parameters())
+
+
+def test_grid_options_bad_arguments():
+    with pytest.raises(ValueError, match="frame_align"):
+        CrepaRegularizer(6, 5, frame_align="linspace")
+    with pytest.raises(ValueError, match="token_align"):
+        CrepaRegularizer(6, 5, token_align="bilinear")
+    hidden, target = _inputs(frames=3, tokens=4)
+    with pytest.raises(ValueError, match="hidden_frames"):
+        _regularizer(frame_align="pick")(hidden, target, hidden_frames=5)
+    with pytest.raises(ValueError, match="hidden_states"):  # exact grids (the default) still demand the same grid
+        _regularizer()(hidden[:, :9], target)

@@ -82,6 +82,9 @@ class SequenceParallelRegularizer(CrepaRegularizer):
     def __init__(self, hidden_dim: int, encoder_dim, *, group=None, shard_full_states: bool = False,
                  **options) -> None:
         super().__init__(hidden_dim, encoder_dim, **options)
+        if self.frame_align != "exact" or self.token_align != "exact":
+            raise ValueError(f"frame_align / token_align: a sequence-parallel regulariser needs the hidden states on "
+                             f"the targets' grid ('exact'), got {self.frame_align!r} / {self.token_align!r}")
         self.group = group
         self.shard_full_states = shard_full_states
 

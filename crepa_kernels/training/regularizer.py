@@ -22,6 +22,7 @@ from ..backends import check_backend_name
 from ..spec import LossOptions
 from .projector import build_projector
 from .schedule import LambdaSchedule
+from .token_grid import pick_frames, resample_token_grid, resample_tokens
 from .weighting import check_weights, reduce_weighted
 
 
@@ -77,6 +78,13 @@ class CrepaRegularizer(nn.Module):
     * ``skip_nonfinite=True``: a step whose alignment loss is not finite adds nothing (its ``loss`` is a zero tied
       to the projectors) and is counted in ``nonfinite_steps``, as musubi-tuner's LTX-2 and minimax-h3 trainers do.
       One host sync per forward.
+    * ``frame_align="pick"``: when the hidden states and the targets have different frame counts, the larger side's
+      frames are picked at linspace(0, F - 1, F_smaller) (SimpleTuner; musubi-tuner picks the targets' the same
+      way). The hidden states' frame count comes from their shape [B, F, N, hidden] or from ``forward(...,
+      hidden_frames=F)``. ``sample_weight`` and ``frame_mask`` then refer to the smaller frame count.
+    * ``token_align="linear"``: the projected states are resampled to the targets' token count by 1-D linear
+      interpolation of each frame's token sequence (musubi-tuner's dino mode, minimax-h3); ``"to_smaller"``: both
+      sides to the smaller count, bilinear when both counts are squares, else 1-D (SimpleTuner).
     """
 
     def __init__(
@@ -105,8 +113,15 @@ class CrepaRegularizer(nn.Module):
         clamp_neighbors: bool = False,
         similarity_signal: str = "self",
         skip_nonfinite: bool = False,
+        frame_align: str = "exact",
+        token_align: str = "exact",
     ) -> None:
         super().__init__()
+        if frame_align not in FRAME_ALIGNS:
+            raise ValueError(f"frame_align: expected one of {FRAME_ALIGNS}, got {frame_align!r}")
+        if token_align not in TOKEN_ALIGNS:
+            raise ValueError(f"token_align: expected one of {TOKEN_ALIGNS}, got {token_align!r}")
+        self.frame_align, self.token_align = frame_align, token_align
         if not isinstance(clamp_neighbors, bool):
             raise TypeError(f"clamp_neighbors: expected a bool, got {type(clamp_neighbors).__name__} "
                             f"{clamp_neighbors!r}")
@@ -178,6 +193,7 @@ class CrepaRegularizer(nn.Module):
         return (f"backend={self.backend!r}, {self.options}, layers={self.layer_names}, teachers={self.teacher_names}, "
                 f"checkpoint_projector={self.checkpoint_projector}, clamp_neighbors={self.clamp_neighbors}, "
                 f"similarity_signal={self.similarity_signal!r}, skip_nonfinite={self.skip_nonfinite}, "
+                f"frame_align={self.frame_align!r}, token_align={self.token_align!r}, "
                 f"schedule={self.schedule}")
 
     def end_step(self, alignment: AlignmentOutput | Sequence[AlignmentOutput]) -> None:
@@ -217,18 +233,21 @@ class CrepaRegularizer(nn.Module):
         sample_weight: torch.Tensor | None = None,
         frame_mask: torch.Tensor | None = None,
         update_cutoff: bool = True,
+        hidden_frames: int | None = None,
     ) -> AlignmentOutput:
         """hidden_states: per captured layer [B, F*N, hidden_dim] frame-major (as a DiT block emits them) or
         [B, F, N, hidden_dim]; targets: per teacher, encoder features on the same token grid, [B, F, N, dim_t]
         (see token_grid). A single tensor stands for a list of one. sample_weight [B] and frame_mask [B, F] (bool,
         True = in the loss) as in :mod:`.weighting`. ``update_cutoff=False`` (a validation pass): with
-        ``cutoff_timing="same_step"``, this forward does not fold its similarity into the schedule's EMA."""
+        ``cutoff_timing="same_step"``, this forward does not fold its similarity into the schedule's EMA.
+        ``hidden_frames``: the frame count of 3-D hidden states [B, F_h * N_h, hidden] whose grid differs from the
+        targets' (with ``frame_align`` / ``token_align``); default: the targets' grid."""
         weight = self.loss_weight
         if not self.schedule.computes:
             return self.skipped_output()
         # lambda is 0 but the similarity is watched: forward only, nothing to differentiate
         with torch.no_grad() if weight == 0.0 else contextlib.nullcontext():
-            output = self._aligned(hidden_states, targets, sample_weight, frame_mask, weight)
+            output = self._aligned(hidden_states, targets, sample_weight, frame_mask, weight, hidden_frames)
         if self.schedule.cutoff_timing == "same_step" and update_cutoff and self.schedule.needs_similarity:
             similarity = output.cutoff_similarity
             count = output.included_frames
@@ -244,7 +263,7 @@ class CrepaRegularizer(nn.Module):
         output.logs.update(self.schedule.metrics())
         return output
 
-    def _aligned(self, hidden_states, targets, sample_weight, frame_mask, weight) -> AlignmentOutput:
+    def _aligned(self, hidden_states, targets, sample_weight, frame_mask, weight, hidden_frames) -> AlignmentOutput:
         """The alignment of one forward, its ``loss`` before lambda."""
         layers = _as_list("hidden_states", hidden_states, self.num_layers, "captured layers")
         teachers = _as_list("targets", targets, len(self.encoder_dims), "teachers")
@@ -255,6 +274,9 @@ class CrepaRegularizer(nn.Module):
                 raise ValueError(f"targets[{t}]: every teacher needs the same [B, F, N] grid, got "
                                  f"{tuple(target.shape[:3])} and {tuple(teachers[0].shape[:3])}")
         batch, frames, tokens, _ = teachers[0].shape
+        grid = self._hidden_grid(layers[0], frames, tokens, hidden_frames)
+        if self.frame_align == "pick":
+            frames = min(frames, grid[0])
         check_weights(torch.Size((batch, frames)), sample_weight, frame_mask, teachers[0].device)
         options = self.options_for(frames)
 
@@ -264,10 +286,11 @@ class CrepaRegularizer(nn.Module):
             for t, target in enumerate(teachers):
                 proj = self._project(self.projector_for(l, t), hidden)
                 if proj.dim() == 3:
-                    if proj.shape[1] != frames * tokens:
-                        raise ValueError(f"hidden_states[{l}]: {proj.shape[1]} tokens, the target grid has "
-                                         f"{frames} frames x {tokens} tokens")
-                    proj = proj.unflatten(1, (frames, tokens))
+                    if proj.shape[1] != grid[0] * grid[1]:
+                        raise ValueError(f"hidden_states[{l}]: {proj.shape[1]} tokens, the grid has "
+                                         f"{grid[0]} frames x {grid[1]} tokens")
+                    proj = proj.unflatten(1, grid)
+                proj, target = self._align_grids(proj, target)
                 projected = proj if projected is None else projected
                 per_frame = self._per_frame_loss(proj, target, options.neighbors)
                 term_loss = reduce_weighted(per_frame, options.reduction, sample_weight, frame_mask)
@@ -308,6 +331,29 @@ class CrepaRegularizer(nn.Module):
             included_frames=included.new_zeros(()) if nonfinite else included, terms=terms, logs=logs,
             cutoff_similarity=cutoff_similarity, nonfinite=nonfinite,
         )
+
+    def _hidden_grid(self, hidden, frames, tokens, hidden_frames) -> tuple[int, int]:
+        """(frames, tokens) of the hidden states: from a 4-D shape, from ``hidden_frames``, else the targets'."""
+        if hidden.dim() == 4:
+            return hidden.shape[1], hidden.shape[2]
+        if hidden_frames is None:
+            return frames, tokens
+        if not isinstance(hidden_frames, int) or hidden_frames < 1 or hidden.shape[1] % hidden_frames:
+            raise ValueError(f"hidden_frames: expected a positive int dividing the {hidden.shape[1]} tokens of the "
+                             f"hidden states, got {hidden_frames!r}")
+        return hidden_frames, hidden.shape[1] // hidden_frames
+
+    def _align_grids(self, proj: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """frame_align and token_align applied to one (projection, target) pair, both [B, F, N, D]."""
+        if self.frame_align == "pick" and proj.shape[1] != target.shape[1]:
+            frames = min(proj.shape[1], target.shape[1])
+            proj, target = pick_frames(proj, frames), pick_frames(target, frames)
+        if self.token_align == "linear":
+            proj = resample_tokens(proj, target.shape[2])
+        elif self.token_align == "to_smaller" and proj.shape[2] != target.shape[2]:
+            tokens = min(proj.shape[2], target.shape[2])
+            proj, target = resample_token_grid(proj, tokens), resample_token_grid(target, tokens)
+        return proj, target
 
     def _zero_loss(self) -> torch.Tensor:
         """A zero tied to the projectors' parameters, so a data-parallel wrapper sees them used."""
@@ -351,6 +397,8 @@ class CrepaRegularizer(nn.Module):
 
 
 SIMILARITY_SIGNALS = ("self", "total", "normalized")
+FRAME_ALIGNS = ("exact", "pick")
+TOKEN_ALIGNS = ("exact", "linear", "to_smaller")
 
 
 def _weights(name: str, weights: Sequence[float] | None, count: int) -> list[float]:
