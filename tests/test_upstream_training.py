@@ -535,3 +535,19 @@ def test_grid_options_bad_arguments():
         _regularizer(frame_align="pick")(hidden, target, hidden_frames=5)
     with pytest.raises(ValueError, match="hidden_states"):  # exact grids (the default) still demand the same grid
         _regularizer()(hidden[:, :9], target)
+
+
+def test_same_step_recoverable_cutoff_lifting_on_a_forward_keeps_its_graph():
+    """Cut off by the previous forward, lifted by this one's similarity: this forward's loss has its gradient, as
+    upstream (which always computes with the graph) has."""
+    hidden, target = _inputs()
+    probe = _regularizer()(hidden, target).cutoff_similarity.item()
+    schedule = LambdaSchedule(0.5, similarity_threshold=probe + 0.015, similarity_ema_decay=0.5,
+                              threshold_mode="recoverable", cutoff_timing="same_step")
+    regularizer = _regularizer(loss_weight=schedule)
+    schedule.similarity_ema, schedule.over_threshold, schedule.threshold_step = probe + 0.02, True, 0
+    assert schedule.value() == 0.0  # cut off now; this forward brings the EMA down to probe + 0.01
+    out = regularizer(hidden.requires_grad_(), target)
+    assert out.weight == 0.5 and out.loss.grad_fn is not None
+    out.loss.backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0

@@ -245,10 +245,14 @@ class CrepaRegularizer(nn.Module):
         weight = self.loss_weight
         if not self.schedule.computes:
             return self.skipped_output()
-        # lambda is 0 but the similarity is watched: forward only, nothing to differentiate
-        with torch.no_grad() if weight == 0.0 else contextlib.nullcontext():
+        same_step = (self.schedule.cutoff_timing == "same_step" and update_cutoff
+                     and self.schedule.needs_similarity)
+        # lambda is 0 and stays 0 whatever this similarity (next-step timing, or a shape value of 0): forward only.
+        # With same-step timing a recoverable cutoff may lift on this very forward, which then needs its graph.
+        needs_graph = weight > 0.0 or (same_step and self.schedule.value_at(self.schedule.steps_done) > 0.0)
+        with contextlib.nullcontext() if needs_graph else torch.no_grad():
             output = self._aligned(hidden_states, targets, sample_weight, frame_mask, weight, hidden_frames)
-        if self.schedule.cutoff_timing == "same_step" and update_cutoff and self.schedule.needs_similarity:
+        if same_step:
             similarity = output.cutoff_similarity
             count = output.included_frames
             if output.nonfinite:  # no similarity to give; still a collective every rank joins
