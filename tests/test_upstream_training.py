@@ -551,3 +551,90 @@ def test_same_step_recoverable_cutoff_lifting_on_a_forward_keeps_its_graph():
     assert out.weight == 0.5 and out.loss.grad_fn is not None
     out.loss.backward()
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------- self targets
+
+
+def test_ema_teacher_update_restated():
+    """theta_teacher <- m theta_teacher + (1 - m) theta_student after each step, buffers copied; a frozen copy
+    without the original's hooks."""
+    from crepa_kernels.training.teacher import EmaTeacher
+
+    torch.manual_seed(5)
+    student = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3)).double()
+    fired = []
+    student[0].register_forward_hook(lambda *_: fired.append(1))
+    momentum = 0.9
+    teacher = EmaTeacher(student, momentum)
+    expected = {name: p.detach().clone() for name, p in student.named_parameters()}
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.3)
+    for _ in range(4):
+        optimizer.zero_grad()
+        student(torch.randn(5, 4, dtype=torch.float64)).square().sum().backward()
+        optimizer.step()
+        teacher.update(student)
+        for name, p in student.named_parameters():
+            expected[name] = momentum * expected[name] + (1 - momentum) * p.detach()
+    for name, p in teacher.module.named_parameters():
+        torch.testing.assert_close(p, expected[name], rtol=1e-14, atol=1e-15)
+        assert not p.requires_grad
+    torch.testing.assert_close(teacher.module[1].running_mean, student[1].running_mean, rtol=0, atol=0)
+    assert teacher.updates == 4 and not teacher.module.training
+    fired.clear()
+    teacher(torch.randn(5, 4, dtype=torch.float64))
+    assert not fired  # the student's hooks (its captures) were not copied
+    with pytest.raises(ValueError, match="momentum"):
+        EmaTeacher(student, 1.5)
+
+
+def musubi_backbone_loss(student_states, teacher_states, frames, neighbors, tau, projector):
+    """musubi-tuner's backbone mode (LTX-2): project the student block's tokens, average each frame's tokens of
+    both sides (the teacher detached), then its loss on the frame vectors [B, T, D]."""
+    batch = student_states.shape[0]
+    proj = projector(student_states).reshape(batch, frames, -1, student_states.shape[-1]).mean(2)
+    teach = teacher_states.detach().reshape(batch, frames, -1, teacher_states.shape[-1]).mean(2)
+    return musubi_loss(proj.unsqueeze(2), teach.unsqueeze(2), neighbors, tau)
+
+
+@pytest.mark.parametrize("frames, neighbors", [(3, 2), (4, 1), (2, 3)])
+def test_musubi_backbone_mode(frames, neighbors):
+    from crepa_kernels.training.teacher import block_targets
+
+    generator = torch.Generator().manual_seed(6)
+    student = torch.randn(2, frames * 5, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, frames * 5, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    terms = frames + 2 * sum(frames - d for d in range(1, min(neighbors, frames - 1) + 1))
+    torch.manual_seed(0)
+    regularizer = CrepaRegularizer(6, 6, projector="linear", backend="reference", neighbors=neighbors,
+                                   neighbor_mode="cumulative", tau=0.8, reduction="frame_sum", pool_tokens=True,
+                                   loss_weight=1.0 / max(terms / frames, 1.0)).double()
+    out = regularizer(student, block_targets(teacher, frames))
+    expected = musubi_backbone_loss(student, teacher, frames, neighbors, 0.8, regularizer.projector)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=0)
+    ours = torch.autograd.grad(out.loss, student)[0]
+    theirs = torch.autograd.grad(expected, student)[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+    # takenoko does not detach its teacher: the alignment's gradient then reaches the teacher block too
+    undetached = regularizer(student, block_targets(teacher, frames, detach=False))
+    assert torch.autograd.grad(undetached.loss, teacher)[0].abs().sum() > 0
+
+
+def test_trainer_lockstep_with_an_ema_teacher_and_backbone_targets():
+    """examples/train_dit.py with --target-source ema_teacher (the last block of an EMA copy of the DiT) and
+    backbone (the last block of the trained DiT, token-pooled): the fused backend against the reference."""
+    import dataclasses
+
+    from test_training import SMALL, trainer
+    from crepa_kernels.backends import available_backends
+
+    backend = "cpu" if available_backends("cpu")["cpu"] is True else "reference"
+    for changes in (dict(target_source="ema_teacher", teacher_momentum=0.9),
+                    dict(target_source="backbone", pool_tokens=True)):
+        config = dataclasses.replace(SMALL, **changes)
+        reference, fused = trainer.train(config, "reference"), trainer.train(config, backend)
+        report = trainer.compare(reference, fused, trainer.TOLERANCES[torch.float32])
+        assert all(entry["ok"] for entry in report.values()), (changes, report)
+        assert all(math.isfinite(r["align_loss"]) for r in fused.records)
+    with pytest.raises(ValueError, match="target_source"):
+        trainer.train(dataclasses.replace(SMALL, target_source="dino"), "reference")

@@ -82,9 +82,10 @@ class SequenceParallelRegularizer(CrepaRegularizer):
     def __init__(self, hidden_dim: int, encoder_dim, *, group=None, shard_full_states: bool = False,
                  **options) -> None:
         super().__init__(hidden_dim, encoder_dim, **options)
-        if self.frame_align != "exact" or self.token_align != "exact":
-            raise ValueError(f"frame_align / token_align: a sequence-parallel regulariser needs the hidden states on "
-                             f"the targets' grid ('exact'), got {self.frame_align!r} / {self.token_align!r}")
+        if self.frame_align != "exact" or self.token_align != "exact" or self.pool_tokens:
+            raise ValueError(f"frame_align / token_align / pool_tokens: a sequence-parallel regulariser needs the "
+                             f"hidden states on the targets' grid ('exact', no pooling), got {self.frame_align!r} / "
+                             f"{self.token_align!r} / {self.pool_tokens}")
         self.group = group
         self.shard_full_states = shard_full_states
 

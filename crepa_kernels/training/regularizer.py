@@ -85,6 +85,8 @@ class CrepaRegularizer(nn.Module):
     * ``token_align="linear"``: the projected states are resampled to the targets' token count by 1-D linear
       interpolation of each frame's token sequence (musubi-tuner's dino mode, minimax-h3); ``"to_smaller"``: both
       sides to the smaller count, bilinear when both counts are squares, else 1-D (SimpleTuner).
+    * ``pool_tokens=True``: each frame's tokens averaged on both sides after the projector, N = 1 (musubi-tuner's
+      backbone mode, SimpleTuner's ``crepa_spatial_align=False`` when the token counts differ).
     """
 
     def __init__(
@@ -115,13 +117,16 @@ class CrepaRegularizer(nn.Module):
         skip_nonfinite: bool = False,
         frame_align: str = "exact",
         token_align: str = "exact",
+        pool_tokens: bool = False,
     ) -> None:
         super().__init__()
         if frame_align not in FRAME_ALIGNS:
             raise ValueError(f"frame_align: expected one of {FRAME_ALIGNS}, got {frame_align!r}")
         if token_align not in TOKEN_ALIGNS:
             raise ValueError(f"token_align: expected one of {TOKEN_ALIGNS}, got {token_align!r}")
-        self.frame_align, self.token_align = frame_align, token_align
+        if not isinstance(pool_tokens, bool):
+            raise TypeError(f"pool_tokens: expected a bool, got {type(pool_tokens).__name__} {pool_tokens!r}")
+        self.frame_align, self.token_align, self.pool_tokens = frame_align, token_align, pool_tokens
         if not isinstance(clamp_neighbors, bool):
             raise TypeError(f"clamp_neighbors: expected a bool, got {type(clamp_neighbors).__name__} "
                             f"{clamp_neighbors!r}")
@@ -193,7 +198,7 @@ class CrepaRegularizer(nn.Module):
         return (f"backend={self.backend!r}, {self.options}, layers={self.layer_names}, teachers={self.teacher_names}, "
                 f"checkpoint_projector={self.checkpoint_projector}, clamp_neighbors={self.clamp_neighbors}, "
                 f"similarity_signal={self.similarity_signal!r}, skip_nonfinite={self.skip_nonfinite}, "
-                f"frame_align={self.frame_align!r}, token_align={self.token_align!r}, "
+                f"frame_align={self.frame_align!r}, token_align={self.token_align!r}, pool_tokens={self.pool_tokens}, "
                 f"schedule={self.schedule}")
 
     def end_step(self, alignment: AlignmentOutput | Sequence[AlignmentOutput]) -> None:
@@ -357,6 +362,8 @@ class CrepaRegularizer(nn.Module):
         elif self.token_align == "to_smaller" and proj.shape[2] != target.shape[2]:
             tokens = min(proj.shape[2], target.shape[2])
             proj, target = resample_token_grid(proj, tokens), resample_token_grid(target, tokens)
+        if self.pool_tokens:
+            proj, target = proj.mean(dim=2, keepdim=True), target.mean(dim=2, keepdim=True)
         return proj, target
 
     def _zero_loss(self) -> torch.Tensor:
