@@ -31,7 +31,9 @@ COVERING_TESTS = {
         "tests/test_triton_backend.py"],
     "csrc/crepa_cpu.cpp": ["tests/test_cpu_backend.py"],
     "csrc/crepa_math.h": ["tests/test_cpu_backend.py"],
-    "crepa_kernels/training/token_grid.py": ["tests/test_training.py", "-k", "temporal or spatial or token_grid"],
+    "crepa_kernels/training/token_grid.py": ["tests/test_training.py", "tests/test_upstream_training.py", "-k",
+                                             "temporal or spatial or token_grid or upstream"],
+    "crepa_kernels/training/teacher.py": ["tests/test_upstream_training.py", "-k", "ema or backbone"],
     "crepa_kernels/training/regularizer.py": ["tests/test_training.py", "tests/test_training_features.py",
                                               "tests/test_upstream_training.py", "-k",
                                               "regularizer or layers or mask or upstream"],
@@ -62,6 +64,7 @@ CAPTURE = "crepa_kernels/training/capture.py"
 PROJECTOR = "crepa_kernels/training/projector.py"
 WEIGHTING = "crepa_kernels/training/weighting.py"
 SCHEDULE = "crepa_kernels/training/schedule.py"
+TEACHER = "crepa_kernels/training/teacher.py"
 ENCODERS = "crepa_kernels/training/encoders.py"
 LAYOUT = "crepa_kernels/distributed/layout.py"
 COLLECTIVES = "crepa_kernels/distributed/collectives.py"
@@ -325,9 +328,6 @@ MUTANTS = [
            "a skipped non-finite loss still reaches the backward"),
     Mutant("upstream-nonfinite-uncounted", REGULARIZER, 'self.nonfinite_steps += 1', 'pass',
            "skipped non-finite steps not counted"),
-    Mutant("upstream-observed-folded-again", REGULARIZER,
-           'computed = [a for a in alignments if a.computed and not a.observed]',
-           'computed = [a for a in alignments if a.computed]', "end_step folds an observed similarity in twice"),
     Mutant("upstream-watched-with-graph", REGULARIZER,
            'with contextlib.nullcontext() if needs_graph else torch.no_grad():', 'with contextlib.nullcontext():',
            "a recoverable cutoff keeps building the graph it will not use"),
@@ -336,4 +336,33 @@ MUTANTS = [
            "a same-step cutoff that lifts on a forward computed without its graph"),
     Mutant("upstream-update-cutoff-ignored", REGULARIZER, 'same_step = (self.schedule.cutoff_timing == "same_step" and update_cutoff',
            'same_step = (self.schedule.cutoff_timing == "same_step"', "a validation pass moves the cutoff's EMA"),
+    Mutant("upstream-pick-rounds", TOKEN_GRID,
+           'index = torch.linspace(0, frames - 1, count, dtype=torch.float32, device=features.device).long()',
+           'index = torch.linspace(0, frames - 1, count, dtype=torch.float32, device=features.device).round().long()',
+           "frames picked to the nearest instead of rounded down"),
+    Mutant("upstream-resample-align-corners", TOKEN_GRID,
+           'resampled = F.interpolate(rows, size=count, mode="linear", align_corners=False)',
+           'resampled = F.interpolate(rows, size=count, mode="linear", align_corners=True)',
+           "1-D resampling with corner-aligned samples"),
+    Mutant("upstream-grid-not-square-checked", TOKEN_GRID,
+           'if tokens == count or side * side != tokens or new_side * new_side != count:',
+           'if tokens == count:', "SimpleTuner's bilinear rule applied to counts that are not squares"),
+    Mutant("upstream-pick-dit-side-ignored", REGULARIZER,
+           'proj, target = pick_frames(proj, frames), pick_frames(target, frames)',
+           'target = pick_frames(target, min(frames, target.shape[1]))', "the DiT's extra frames never picked"),
+    Mutant("upstream-to-smaller-one-side", REGULARIZER,
+           'proj, target = resample_token_grid(proj, tokens), resample_token_grid(target, tokens)',
+           'proj = resample_token_grid(proj, target.shape[2])', "SimpleTuner's rule resamples the DiT side only"),
+    Mutant("upstream-pool-projection-only", REGULARIZER,
+           'proj, target = proj.mean(dim=2, keepdim=True), target.mean(dim=2, keepdim=True)',
+           'proj, target = proj.mean(dim=2, keepdim=True), target[:, :, :1]', "the teacher's tokens not averaged"),
+    Mutant("upstream-ema-momentum-swapped", TEACHER,
+           'theta.mul_(self.momentum).add_(student_params[name].detach().to(theta.dtype), alpha=1.0 - self.momentum)',
+           'theta.mul_(1.0 - self.momentum).add_(student_params[name].detach().to(theta.dtype), alpha=self.momentum)',
+           "EMA teacher weights swapped"),
+    Mutant("upstream-ema-buffers-stale", TEACHER, 'buffer.copy_(source)', 'pass', "the teacher's buffers never follow"),
+    Mutant("upstream-ema-hooks-copied", TEACHER, 'getattr(submodule, hooks, {}).clear()', 'pass',
+           "the teacher's forward feeds the student's captures"),
+    Mutant("upstream-backbone-always-detached", TEACHER, 'return targets.detach() if detach else targets',
+           'return targets.detach()', "takenoko's undetached teacher not expressible"),
 ]

@@ -207,8 +207,9 @@ class CrepaRegularizer(nn.Module):
         of all the step's micro-batches: the schedule then sees their similarity over all the frames they
         included, not the last micro-batch's alone."""
         alignments = [alignment] if isinstance(alignment, AlignmentOutput) else list(alignment)
-        # an observed similarity is in the EMA already; a skipped non-finite step counts no frame
-        computed = [a for a in alignments if a.computed and not a.observed]
+        # a skipped non-finite step counts no frame (with cutoff_timing="same_step" the schedule ignores these:
+        # each forward folded its own similarity in already)
+        computed = [a for a in alignments if a.computed]
         if not computed:
             self.schedule.step()
             return
