@@ -238,8 +238,9 @@ def self_targets(config: TrainConfig, model: CrepaTransformer):
         raise ValueError(f"target_source: expected one of {TARGET_SOURCES}, got {config.target_source!r}")
     if config.target_source == "encoder":
         return None, None
-    if config.fsdp != "off" or config.diagnostics_every:
-        raise ValueError(f"--target-source {config.target_source}: not supported with --fsdp or --diagnostics-every")
+    if config.diagnostics_every or (config.fsdp != "off" and config.target_source == "backbone"):
+        raise ValueError(f"--target-source {config.target_source}: not supported with --diagnostics-every, nor "
+                         "backbone with --fsdp")
     if config.target_source == "backbone":
         return None, HiddenStateCapture(model.transformer, config.teacher_block)
     teacher = EmaTeacher(model.transformer, config.teacher_momentum)

@@ -24,8 +24,8 @@ CONFIG = dataclasses.replace(
     SMALL, steps=4, global_batch=2, neighbors=4, clamp_neighbors=True, similarity_signal="total",
     similarity_threshold=-0.09, similarity_ema_decay=0.5, threshold_mode="recoverable", cutoff_timing="same_step",
 )
-EMA_TEACHER = dict(target_source="ema_teacher", teacher_momentum=0.9)  # not with FSDP2 (see docs/porting.md)
-MODES = {"ddp, ema teacher": EMA_TEACHER, "fsdp joint": dict(fsdp="joint"),
+EMA_TEACHER = dict(target_source="ema_teacher", teacher_momentum=0.9)
+MODES = {"ddp": {}, "ddp, ema teacher": EMA_TEACHER, "fsdp joint, ema teacher": dict(fsdp="joint", **EMA_TEACHER),
          "sequence parallel, ema teacher": dict(sequence_parallel=True, **EMA_TEACHER)}
 
 

@@ -5,7 +5,8 @@ as SimpleTuner's self-flow uses).
 * :class:`EmaTeacher`: a frozen copy of a module whose parameters follow the trained ones,
   theta_teacher <- m * theta_teacher + (1 - m) * theta_student after each optimizer step (m = ``momentum``).
   Buffers are copied as they are. Every rank of DDP or sequence parallelism holds the same trained parameters, so
-  every rank's teacher is the same.
+  every rank's teacher is the same. Under FSDP2 the teacher is copied from the module before it is sharded and
+  stays whole on every rank; each update gathers the student's shards (one all-gather per parameter).
 * :func:`block_targets`: a captured block output [B, F * N, D] (frame-major) as targets [B, F, N, D]; detached
   (musubi-tuner detaches the teacher; takenoko does not: ``detach=False``).
 
@@ -58,10 +59,19 @@ class EmaTeacher(nn.Module):
             raise ValueError("student: expected the parameters of the module the teacher was copied from, got "
                              f"{sorted(student_params.keys() ^ teacher_params.keys())[:3]} differing")
         for name, theta in teacher_params.items():
-            theta.mul_(self.momentum).add_(student_params[name].detach().to(theta.dtype), alpha=1.0 - self.momentum)
-        for (name, buffer), (_, source) in zip(self.module.named_buffers(), student.named_buffers()):
-            buffer.copy_(source)
+            source = _whole(student_params[name].detach())
+            theta.mul_(self.momentum).add_(source.to(theta.dtype), alpha=1.0 - self.momentum)
+        student_buffers = dict(student.named_buffers())
+        for name, buffer in self.module.named_buffers():
+            buffer.copy_(_whole(student_buffers[name]))
         self.updates += 1
+
+
+def _whole(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or the whole of a DTensor (an FSDP2-sharded student: an all-gather; the teacher stays whole)."""
+    from torch.distributed.tensor import DTensor
+
+    return x.full_tensor() if isinstance(x, DTensor) else x
 
 
 def block_targets(states: torch.Tensor, frames: int, *, detach: bool = True) -> torch.Tensor:
