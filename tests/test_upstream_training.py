@@ -638,3 +638,16 @@ def test_trainer_lockstep_with_an_ema_teacher_and_backbone_targets():
         assert all(math.isfinite(r["align_loss"]) for r in fused.records)
     with pytest.raises(ValueError, match="target_source"):
         trainer.train(dataclasses.replace(SMALL, target_source="dino"), "reference")
+
+
+def test_simpletuner_pooling_without_spatial_align():
+    """crepa_spatial_align=False: when the token counts differ both sides are averaged over tokens (N = 1)."""
+    generator = torch.Generator().manual_seed(8)
+    hidden = torch.randn(2, 3, 5, 6, generator=generator, dtype=torch.float64)
+    features = torch.randn(2, 3, 7, 5, generator=generator, dtype=torch.float64)
+    regularizer = _regularizer(neighbors=1, pool_tokens=True)
+    out = regularizer(hidden, features)
+    projected = regularizer.projector(hidden)
+    total = simpletuner_total_similarity(projected.mean(2, keepdim=True), features.mean(2, keepdim=True), 1, 1.0,
+                                         cumulative=False)
+    torch.testing.assert_close(out.align_loss, -(total.sum(1) / 3).mean().detach(), rtol=1e-12, atol=0)
