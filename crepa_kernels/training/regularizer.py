@@ -257,7 +257,7 @@ class CrepaRegularizer(nn.Module):
         # With same-step timing a recoverable cutoff may lift on this very forward, which then needs its graph.
         needs_graph = weight > 0.0 or (same_step and self.schedule.value_at(self.schedule.steps_done) > 0.0)
         with contextlib.nullcontext() if needs_graph else torch.no_grad():
-            output = self._aligned(hidden_states, targets, sample_weight, frame_mask, weight, hidden_frames)
+            output = self._aligned(hidden_states, targets, sample_weight, frame_mask, hidden_frames)
         if same_step:
             similarity = output.cutoff_similarity
             count = output.included_frames
@@ -273,8 +273,8 @@ class CrepaRegularizer(nn.Module):
         output.logs.update(self.schedule.metrics())
         return output
 
-    def _aligned(self, hidden_states, targets, sample_weight, frame_mask, weight, hidden_frames) -> AlignmentOutput:
-        """The alignment of one forward, its ``loss`` before lambda."""
+    def _aligned(self, hidden_states, targets, sample_weight, frame_mask, hidden_frames) -> AlignmentOutput:
+        """The alignment of one forward, its ``loss`` before lambda (``weight`` is set by forward)."""
         layers = _as_list("hidden_states", hidden_states, self.num_layers, "captured layers")
         teachers = _as_list("targets", targets, len(self.encoder_dims), "teachers")
         for t, (target, dim) in enumerate(zip(teachers, self.encoder_dims)):
@@ -337,7 +337,7 @@ class CrepaRegularizer(nn.Module):
                 logs[f"self_similarity/{name}"] = s
         return AlignmentOutput(
             loss=align_loss, align_loss=align_loss.detach(), self_similarity=self_similarity,
-            neighbor_similarity=neighbor_similarity, projected=projected, weight=weight,
+            neighbor_similarity=neighbor_similarity, projected=projected,
             included_frames=included.new_zeros(()) if nonfinite else included, terms=terms, logs=logs,
             cutoff_similarity=cutoff_similarity, nonfinite=nonfinite,
         )
