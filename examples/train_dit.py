@@ -96,7 +96,7 @@ class TrainConfig:
     text_tokens: int = 7
     align_blocks: str = "0"  # comma-separated indices of the blocks whose output is aligned, e.g. "0,1"
     share_projector: bool = False  # one projector for all aligned blocks instead of one each
-    projector: str = "mlp"  # "mlp" (REPA's) or "linear" (LayerNorm + Linear)
+    projector: str = "mlp"  # "mlp" (REPA's), "linear" (LayerNorm + Linear) or "conv" (iREPA's 3 x 3 convolution)
     projector_width: int = 128
     projector_depth: int = 3
     checkpoint_projector: bool = False  # recompute the projector's activations in the backward
@@ -124,6 +124,8 @@ class TrainConfig:
     teacher_block: int = -1  # the block whose output is the target (backbone / ema_teacher); -1: the last
     teacher_momentum: float = 0.999  # ema_teacher: theta <- m theta + (1 - m) theta_student after each step
     teacher_grad: bool = False  # backbone: let the alignment's gradient reach the teacher block too (takenoko)
+    target_norm: str = "none"  # "spatial": iREPA's spatial normalisation of the targets (per frame, over tokens)
+    spatial_norm_gamma: float = 1.0  # the fraction of the token mean it removes (1: a spatial z-score)
     condition_frames: int = 0  # leading token frames of every video left out of the loss, as I2V conditioning
     sample_weighting: str = "none"  # per-video weight from the diffusion time: "hard", "sigmoid", "cosine", "snr"
     tau: float = 1.0
@@ -224,7 +226,8 @@ def build_model(config: TrainConfig, backend: str, device: torch.device, encoder
         num_layers=len(blocks), share_projector=config.share_projector,
         layer_names=[f"block{index}" for index in blocks], clamp_neighbors=config.clamp_neighbors,
         similarity_signal=config.similarity_signal, skip_nonfinite=config.skip_nonfinite,
-        pool_tokens=config.pool_tokens, **parallel,
+        pool_tokens=config.pool_tokens, target_norm=config.target_norm,
+        spatial_norm_gamma=config.spatial_norm_gamma, projector_grid=token_grid(config, PATCH_SIZE)[1:], **parallel,
     )
     return CrepaTransformer(transformer, regularizer, blocks).to(device)
 

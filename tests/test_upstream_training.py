@@ -8,6 +8,7 @@ schedule), and compared with ``crepa_kernels.training`` configured as docs/porti
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -651,3 +652,77 @@ def test_simpletuner_pooling_without_spatial_align():
     total = simpletuner_total_similarity(projected.mean(2, keepdim=True), features.mean(2, keepdim=True), 1, 1.0,
                                          cumulative=False)
     torch.testing.assert_close(out.align_loss, -(total.sum(1) / 3).mean().detach(), rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------- iREPA
+
+
+def test_spatial_normalize_restated():
+    """iREPA's spatial normalisation, written out: per frame and channel over the N tokens,
+    (x - gamma * mean) / (sqrt(sum (x - mean)^2 / (N - 1)) + eps)."""
+    from crepa_kernels.training.token_grid import spatial_normalize
+
+    x = torch.randn(2, 3, 7, 5, dtype=torch.float64) * 3 + 1
+    for gamma in (1.0, 0.6):
+        expected = torch.empty_like(x)
+        for b, f, d in itertools.product(range(2), range(3), range(5)):
+            tokens = x[b, f, :, d].tolist()
+            mean = sum(tokens) / 7
+            std = math.sqrt(sum((v - mean) ** 2 for v in tokens) / 6)
+            expected[b, f, :, d] = torch.tensor([(v - gamma * mean) / (std + 1e-6) for v in tokens],
+                                                dtype=torch.float64)
+        torch.testing.assert_close(spatial_normalize(x, gamma), expected, rtol=1e-13, atol=1e-13)
+    z = spatial_normalize(x)
+    torch.testing.assert_close(z.mean(2), torch.zeros(2, 3, 5, dtype=torch.float64), rtol=0, atol=1e-13)
+    with pytest.raises(ValueError, match="2 tokens"):
+        spatial_normalize(x[:, :, :1])
+
+
+def test_conv_projector_is_a_3x3_convolution_over_each_frame_grid():
+    """Each projected token is the bias plus the sum, over the 3 x 3 neighbourhood of its frame's token grid (zero
+    outside it), of the kernel tap times that token."""
+    from crepa_kernels.training.projector import build_projector
+
+    height, width, hidden, out_dim, frames = 3, 4, 5, 2, 2
+    torch.manual_seed(2)
+    projector = build_projector(hidden, out_dim, kind="conv", grid=(height, width)).double()
+    x = torch.randn(2, frames * height * width, hidden, dtype=torch.float64)  # frame-major, x fastest
+    weight, bias = projector.conv.weight, projector.conv.bias  # [out, hidden, 3, 3]
+    grid = x.reshape(2, frames, height, width, hidden)
+    expected = torch.zeros(2, frames, height, width, out_dim, dtype=torch.float64)
+    for i, j in itertools.product(range(height), range(width)):
+        value = bias.expand(2, frames, out_dim).clone()
+        for di, dj in itertools.product((-1, 0, 1), (-1, 0, 1)):
+            if 0 <= i + di < height and 0 <= j + dj < width:
+                value = value + grid[:, :, i + di, j + dj] @ weight[:, :, di + 1, dj + 1].T
+        expected[:, :, i, j] = value
+    torch.testing.assert_close(projector(x), expected.reshape(2, -1, out_dim), rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="grid"):
+        build_projector(hidden, out_dim, kind="conv")
+
+
+def test_irepa_regulariser_and_trainer_lockstep():
+    """The regulariser with spatially normalised targets and the conv projector equals the loss on those pieces;
+    examples/train_dit.py with them runs in lockstep, fused backend against the reference."""
+    import dataclasses
+
+    from test_training import SMALL, trainer
+    from crepa_kernels import cross_frame_align_loss
+    from crepa_kernels.backends import available_backends
+    from crepa_kernels.training.token_grid import spatial_normalize
+
+    hidden, target = _inputs(frames=3, tokens=4)
+    torch.manual_seed(0)
+    regularizer = CrepaRegularizer(6, 5, projector="conv", projector_grid=(2, 2), target_norm="spatial",
+                                   spatial_norm_gamma=0.6, backend="reference").double()
+    out = regularizer(hidden, target)
+    expected = cross_frame_align_loss(regularizer.projector(hidden).unflatten(1, (3, 4)),
+                                      spatial_normalize(target, 0.6), backend="reference")
+    torch.testing.assert_close(out.align_loss, expected.detach(), rtol=1e-13, atol=0)
+
+    backend = "cpu" if available_backends("cpu")["cpu"] is True else "reference"
+    config = dataclasses.replace(SMALL, projector="conv", target_norm="spatial")
+    reference, fused = trainer.train(config, "reference"), trainer.train(config, backend)
+    report = trainer.compare(reference, fused, trainer.TOLERANCES[torch.float32])
+    assert all(entry["ok"] for entry in report.values()), report
+    assert any(name.endswith("conv.weight") for name in fused.params)

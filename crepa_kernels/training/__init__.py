@@ -24,6 +24,7 @@ from .token_grid import (
     resample_token_grid,
     resample_tokens,
     resize_frames,
+    spatial_normalize,
 )
 from .weighting import (
     TIMESTEP_WEIGHTS,
@@ -72,5 +73,6 @@ __all__ = [
     "save_crepa_state",
     "sigmoid_timestep_weight",
     "snr_timestep_weight",
+    "spatial_normalize",
     "timestep_weight",
 ]

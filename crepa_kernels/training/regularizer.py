@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from ..backends import check_backend_name
 from ..spec import LossOptions
 from .projector import build_projector
 from .schedule import LambdaSchedule
-from .token_grid import pick_frames, resample_token_grid, resample_tokens
+from .token_grid import pick_frames, resample_token_grid, resample_tokens, spatial_normalize
 from .weighting import check_weights, reduce_weighted
 
 
@@ -87,6 +88,9 @@ class CrepaRegularizer(nn.Module):
       sides to the smaller count, bilinear when both counts are squares, else 1-D (SimpleTuner).
     * ``pool_tokens=True``: each frame's tokens averaged on both sides after the projector, N = 1 (musubi-tuner's
       backbone mode, SimpleTuner's ``crepa_spatial_align=False`` when the token counts differ).
+    * iREPA: ``target_norm="spatial"`` spatially normalises the targets as given (per frame and channel over the
+      tokens, :func:`~crepa_kernels.training.token_grid.spatial_normalize` with ``spatial_norm_gamma``), and
+      ``projector="conv", projector_grid=(h, w)`` projects with a 3 x 3 convolution over each frame's token grid.
     """
 
     def __init__(
@@ -118,6 +122,9 @@ class CrepaRegularizer(nn.Module):
         frame_align: str = "exact",
         token_align: str = "exact",
         pool_tokens: bool = False,
+        target_norm: str = "none",
+        spatial_norm_gamma: float = 1.0,
+        projector_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if frame_align not in FRAME_ALIGNS:
@@ -127,6 +134,11 @@ class CrepaRegularizer(nn.Module):
         if not isinstance(pool_tokens, bool):
             raise TypeError(f"pool_tokens: expected a bool, got {type(pool_tokens).__name__} {pool_tokens!r}")
         self.frame_align, self.token_align, self.pool_tokens = frame_align, token_align, pool_tokens
+        if target_norm not in TARGET_NORMS:
+            raise ValueError(f"target_norm: expected one of {TARGET_NORMS}, got {target_norm!r}")
+        if not isinstance(spatial_norm_gamma, (int, float)) or not math.isfinite(spatial_norm_gamma):
+            raise ValueError(f"spatial_norm_gamma: expected a finite number, got {spatial_norm_gamma!r}")
+        self.target_norm, self.spatial_norm_gamma = target_norm, float(spatial_norm_gamma)
         if not isinstance(clamp_neighbors, bool):
             raise TypeError(f"clamp_neighbors: expected a bool, got {type(clamp_neighbors).__name__} "
                             f"{clamp_neighbors!r}")
@@ -150,7 +162,8 @@ class CrepaRegularizer(nn.Module):
         self.share_projector = share_projector
         copies = 1 if share_projector else num_layers  # projector index: l * teachers + t, or t when shared
         self.projectors = nn.ModuleList(
-            build_projector(hidden_dim, dim, kind=projector, width=projector_width, depth=projector_depth)
+            build_projector(hidden_dim, dim, kind=projector, width=projector_width, depth=projector_depth,
+                            grid=projector_grid)
             for _ in range(copies) for dim in self.encoder_dims)
         self.checkpoint_projector = checkpoint_projector
         self.options = LossOptions(
@@ -199,6 +212,7 @@ class CrepaRegularizer(nn.Module):
                 f"checkpoint_projector={self.checkpoint_projector}, clamp_neighbors={self.clamp_neighbors}, "
                 f"similarity_signal={self.similarity_signal!r}, skip_nonfinite={self.skip_nonfinite}, "
                 f"frame_align={self.frame_align!r}, token_align={self.token_align!r}, pool_tokens={self.pool_tokens}, "
+                f"target_norm={self.target_norm!r}, spatial_norm_gamma={self.spatial_norm_gamma}, "
                 f"schedule={self.schedule}")
 
     def end_step(self, alignment: AlignmentOutput | Sequence[AlignmentOutput]) -> None:
@@ -283,6 +297,8 @@ class CrepaRegularizer(nn.Module):
             if target.shape[:3] != teachers[0].shape[:3]:
                 raise ValueError(f"targets[{t}]: every teacher needs the same [B, F, N] grid, got "
                                  f"{tuple(target.shape[:3])} and {tuple(teachers[0].shape[:3])}")
+        if self.target_norm == "spatial":
+            teachers = [spatial_normalize(target, self.spatial_norm_gamma) for target in teachers]
         batch, frames, tokens, _ = teachers[0].shape
         grid = self._hidden_grid(layers[0], frames, tokens, hidden_frames)
         if self.frame_align == "pick":
@@ -410,6 +426,7 @@ class CrepaRegularizer(nn.Module):
 
 SIMILARITY_SIGNALS = ("self", "total", "normalized")
 FRAME_ALIGNS = ("exact", "pick")
+TARGET_NORMS = ("none", "spatial")
 TOKEN_ALIGNS = ("exact", "linear", "to_smaller")
 
 

@@ -148,3 +148,17 @@ def resample_token_grid(features: torch.Tensor, count: int) -> torch.Tensor:
         return resample_tokens(features, count)
     grid = features.reshape(batch, frames, side, side, channels)
     return resize_frames(grid, (new_side, new_side), antialias=False).flatten(2, 3)
+
+
+def spatial_normalize(features: torch.Tensor, gamma: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+    """iREPA's spatial normalisation of targets [B, F, N, D]: per frame and channel over the N tokens,
+    (x - gamma * mean) / (std + eps), std with Bessel's correction, computed in fp32 or wider. gamma = 1 is a
+    spatial z-score: what is common to all of a frame's tokens is removed and only the spatial pattern remains."""
+    if features.dim() != 4:
+        raise ValueError(f"features: expected [B, F, N, D], got shape {tuple(features.shape)}")
+    if features.shape[2] < 2:
+        raise ValueError(f"features: a spatial normalisation needs at least 2 tokens per frame, got {features.shape[2]}")
+    wide = features.to(torch.promote_types(features.dtype, torch.float32))
+    mean = wide.mean(dim=2, keepdim=True)
+    std = wide.std(dim=2, keepdim=True)
+    return ((wide - gamma * mean) / (std + eps)).to(features.dtype)
