@@ -39,11 +39,12 @@ def _train_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             torch.save(result.records, os.path.join(out_dir, f"{index}-rank{rank}.pt"))
             if rank == 0:
                 torch.save(result, os.path.join(out_dir, f"{index}.pt"))
+        _recoverable_schedules(rank, out_dir)  # in the same processes: one spawn for both tests
     finally:
         dist.destroy_process_group()
 
 
-def test_recoverable_same_step_cutoff_under_ddp_fsdp2_and_sequence_parallelism(tmp_path):
+def test_recoverable_same_step_cutoff_and_ema_teacher_under_ddp_fsdp2_and_sequence_parallelism(tmp_path):
     singles = {source: trainer.train(dataclasses.replace(CONFIG, **changes), "auto")
                for source, changes in (("encoder", {}), ("ema_teacher", EMA_TEACHER))}
     lambdas = [record["lambda"] for record in singles["encoder"].records]
@@ -59,6 +60,7 @@ def test_recoverable_same_step_cutoff_under_ddp_fsdp2_and_sequence_parallelism(t
             # every rank holds the same EMA to the last bit and takes the same decision, as one process does
             assert [r[key] for r in ranks[0]] == [r[key] for r in ranks[1]], (name, key)
         assert [r["lambda"] for r in ranks[0]] == [r["lambda"] for r in single.records], name
+    _check_recoverable_schedules(tmp_path)
 
 
 # Per rank and step: (similarity, frames). The count-weighted mean over both ranks rises past the threshold, falls
@@ -70,27 +72,23 @@ RANK_SIMILARITIES = [
 DECAY, THRESHOLD = 0.5, 0.5
 
 
-def _schedule_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        values = {}
-        for timing in ("next_step", "same_step"):
-            schedule = LambdaSchedule(0.5, similarity_threshold=THRESHOLD, similarity_ema_decay=DECAY,
-                                      threshold_mode="recoverable", cutoff_timing=timing)
-            values[timing] = []
-            for similarity, count in RANK_SIMILARITIES[rank]:
-                if timing == "same_step":
-                    schedule.observe(torch.tensor(similarity), torch.tensor(float(count)))
-                values[timing].append(schedule.value())
-                schedule.step(torch.tensor(similarity) if timing == "next_step" else None,
-                              torch.tensor(float(count)))
-        torch.save(values, os.path.join(out_dir, f"schedule{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _recoverable_schedules(rank: int, out_dir: str) -> None:
+    values = {}
+    for timing in ("next_step", "same_step"):
+        schedule = LambdaSchedule(0.5, similarity_threshold=THRESHOLD, similarity_ema_decay=DECAY,
+                                  threshold_mode="recoverable", cutoff_timing=timing)
+        values[timing] = []
+        for similarity, count in RANK_SIMILARITIES[rank]:
+            if timing == "same_step":
+                schedule.observe(torch.tensor(similarity), torch.tensor(float(count)))
+            values[timing].append(schedule.value())
+            schedule.step(torch.tensor(similarity) if timing == "next_step" else None, torch.tensor(float(count)))
+    torch.save(values, os.path.join(out_dir, f"schedule{rank}.pt"))
 
 
-def test_recoverable_cutoff_agreed_by_two_gloo_processes(tmp_path):
-    launch(2, _schedule_worker, str(tmp_path))
+def _check_recoverable_schedules(tmp_path) -> None:
+    """The recoverable cutoff of 2 processes, each with its own similarities: the EMA of their count-weighted
+    mean, the same decisions on both ranks, one step later with next-step timing."""
     results = [torch.load(tmp_path / f"schedule{rank}.pt") for rank in range(2)]
     assert results[0] == results[1]
     ema, decisions = None, []
