@@ -45,7 +45,8 @@ class CrepaTransformer(nn.Module):
         targets read from that forward)."""
         active = self.regularizer.active
         if active and targets is None:
-            raise ValueError("targets: lambda > 0 this step, so the alignment needs the encoder targets, got None")
+            raise ValueError("targets: lambda > 0 this step (or its similarity is watched), so the alignment needs "
+                             "the targets, got None")
         self.capture.enabled = active
         output = self.transformer(*args, **kwargs)
         if not active:
