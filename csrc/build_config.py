@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent
-CPU_SOURCES = ("crepa_ops.cpp", "crepa_cpu.cpp")
+CPU_SOURCES = ("crepa_ops.cpp", "crepa_cpu.cpp", "crepa_relation_cpu.cpp")
 CUDA_SOURCES = ("crepa_cuda.cpp", "crepa_cuda_kernels.cu")
 # TORCH_CUDA_ARCH_LIST entries: SASS for each (a GPU runs SASS of its own major version and an equal or lower minor
 # one), and "+PTX" embeds the PTX of that architecture too, which the driver compiles for newer GPUs.

@@ -6,6 +6,7 @@ lambda * CREPA on synthetic videos, run in lockstep with the reference loss and 
     torchrun --nproc_per_node 2 examples/train_dit.py              # the same under DistributedDataParallel
     torchrun --nproc_per_node 2 examples/train_dit.py --fsdp joint # FSDP2 (separate: each projector its own unit)
     torchrun --nproc_per_node 3 examples/train_dit.py --sequence-parallel  # CREPA on sequence shards
+    python examples/train_dit.py --loss trd --pairs temporal --margin 0.1  # VideoREPA's TRD instead of CREPA
 
 Both runs start from the same seed and see the same batches; per step the total loss, the alignment loss and the
 gradient norm are compared, and the parameters at the end. The exit status is 1 past tolerance. Nothing is
@@ -62,6 +63,7 @@ from crepa_kernels.training import (
 from crepa_kernels.training.encoders import load_encoder
 from crepa_kernels.training.feature_cache import STORAGE_DTYPES, FeatureCache, build_feature_cache
 from crepa_kernels.training.flow import TIMESTEP_SCALE
+from crepa_kernels.training.relation_regularizer import TokenRelationRegularizer
 from crepa_kernels.training.teacher import EmaTeacher, block_targets
 
 # the example's own helpers, next to this file (run as a script, the directory is on sys.path)
@@ -151,6 +153,9 @@ class TrainConfig:
     feature_cache: str | None = None  # read the targets from this cache (--build-feature-cache) instead of encoding
     fsdp: str = "off"  # under torchrun: FSDP2 instead of DDP, the projectors "joint" with the model or "separate"
     sequence_parallel: bool = False  # under torchrun: every rank the whole batch, the CREPA loss on its sequence shard
+    loss: str = "crepa"  # the alignment loss: "crepa", or "trd" (VideoREPA's token relation distillation)
+    pairs: str = "all"  # --loss trd: "all", "spatial" or "temporal" token pairs
+    margin: float = 0.0  # --loss trd: relation differences below it cost nothing
 
 
 
@@ -217,6 +222,12 @@ def build_model(config: TrainConfig, backend: str, device: torch.device, encoder
     # regulariser takes each rank's shard of the captured states as diffusers' context-parallel plan would
     regularizer_class, parallel = ((SequenceParallelRegularizer, dict(shard_full_states=True))
                                    if config.sequence_parallel else (CrepaRegularizer, {}))
+    if config.loss == "trd":  # VideoREPA's loss on the same projectors, schedule and weighting
+        if config.sequence_parallel:
+            raise ValueError("--loss trd has no sequence-parallel form: every token pairs with every other")
+        regularizer_class, parallel = TokenRelationRegularizer, dict(pairs=config.pairs, margin=config.margin)
+    elif config.loss != "crepa":
+        raise ValueError(f"loss: expected 'crepa' or 'trd', got {config.loss!r}")
     regularizer = regularizer_class(
         transformer.config.num_attention_heads * transformer.config.attention_head_dim, encoder_dim,
         loss_weight=build_schedule(config), tau=config.tau, neighbors=config.neighbors,

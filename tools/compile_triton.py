@@ -13,6 +13,10 @@ N divisible by 16 and not, the usual widths D. Neighbour ranges reach the kernel
 do_not_specialize, so they change the specialisation only through the tiling (FRAMES, SHIFTED); tau and eps as
 one-element fp64 tensors (pointer arguments, built on the meta device here), so they never do.
 
+The token relation distillation kernels (crepa_kernels/ops/relation_triton.py: loss and gradient, RelationCase)
+are compiled too, on VideoREPA's full-resolution sample: bf16 with every pair rule, fp16, fp32 and the fp32
+projector with bf16 features, with the proj gradient alone and with both.
+
 The launches come from crepa_kernels.ops.triton_loss.{table,forward,backward}_launch on meta tensors, with the
 launch configuration the dispatcher picks for each architecture (the shifted tiling's differs below sm_90), and the
 signature, constexprs and divisibility attributes from Triton's own JIT binder, so the check compiles exactly
@@ -118,9 +122,58 @@ def cases(dtypes=DTYPES, dims=DIMS, tokens=TOKENS, frame_cases=FRAME_CASES):
         yield Case(proj_dtype, target_dtype, dim, num_tokens, num_frames, tuple(sorted(options.items())))
 
 
+# ---- token_relation_loss (crepa_kernels/ops/relation_triton.py): its loss and gradient kernels
+@dataclass(frozen=True)
+class RelationCase:
+    proj_dtype: torch.dtype
+    target_dtype: torch.dtype
+    dim: int
+    pairs: str
+
+
+# every pair rule in bf16; the other dtypes (fp16, fp32, the fp32 projector with bf16 features) with "all"
+RELATION_DTYPES = ((FP16, FP16), (FP32, FP32), (FP32, BF16))
+
+
+def relation_cases():
+    for pairs in ("all", "spatial", "temporal"):
+        yield RelationCase(BF16, BF16, 1024, pairs)
+    for proj_dtype, target_dtype in RELATION_DTYPES:
+        yield RelationCase(proj_dtype, target_dtype, 1024, "all")
+
+
+def relation_launches(case: RelationCase):
+    """(name, launch): the loss kernel and the gradient kernel with the proj gradient alone and with both, on
+    VideoREPA's full-resolution sample (F=24, N=1350)."""
+    from crepa_kernels.ops import relation_triton
+    from crepa_kernels.relation_spec import RelationOptions
+
+    meta = dict(device="meta")
+    batch, frames, tokens_per_frame = 1, 24, 1350
+    tokens = frames * tokens_per_frame
+    p = torch.empty((batch, tokens, case.dim), dtype=case.proj_dtype, **meta)
+    y = torch.empty((batch, tokens, case.dim), dtype=case.target_dtype, **meta)
+    acc = FP64 if FP64 in (case.proj_dtype, case.target_dtype) else FP32
+    norms = torch.empty((batch, tokens), dtype=acc, **meta)
+    weight = torch.empty((tokens,), dtype=acc, **meta)
+    frame_weight = torch.empty((batch, frames), dtype=acc, **meta)
+    scalars = torch.empty((2,), dtype=FP64, **meta)
+    options = RelationOptions(pairs=case.pairs, margin=0.1)
+    yield "relation_loss", relation_triton.loss_launch(p, y, norms, norms, weight, norms, scalars, options,
+                                                       tokens_per_frame)
+    for both in (False, True):
+        grad = torch.empty((batch, tokens, case.dim), dtype=acc, **meta)
+        yield "relation_grad", relation_triton.grad_launch(p, y, norms, norms, weight, frame_weight, grad,
+                                                           grad if both else None, scalars, options,
+                                                           tokens_per_frame)
+
+
 def launches(case: Case, arch: int):
     """(name, launch) for the neighbour table, the forward and both backwards (target gradient on and off), as the
     dispatcher would launch them on an sm_<arch> GPU."""
+    if isinstance(case, RelationCase):
+        yield from relation_launches(case)
+        return
     capability = divmod(arch, 10)
     options = LossOptions(**dict(case.options))
     meta = dict(device="meta")
@@ -202,7 +255,7 @@ def _load_cache(use: bool) -> dict:
 
 def run(archs=ARCHS, case_list=None, jobs=2, use_cache=True, echo=True):
     """One Result per distinct (arch, kernel specialisation), with how many cases launch it."""
-    case_list = list(cases()) if case_list is None else case_list
+    case_list = list(cases()) + list(relation_cases()) if case_list is None else case_list
     distinct = {}  # key -> [arch, name, dtypes, constexprs, job, count]
     for case, arch in itertools.product(case_list, archs):
         for index, (name, launch) in enumerate(launches(case, arch)):

@@ -52,6 +52,13 @@ COVERING_TESTS = {
     "crepa_kernels/function.py": ["tests/test_function.py", "tests/test_porting.py"],
     "crepa_kernels/reference_backend.py": ["tests/test_function.py", "tests/test_reference.py"],
     "crepa_kernels/training/feature_cache.py": ["tests/test_feature_cache.py"],
+    # token_relation_loss (issue 24)
+    "crepa_kernels/relation_spec.py": ["tests/test_token_relation.py", "-k", "not triton and (oracle or bad)"],
+    "crepa_kernels/relation_reference.py": ["tests/test_token_relation.py", "-k", "reference"],
+    "crepa_kernels/relation_function.py": ["tests/test_token_relation.py", "-k", "forms or cpu"],
+    "csrc/crepa_relation_cpu.cpp": ["tests/test_token_relation.py", "-k", "cpu and not two_to_the"],
+    "crepa_kernels/ops/relation_triton.py": ["tests/test_token_relation.py", "-k", "triton and (oracle or kink)"],
+    "crepa_kernels/training/relation_regularizer.py": ["tests/test_token_relation_training.py", "-k", "regularizer"],
 }
 
 SPEC = "crepa_kernels/spec.py"
@@ -76,6 +83,12 @@ CUDA_PLAN = "csrc/crepa_cuda_plan.h"
 FUNCTION = "crepa_kernels/function.py"
 REFERENCE_BACKWARD = "crepa_kernels/reference_backend.py"
 FEATURE_CACHE = "crepa_kernels/training/feature_cache.py"
+TRD_SPEC = "crepa_kernels/relation_spec.py"
+TRD_REFERENCE = "crepa_kernels/relation_reference.py"
+TRD_FUNCTION = "crepa_kernels/relation_function.py"
+TRD_CPU = "csrc/crepa_relation_cpu.cpp"
+TRD_TRITON = "crepa_kernels/ops/relation_triton.py"
+TRD_REGULARIZER = "crepa_kernels/training/relation_regularizer.py"
 
 MUTANTS = [
     # --- spec.py: options, neighbour structure, layouts -------------------------------------------------------
@@ -304,6 +317,37 @@ MUTANTS = [
            'if False:', "a stale entry served as current"),
     Mutant("cache-not-atomic", FEATURE_CACHE, 'write(str(temporary))', 'write(str(path)); return',
            "entries written in place: a crash leaves a partial one"),
+    # --- token_relation_loss (issue 24): spec, reference, autograd, cpu and Triton kernels, regulariser ----------
+    Mutant("trd-spec-temporal-count", TRD_SPEC, '"temporal": (num_frames - 1) * tokens_per_frame}',
+           '"temporal": num_frames * tokens_per_frame}', "temporal mean divided by every pair, same frame included"),
+    Mutant("trd-spec-anchor-bound", TRD_SPEC, 'if low < 0 or high >= tokens:', 'if low < 0 or high > tokens:',
+           "an anchor one past the last token accepted"),
+    Mutant("trd-ref-rule-swapped", TRD_REFERENCE, 'return same if pairs == "spatial" else ~same',
+           'return same if pairs == "temporal" else ~same', "spatial and temporal pairs swapped"),
+    Mutant("trd-ref-nan-through-mask", TRD_REFERENCE,
+           'return torch.where(counted, terms, torch.zeros_like(terms)).sum(dim=-1)',
+           'return (terms * counted).sum(dim=-1)', "an uncounted pair's NaN leaks into the loss"),
+    Mutant("trd-function-kept-unscaled", TRD_FUNCTION, 'scale = grad_loss.to(kept[0].dtype) / ctx.count',
+           'scale = grad_loss.to(kept[0].dtype)', "the one-pass gradient not divided by the pair count"),
+    Mutant("trd-function-apply-mean-unscaled", TRD_FUNCTION,
+           'frame_weight = (grad_loss / ctx.count).expand(frames_shape[0], frames_shape[1])',
+           'frame_weight = grad_loss.expand(frames_shape[0], frames_shape[1])',
+           "apply's mean gradient not divided by the pair count"),
+    Mutant("trd-cpu-column-half", TRD_CPU, 'const scalar_t weight = w_i * a[j] + w[b * F + frame_j] * a_i;',
+           'const scalar_t weight = 2 * w_i * a[j];', "the k-as-column half of the gradient taken as the row half"),
+    Mutant("trd-cpu-spatial-keys", TRD_CPU, '? ((i0 + bi - 1) / N + 1) * N : T;', '? (i0 / N + 1) * N : T;',
+           "spatial rows of a block spanning frames meet only the first frame's keys"),
+    Mutant("trd-cpu-no-radial", TRD_CPU, 'o[d] = (u[d] - x[d] * along) / n;', 'o[d] = u[d] / n;',
+           "normalisation's Jacobian without its radial term"),
+    Mutant("trd-cpu-kink", TRD_CPU, 'if (delta > margin) return scalar_t(1);',
+           'if (delta >= margin) return scalar_t(1);', "a gradient at |delta| = margin, where relu's is 0"),
+    Mutant("trd-triton-no-radial", TRD_TRITON,
+           'grad = tl.where(clamped[:, None], acc_p, acc_p - unit * along_p[:, None]) * inv[:, None]',
+           'grad = acc_p * inv[:, None]', "proj gradient without the normalisation's radial term"),
+    Mutant("trd-triton-spatial-keys", TRD_TRITON, 'return (i0 // N) * N, (last // N + 1) * N',
+           'return (i0 // N) * N, (i0 // N + 1) * N', "spatial rows of a block spanning frames miss keys"),
+    Mutant("trd-regularizer-pair-count", TRD_REGULARIZER, 'return per_frame / (tokens * keys)',
+           'return per_frame / keys', "the per-frame loss not divided by the frame's rows"),
     # --- issue 23: upstream trainers' schedule, cutoff and regulariser conventions ------------------------------
     Mutant("upstream-recoverable-sticks", SCHEDULE, 'return self.over_threshold',
            'return self.threshold_step is not None', "the recoverable cutoff never gives lambda back"),

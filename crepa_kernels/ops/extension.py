@@ -75,6 +75,17 @@ def _jit_build():
     )
 
 
+def _check_prebuilt_is_ours() -> None:
+    """ImportError unless crepa_kernels._C is a file of this package: an editable install's import finder maps
+    the name to the checkout it was installed from, whose build lacks this checkout's sources. Checked before the
+    import, since a loaded extension has registered its ops for good."""
+    spec = importlib.util.find_spec(f"{__package__.rpartition('.')[0]}._C")
+    if spec is None or spec.origin is None:
+        raise ImportError("no prebuilt crepa_kernels._C")
+    if Path(spec.origin).resolve().parent != _PACKAGE:
+        raise ImportError(f"crepa_kernels._C resolves to {spec.origin}, outside this package {_PACKAGE}")
+
+
 def _load():
     """The extension module, loaded once; on failure None, with the reason in _load_error."""
     global _module, _load_error
@@ -83,8 +94,9 @@ def _load():
             return _module
         try:
             try:
+                _check_prebuilt_is_ours()
                 from .. import _C as module
-            except ImportError as prebuilt_error:  # absent, or built against another torch
+            except ImportError as prebuilt_error:  # absent, another checkout's, or built against another torch
                 logger.debug("crepa_kernels._C not importable: %s", prebuilt_error)
                 module = _jit_build()
             _register_python_parts()
