@@ -47,6 +47,7 @@ from crepa_kernels.distributed.training import SequenceParallelRegularizer, full
 from crepa_kernels.training import (
     CrepaRegularizer,
     CrepaTransformer,
+    HiddenStateCapture,
     LambdaSchedule,
     SavedTensorMeter,
     dit_token_grid,
@@ -63,6 +64,7 @@ from crepa_kernels.training.encoders import load_encoder
 from crepa_kernels.training.feature_cache import STORAGE_DTYPES, FeatureCache, build_feature_cache
 from crepa_kernels.training.flow import TIMESTEP_SCALE
 from crepa_kernels.training.relation_regularizer import TokenRelationRegularizer
+from crepa_kernels.training.teacher import EmaTeacher, block_targets
 
 # the example's own helpers, next to this file (run as a script, the directory is on sys.path)
 from lockstep import (  # noqa: F401  (re-exported for the tests and plot_alignment.py)
@@ -96,7 +98,7 @@ class TrainConfig:
     text_tokens: int = 7
     align_blocks: str = "0"  # comma-separated indices of the blocks whose output is aligned, e.g. "0,1"
     share_projector: bool = False  # one projector for all aligned blocks instead of one each
-    projector: str = "mlp"  # "mlp" (REPA's) or "linear" (LayerNorm + Linear)
+    projector: str = "mlp"  # "mlp" (REPA's), "linear" (LayerNorm + Linear) or "conv" (iREPA's 3 x 3 convolution)
     projector_width: int = 128
     projector_depth: int = 3
     checkpoint_projector: bool = False  # recompute the projector's activations in the backward
@@ -109,6 +111,23 @@ class TrainConfig:
     cutoff_step: int = -1  # lambda = 0 from this step on (negative: never)
     similarity_threshold: float = math.inf  # lambda = 0 once the all-reduced similarity EMA reaches it
     similarity_ema_decay: float = 0.99
+    # upstream trainers' conventions (docs/porting.md has the mapping of each upstream option)
+    warmup_nonzero_start: bool = False  # warm-up weight*(s+1)/W instead of upstream's weight*s/W (0 at step 0)
+    threshold_mode: str = "permanent"  # or "recoverable": lambda returns once the similarity EMA falls back
+    cutoff_timing: str = "next_step"  # or "same_step": the forward's own similarity decides its lambda (upstream)
+    similarity_every_step: bool = False  # also fold the similarity into the EMA where the shape gives lambda 0
+    similarity_signal: str = "self"  # what the cutoff watches: "self", "total" (SimpleTuner), "normalized" (musubi)
+    clamp_neighbors: bool = False  # d = min(neighbors, F - 1), as SimpleTuner and takenoko
+    skip_nonfinite: bool = False  # leave out (and count) a step whose alignment loss is not finite, as musubi
+    pool_tokens: bool = False  # average each frame's tokens on both sides after the projector (musubi's backbone)
+    # targets from the DiT itself: "encoder" (the frozen encoder), "backbone" (a deeper block of the trained DiT, in
+    # the same forward: musubi-tuner / takenoko) or "ema_teacher" (that block of an EMA copy of the DiT)
+    target_source: str = "encoder"
+    teacher_block: int = -1  # the block whose output is the target (backbone / ema_teacher); -1: the last
+    teacher_momentum: float = 0.999  # ema_teacher: theta <- m theta + (1 - m) theta_student after each step
+    teacher_grad: bool = False  # backbone: let the alignment's gradient reach the teacher block too (takenoko)
+    target_norm: str = "none"  # "spatial": iREPA's spatial normalisation of the targets (per frame, over tokens)
+    spatial_norm_gamma: float = 1.0  # the fraction of the token mean it removes (1: a spatial z-score)
     condition_frames: int = 0  # leading token frames of every video left out of the loss, as I2V conditioning
     sample_weighting: str = "none"  # per-video weight from the diffusion time: "hard", "sigmoid", "cosine", "snr"
     tau: float = 1.0
@@ -194,6 +213,8 @@ def _diagnostics_record(step: int, config: TrainConfig, model: CrepaTransformer,
 def build_model(config: TrainConfig, backend: str, device: torch.device, encoder_dim: int) -> CrepaTransformer:
     """The trained modules: the DiT and its CREPA regulariser (projector + loss), the capture between them."""
     transformer = build_transformer(config)
+    if config.target_source != "encoder":  # the targets are the DiT's own hidden states
+        encoder_dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     blocks = align_blocks(config)
@@ -214,9 +235,30 @@ def build_model(config: TrainConfig, backend: str, device: torch.device, encoder
         backend=backend, projector=config.projector, projector_width=config.projector_width,
         projector_depth=config.projector_depth, checkpoint_projector=config.checkpoint_projector,
         num_layers=len(blocks), share_projector=config.share_projector,
-        layer_names=[f"block{index}" for index in blocks], **parallel,
+        layer_names=[f"block{index}" for index in blocks], clamp_neighbors=config.clamp_neighbors,
+        similarity_signal=config.similarity_signal, skip_nonfinite=config.skip_nonfinite,
+        pool_tokens=config.pool_tokens, target_norm=config.target_norm,
+        spatial_norm_gamma=config.spatial_norm_gamma, projector_grid=token_grid(config, PATCH_SIZE)[1:], **parallel,
     )
     return CrepaTransformer(transformer, regularizer, blocks).to(device)
+
+
+TARGET_SOURCES = ("encoder", "backbone", "ema_teacher")
+
+
+def self_targets(config: TrainConfig, model: CrepaTransformer):
+    """(EMA teacher or None, capture of the teacher block or None) for --target-source backbone / ema_teacher."""
+    if config.target_source not in TARGET_SOURCES:
+        raise ValueError(f"target_source: expected one of {TARGET_SOURCES}, got {config.target_source!r}")
+    if config.target_source == "encoder":
+        return None, None
+    if config.diagnostics_every or (config.fsdp != "off" and config.target_source == "backbone"):
+        raise ValueError(f"--target-source {config.target_source}: not supported with --diagnostics-every, nor "
+                         "backbone with --fsdp")
+    if config.target_source == "backbone":
+        return None, HiddenStateCapture(model.transformer, config.teacher_block)
+    teacher = EmaTeacher(model.transformer, config.teacher_momentum)
+    return teacher, HiddenStateCapture(teacher.module, config.teacher_block)
 
 
 def align_blocks(config: TrainConfig) -> list[int]:
@@ -234,7 +276,9 @@ def build_schedule(config: TrainConfig) -> LambdaSchedule:
         final_weight=config.final_weight, power=config.schedule_power,
         cutoff_step=config.cutoff_step if config.cutoff_step >= 0 else None,
         similarity_threshold=config.similarity_threshold if math.isfinite(config.similarity_threshold) else None,
-        similarity_ema_decay=config.similarity_ema_decay,
+        similarity_ema_decay=config.similarity_ema_decay, threshold_mode=config.threshold_mode,
+        cutoff_timing=config.cutoff_timing, similarity_every_step=config.similarity_every_step,
+        warmup_from_zero=not config.warmup_nonzero_start,
     )
 
 
@@ -399,6 +443,7 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
     grid = token_grid(config, PATCH_SIZE)
     targets_of = target_source(config, frozen, device, grid)  # the encoder and the cache leave the RNG alone
     model = build_model(config, backend, device, targets_of.feature_dim)
+    teacher, teacher_capture = self_targets(config, model)  # before the wrapper: the plain transformer
     trained = wrap_model(model, config, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
 
@@ -408,7 +453,14 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
         batch = {name: value[shard].to(device) for name, value in batch.items()}
         latents = vae(batch["video"])
         noisy, velocity = rectified_flow_pair(latents, batch["noise"], batch["t"])
-        targets = targets_of(batch["video"], grid, ids[shard]) if model.regularizer.active else None
+        targets = None
+        if model.regularizer.active and config.target_source == "encoder":
+            targets = targets_of(batch["video"], grid, ids[shard])
+        elif model.regularizer.active and config.target_source == "ema_teacher":
+            teacher(noisy, batch["t"] * TIMESTEP_SCALE, batch["text"], return_dict=False)
+            targets = block_targets(teacher_capture.pop(), grid[0])
+        elif model.regularizer.active:  # backbone: read from the student's own forward, once it has run
+            targets = lambda: block_targets(teacher_capture.pop(), grid[0], detach=not config.teacher_grad)  # noqa: E731
         return noisy, batch["t"], batch["text"], velocity, targets
 
     records, times = [], []
@@ -449,6 +501,8 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
             grad_norm = full_tensor(nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
             optimizer.step()
             model.regularizer.end_step(alignment)  # advances lambda's schedule (all ranks agree on the cutoff)
+            if teacher is not None:
+                teacher.update(model.transformer)  # every rank holds the same parameters: the same teacher
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
@@ -464,6 +518,8 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
                 with open(config.diagnostics_json, "a") as out:
                     out.write(json.dumps(entry) + "\n")
     model.remove_hooks()
+    if teacher_capture is not None:
+        teacher_capture.remove()
     if crepa_state and rank == 0:
         save_crepa_state(crepa_state, model.regularizer)
 

@@ -186,6 +186,22 @@ def test_repa_and_videorepa_on_video_tokens(layout):
     _assert_same(ours, theirs)
 
 
+def test_repa_several_encoders_is_the_mean_of_one_call_each():
+    """REPA with several encoders: its projection loss summed over the encoders, divided by their count."""
+    torch.manual_seed(11)
+    pairs = [random_pair((3, 7, dim), torch.float64, seed=12 + i) for i, dim in enumerate((5, 9))]
+    theirs = sum(repa_projection_loss(z, z_tilde) for z, z_tilde in pairs) / len(pairs)
+    ours = sum(cross_frame_align_loss(z, z_tilde, num_frames=1, neighbors=0) for z, z_tilde in pairs) / len(pairs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-13, atol=0)
+
+
+def test_videorepa_dinov2_pooling_is_pool_frames():
+    """VideoREPA's DINOv2 targets: the first frame alone, then the mean of each following group of 4 frames."""
+    features = torch.randn(2, 1 + 4 * 3, 6, 5, dtype=torch.float64)
+    theirs = torch.stack([features[:, 0]] + [features[:, 1 + 4 * g:5 + 4 * g].mean(1) for g in range(3)], 1)
+    torch.testing.assert_close(pool_frames(features, 4, mode="mean"), theirs, rtol=1e-15, atol=1e-15)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Layouts.
 

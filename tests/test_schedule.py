@@ -21,22 +21,24 @@ def _values(schedule: LambdaSchedule, steps: int) -> list[float]:
     return values
 
 
+@pytest.mark.parametrize("warmup_from_zero", [True, False])
 @pytest.mark.parametrize("shape", ["constant", "linear", "cosine", "polynomial"])
-def test_values_at_given_steps(shape):
+def test_values_at_given_steps(shape, warmup_from_zero):
     weight, final, warmup, decay, power = 0.7, 0.05, 3, 5, 2.5
     schedule = LambdaSchedule(weight, shape=shape, warmup_steps=warmup, decay_steps=None if shape == "constant"
-                              else decay, final_weight=final, power=power)
+                              else decay, final_weight=final, power=power, warmup_from_zero=warmup_from_zero)
     values = _values(schedule, 12)
     for step, value in enumerate(values):
         if step < warmup:
-            expected = weight * (step + 1) / warmup
+            expected = weight * (step + (0 if warmup_from_zero else 1)) / warmup
         else:
             p = min(1.0, (step - warmup) / decay)
             fraction = {"constant": 1.0, "linear": 1 - p, "cosine": (1 + math.cos(math.pi * p)) / 2,
                         "polynomial": (1 - p) ** power}[shape]
             expected = weight if shape == "constant" else final + (weight - final) * fraction
         assert value == pytest.approx(expected, rel=1e-15, abs=1e-15), (shape, step)
-    assert values[0] > 0  # the warm-up never starts at 0, which would skip the first step
+    # upstream's warm-up starts at 0 (the first step computes nothing); the other one never does
+    assert (values[0] == 0) == warmup_from_zero
     if shape != "constant":
         assert values[warmup + decay:] == [pytest.approx(final)] * (12 - warmup - decay)
 
@@ -46,6 +48,8 @@ def test_spot_values():
     cosine = _values(LambdaSchedule(1.0, shape="cosine", decay_steps=4), 6)
     assert cosine == pytest.approx([1.0, (1 + math.sqrt(0.5)) / 2, 0.5, (1 - math.sqrt(0.5)) / 2, 0.0, 0.0])
     linear = _values(LambdaSchedule(0.5, shape="linear", warmup_steps=2, decay_steps=2), 6)
+    assert linear == pytest.approx([0.0, 0.25, 0.5, 0.25, 0.0, 0.0])
+    linear = _values(LambdaSchedule(0.5, shape="linear", warmup_steps=2, decay_steps=2, warmup_from_zero=False), 6)
     assert linear == pytest.approx([0.25, 0.5, 0.5, 0.25, 0.0, 0.0])
     polynomial = _values(LambdaSchedule(1.0, shape="polynomial", decay_steps=2, power=2.0), 3)
     assert polynomial == pytest.approx([1.0, 0.25, 0.0])

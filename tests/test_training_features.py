@@ -446,8 +446,10 @@ def test_trainer_lockstep_with_schedule_frame_mask_and_two_layers():
     assert all(entry["ok"] for entry in report.values()), report
     schedule = trainer.build_schedule(FEATURES)
     assert [r["lambda"] for r in fused.records] == [schedule.value_at(s) for s in range(5)]
-    assert [r["lambda"] for r in fused.records][:2] == [0.25, 0.5] and fused.records[4]["lambda"] == 0.0
-    for record in fused.records[:4]:
+    # the warm-up starts at 0, as upstream: step 0 computes nothing
+    assert [r["lambda"] for r in fused.records][:3] == [0.0, 0.25, 0.5] and fused.records[4]["lambda"] == 0.0
+    assert fused.records[0]["align_loss"] is None
+    for record in fused.records[1:4]:
         assert all(math.isfinite(record[k]) for k in ("align_loss", "align_loss/block0/teacher0",
                                                        "align_loss/block1/teacher0", "self_similarity"))
     assert fused.records[4]["align_loss"] is None and fused.records[4]["projector_grad_norm"] == 0.0
@@ -497,7 +499,7 @@ def test_trainer_computes_no_targets_once_lambda_is_zero(monkeypatch):
 
 
 def test_trainer_measures_what_projector_checkpointing_frees():
-    config = dataclasses.replace(FEATURES, steps=1, sample_weighting="none", condition_frames=0)
+    config = dataclasses.replace(FEATURES, steps=1, sample_weighting="none", condition_frames=0, warmup_steps=0)
     plain = trainer.train(config, "reference")
     recomputed = trainer.train(dataclasses.replace(config, checkpoint_projector=True), "reference")
     report = trainer.compare(plain, recomputed, trainer.TOLERANCES[torch.float32])

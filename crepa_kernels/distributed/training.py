@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ..training.capture import find_blocks
 from ..training.model import CrepaTransformer
+from ..training.projector import ConvProjector
 from ..training.regularizer import CrepaRegularizer
 from .loss import sequence_parallel_align_loss
 
@@ -82,6 +83,13 @@ class SequenceParallelRegularizer(CrepaRegularizer):
     def __init__(self, hidden_dim: int, encoder_dim, *, group=None, shard_full_states: bool = False,
                  **options) -> None:
         super().__init__(hidden_dim, encoder_dim, **options)
+        if self.frame_align != "exact" or self.token_align != "exact" or self.pool_tokens:
+            raise ValueError(f"frame_align / token_align / pool_tokens: a sequence-parallel regulariser needs the "
+                             f"hidden states on the targets' grid ('exact', no pooling), got {self.frame_align!r} / "
+                             f"{self.token_align!r} / {self.pool_tokens}")
+        if any(isinstance(p, ConvProjector) for p in self.projectors):
+            raise ValueError("projector: a sequence-parallel regulariser projects a shard of the sequence, which "
+                             "holds no whole token grid for the 'conv' projector; use 'mlp' or 'linear'")
         self.group = group
         self.shard_full_states = shard_full_states
 

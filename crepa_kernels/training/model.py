@@ -41,14 +41,18 @@ class CrepaTransformer(nn.Module):
                 **kwargs) -> tuple[object, AlignmentOutput]:
         """The transformer's output as it returns it, and the alignment of this forward's captured states with
         ``targets`` ([B, F, N, encoder_dim] on the DiT's token grid, or one such tensor per teacher; None is
-        accepted while lambda is 0)."""
+        accepted while lambda is 0; a callable returning them is called after the transformer's forward, for
+        targets read from that forward)."""
         active = self.regularizer.active
         if active and targets is None:
-            raise ValueError("targets: lambda > 0 this step, so the alignment needs the encoder targets, got None")
+            raise ValueError("targets: lambda > 0 this step (or its similarity is watched), so the alignment needs "
+                             "the targets, got None")
         self.capture.enabled = active
         output = self.transformer(*args, **kwargs)
         if not active:
             return output, self.regularizer.skipped_output()
+        if callable(targets):  # targets from this very forward (a deeper block of the same DiT)
+            targets = targets()
         return output, self.regularizer(self.capture.pop(), targets, sample_weight=sample_weight,
                                         frame_mask=frame_mask)
 

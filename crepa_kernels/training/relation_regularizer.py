@@ -29,6 +29,9 @@ class TokenRelationRegularizer(CrepaRegularizer):
 
     def __init__(self, hidden_dim: int, encoder_dim, *, pairs: str = "all", margin: float = 0.0, **kwargs) -> None:
         super().__init__(hidden_dim, encoder_dim, **kwargs)
+        if self.similarity_signal != "self":  # "total" and "normalized" are sums over CREPA's neighbour terms
+            raise ValueError(f"similarity_signal: loss='trd' watches the self similarity ('self'), got "
+                             f"{self.similarity_signal!r}")
         self.relation = RelationOptions(pairs=pairs, margin=margin, reduction="none", eps=self.options.eps)
 
     def extra_repr(self) -> str:
@@ -44,11 +47,13 @@ class TokenRelationRegularizer(CrepaRegularizer):
         return per_frame / (tokens * keys)  # each frame's N rows count `keys` pairs each
 
     @torch.no_grad()
-    def _figures(self, proj, target, per_frame, frame_mask):
+    def _figures(self, proj, target, per_frame, frame_mask, options):
+        """(self similarity, no neighbour similarity, the self similarity as the cutoff's signal)."""
         included = torch.ones_like(per_frame) if frame_mask is None else frame_mask.to(per_frame.dtype)
         similarity = -cross_frame_align_loss(proj, target, neighbors=0, reduction="none", eps=self.options.eps,
                                              backend=self.backend)
-        return (similarity * included).sum() / included.sum(), None
+        self_similarity = (similarity * included).sum() / included.sum()
+        return self_similarity, None, self_similarity
 
 
 def alignment_regularizer(hidden_dim: int, encoder_dim, *, loss: str = "crepa", pairs: str = "all",

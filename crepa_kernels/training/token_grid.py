@@ -13,8 +13,15 @@ by the VAE and the patch size.
 
 Both steps are linear in the features, so their order does not matter; time goes first because it shrinks the data.
 Tokens come out frame-major, (f, y, x) with x fastest, as diffusers' patch embeddings flatten them.
+
+The upstream trainers' own conventions, for reproducing their runs (docs/porting.md): :func:`pick_frames` (frames
+picked at linspace(0, F - 1, n) rounded down, any frame counts, either side), :func:`resample_tokens` (1-D linear
+interpolation over each frame's flattened token sequence) and :func:`resample_token_grid` (SimpleTuner's rule:
+bilinear on square token counts, else 1-D).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -99,3 +106,59 @@ def encoder_features_to_tokens(
             f"{features.shape[1]} pixel frames give {frames.shape[1]} token frames, the DiT grid has {token_grid[0]}"
         )
     return resize_frames(frames, token_grid[1:], antialias=antialias).flatten(2, 3)
+
+
+def pick_frames(features: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, F, ...] -> [B, count, ...]: the frames at linspace(0, F - 1, count) (float32, rounded down), as SimpleTuner
+    and musubi-tuner pick encoder frames, and SimpleTuner the DiT's frames when the DiT has more. Any F >= count;
+    for a causal VAE's F = 1 + r (count - 1) these are pool_frames(..., mode="subsample")'s frames."""
+    frames = features.shape[1]
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= frames:
+        raise ValueError(f"count: expected an int in [1, {frames}] (the frames of features), got {count!r}")
+    if count == frames:
+        return features
+    index = torch.linspace(0, frames - 1, count, dtype=torch.float32, device=features.device).long()
+    return features.index_select(1, index)
+
+
+def resample_tokens(features: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, F, N, D] -> [B, F, count, D]: 1-D linear interpolation over each frame's flattened token sequence with
+    half-token centres (align_corners=False), computed in fp32 or wider, as musubi-tuner (dino mode, minimax-h3)
+    resamples the DiT's tokens to the encoder's count. On a 2-D grid it mixes tokens of different rows (see the
+    module docstring): an upstream convention to reproduce, not a mapping of ours."""
+    if features.dim() != 4:
+        raise ValueError(f"features: expected [B, F, N, D], got shape {tuple(features.shape)}")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"count: expected a positive int, got {count!r}")
+    batch, frames, tokens, channels = features.shape
+    if tokens == count:
+        return features
+    wide = torch.promote_types(features.dtype, torch.float32)
+    rows = features.to(wide).reshape(batch * frames, tokens, channels).transpose(1, 2)
+    resampled = F.interpolate(rows, size=count, mode="linear", align_corners=False)
+    return resampled.transpose(1, 2).reshape(batch, frames, count, channels).to(features.dtype)
+
+
+def resample_token_grid(features: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, F, N, D] -> [B, F, count, D] by SimpleTuner's rule: when N and count are both perfect squares, bilinear
+    interpolation (align_corners=False, no antialiasing) of the square token maps; otherwise resample_tokens."""
+    batch, frames, tokens, channels = features.shape
+    side, new_side = math.isqrt(tokens), math.isqrt(count)
+    if tokens == count or side * side != tokens or new_side * new_side != count:
+        return resample_tokens(features, count)
+    grid = features.reshape(batch, frames, side, side, channels)
+    return resize_frames(grid, (new_side, new_side), antialias=False).flatten(2, 3)
+
+
+def spatial_normalize(features: torch.Tensor, gamma: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+    """iREPA's spatial normalisation of targets [B, F, N, D]: per frame and channel over the N tokens,
+    (x - gamma * mean) / (std + eps), std with Bessel's correction, computed in fp32 or wider. gamma = 1 is a
+    spatial z-score: what is common to all of a frame's tokens is removed and only the spatial pattern remains."""
+    if features.dim() != 4:
+        raise ValueError(f"features: expected [B, F, N, D], got shape {tuple(features.shape)}")
+    if features.shape[2] < 2:
+        raise ValueError(f"features: a spatial normalisation needs at least 2 tokens per frame, got {features.shape[2]}")
+    wide = features.to(torch.promote_types(features.dtype, torch.float32))
+    mean = wide.mean(dim=2, keepdim=True)
+    std = wide.std(dim=2, keepdim=True)
+    return ((wide - gamma * mean) / (std + eps)).to(features.dtype)
