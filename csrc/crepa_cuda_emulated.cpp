@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 #include "crepa_cuda_launch.h"
@@ -34,8 +35,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "dynamic_shared_limit",
       [](int device, int64_t acc_bytes) {
+        // as the glue's device guard: function attributes are the current device's
+        const int previous = crepa::emulated::current_device();
+        TORCH_CHECK_VALUE(crepa::emulated::set_current_device(device), "device: expected a number add_device "
+                          "returned, got ", device);
         int64_t bytes = 0;
         const cudaError_t error = crepa::dynamic_shared_limit_of(device, acc_bytes, &bytes);
+        crepa::emulated::set_current_device(previous);
         TORCH_CHECK(error == cudaSuccess, "emulated CUDA error: ", cudaGetErrorString(error));
         return bytes;
       },
@@ -50,9 +56,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         counts["launches"] = state.launches;
         counts["refused_launches"] = state.refused_launches;
         counts["opt_in_calls"] = state.opt_in_calls;
+        counts["distinct_kernels"] = static_cast<int64_t>(state.kernels_launched.size());
         return counts;
       },
-      "Calls the launch code made into the emulated runtime: {'launches', 'refused_launches', 'opt_in_calls'}.");
+      "Calls the launch code made into the emulated runtime: {'launches', 'refused_launches', 'opt_in_calls', "
+      "'distinct_kernels' (how many of the kernels have run at least once)}.");
+  m.def(
+      "reset_runtime_counts",
+      [] {
+        const std::lock_guard<std::mutex> lock(crepa::emulated::runtime_mutex());
+        auto& state = crepa::emulated::runtime();
+        state.launches = state.refused_launches = state.opt_in_calls = 0;
+        state.kernels_launched.clear();
+      },
+      "Zeroes runtime_counts (the devices keep their opt-ins, as a GPU does).");
   m.def("set_cuda_grid_limit", &crepa::set_cuda_grid_limit,
         "Test switch: at most this many blocks per launch (0: CUDA's limit), so small inputs take several launches.");
   m.def("set_cuda_launches_reversed", &crepa::set_cuda_launches_reversed,

@@ -48,6 +48,7 @@ __device__ __forceinline__ void crepa_store16(void* address, uint4 value) { *sta
 #include <cmath>
 #include <map>
 #include <mutex>
+#include <set>
 #include <utility>
 #include <vector>
 
@@ -79,6 +80,7 @@ struct Runtime {
   std::vector<Device> devices;
   int current = 0;
   int64_t opt_in_calls = 0, launches = 0, refused_launches = 0;
+  std::set<const void*> kernels_launched;  // which kernels (the vector or the element variant) ever ran
   cudaError_t last_error = cudaSuccess;
 };
 
@@ -143,6 +145,7 @@ void launch(void (*kernel)(Parameters...), int64_t blocks, int64_t threads, int6
       fail(cudaErrorInvalidValue);
       return;
     }
+    state.kernels_launched.insert(reinterpret_cast<const void*>(kernel));
   }
   const auto body = [kernel](auto&&... values) noexcept { kernel(std::forward<decltype(values)>(values)...); };
   const auto values = std::make_tuple(static_cast<Parameters>(arguments)...);
