@@ -165,7 +165,8 @@ def _op_call(eager_op, traced_op, options: LossOptions):
 
 def forward(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """(L [B, F], the per-token statistics the backward reads)."""
-    _select_device()
+    if not torch.compiler.is_compiling():  # traced calls select it inside the traced op, at run time
+        _select_device()
     op, arguments = _op_call(torch.ops.crepa_kernels_emulated.align_forward, align_forward_traced, options)
     return op(proj, target, *arguments)
 
@@ -173,7 +174,8 @@ def forward(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> t
 def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, saved: tuple, options: LossOptions,
              needs_proj_grad: bool, needs_target_grad: bool):
     (stats,) = saved
-    _select_device()
+    if not torch.compiler.is_compiling():
+        _select_device()
     op, arguments = _op_call(torch.ops.crepa_kernels_emulated.align_backward, align_backward_traced, options)
     grad_proj, grad_target = op(grad_loss, proj, target, stats, *arguments, needs_proj_grad, needs_target_grad)
     return grad_proj if needs_proj_grad else None, grad_target if needs_target_grad else None
