@@ -229,8 +229,9 @@ __global__ void reduce_tokens_kernel(const acc_t* __restrict__ token_similarity,
       if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
       __syncthreads();
     }
+    // No barrier before the next item: only thread 0 reads partial[0] here and only it writes partial[0] next, and
+    // every other slot was last read before the tree's final barrier.
     if (threadIdx.x == 0) loss[item] = static_cast<acc_t>(scale * partial[0]);
-    __syncthreads();  // partial[0] is read before the next item overwrites it
   }
 }
 

@@ -58,6 +58,7 @@ using cudaStream_t = hipStream_t;
 constexpr cudaError_t cudaSuccess = hipSuccess;
 constexpr cudaError_t cudaErrorInvalidValue = hipErrorInvalidValue;
 constexpr cudaError_t cudaErrorInvalidConfiguration = hipErrorInvalidConfiguration;
+constexpr cudaError_t cudaErrorMisalignedAddress = hipErrorIllegalAddress;  // the runtime has no code of its own
 inline const char* cudaGetErrorString(cudaError_t error) { return hipGetErrorString(error); }
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
@@ -202,7 +203,11 @@ cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attribute, in
 
 // ---- the device side ------------------------------------------------------------------------------------------
 #define __align__(bytes) alignas(bytes)
-#define CREPA_DYNAMIC_SHARED(type, name) HIP_DYNAMIC_SHARED(type, name)
+// A GPU's shared memory holds anything when a block starts; here it holds all-ones bytes (NaN in every float type),
+// written by thread 0, which the runtime runs first in each block: a read before the block's own write shows.
+#define CREPA_DYNAMIC_SHARED(type, name) \
+  HIP_DYNAMIC_SHARED(type, name)         \
+  if (threadIdx.x == 0) std::memset(name, 0xff, scratchpad_size(domain(::hip::detail::Tile::this_tile())))
 #define CREPA_LAUNCH(kernel, blocks, threads, shared_bytes, stream, ...) \
   crepa::emulated::launch(kernel, (blocks), (threads), (shared_bytes), __VA_ARGS__)
 
@@ -215,12 +220,28 @@ inline T crepa_shuffle_xor(T value, int lane_mask) {
 struct alignas(16) crepa_bytes16 {  // the runtime's uint4 is not trivially copyable
   uint32_t words[4];
 };
+namespace crepa {
+namespace emulated {
+// A GPU faults on a 16-byte access to an address that is not 16-byte aligned (cudaErrorMisalignedAddress); here
+// the access goes through, and the fault is what the next cudaGetLastError returns.
+inline void check_16_byte_aligned(const void* address) {
+  if (reinterpret_cast<uintptr_t>(address) % 16 == 0) return;
+  const std::lock_guard<std::mutex> lock(runtime_mutex());
+  fail(cudaErrorMisalignedAddress);
+}
+}  // namespace emulated
+}  // namespace crepa
+
 inline crepa_bytes16 crepa_load16(const void* address) {
+  crepa::emulated::check_16_byte_aligned(address);
   crepa_bytes16 value;
   std::memcpy(&value, address, sizeof(value));
   return value;
 }
-inline void crepa_store16(void* address, crepa_bytes16 value) { std::memcpy(address, &value, sizeof(value)); }
+inline void crepa_store16(void* address, crepa_bytes16 value) {
+  crepa::emulated::check_16_byte_aligned(address);
+  std::memcpy(address, &value, sizeof(value));
+}
 
 // bf16: the high half of an fp32. Conversion to it rounds to nearest, ties to even, as __float2bfloat16_rn does;
 // a NaN stays a NaN (quiet, sign kept).

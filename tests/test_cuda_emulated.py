@@ -320,6 +320,15 @@ def test_several_launches_match_reference(shape, dtype, blocks):
         assert counts()["launches"] - launches == 2 * per_pass + 1
 
 
+def test_many_tokens_per_frame_sum():
+    """N = 300 > 256 threads: the token reduction's threads each add several tokens before the tree (the only shape
+    where its first barrier matters), on one block per (b, f) and, capped, several items per block."""
+    proj, target = random_pair((2, 3, 300, 8), torch.float64, seed=73)
+    assert_backend_matches_reference(BACKEND, proj, target, neighbors=1)
+    with grid_limit(2):
+        assert_backend_matches_reference(BACKEND, proj, target, neighbors=1)
+
+
 def run_everything(proj, target, **options):
     proj, target = proj.detach().requires_grad_(True), target.detach().requires_grad_(True)
     loss = cross_frame_align_loss(proj, target, backend=BACKEND, reduction="none", **options)
