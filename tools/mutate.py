@@ -82,10 +82,23 @@ def rebuilds_cpu_extension(mutant: Mutant) -> bool:
     return mutant.path.startswith("csrc/") and mutant.path not in EMULATED_ONLY
 
 
+def hip_cpu_root() -> str | None:
+    """The HIP CPU Runtime the checkout finds: a scratch copy elsewhere would not find it beside itself."""
+    sys.path.insert(0, str(ROOT / "csrc"))
+    try:
+        import build_config
+    finally:
+        sys.path.pop(0)
+    root = build_config.hip_cpu_root(ROOT / "csrc")
+    return str(root) if root else None
+
+
 def test_env(scratch: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(scratch), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                MAX_JOBS="1", CUDA_HOME="/nonexistent", PYTHONDONTWRITEBYTECODE="1",
                TORCH_EXTENSIONS_DIR=str(scratch / ".torch_ext"))
+    if hip_cpu_root():
+        env["HIP_CPU_ROOT"] = hip_cpu_root()
     env.pop("CREPA_KERNELS_BACKEND", None)
     return env
 
