@@ -12,7 +12,9 @@
 // shared-memory limits of one architecture (crepa::emulated::add_device). A device keeps, per kernel pointer, what
 // the opt-in allowed, and refuses a launch the way a GPU would: more than 48 KB of dynamic shared memory without
 // that kernel's opt-in, or more than the opt-in, fails with cudaErrorInvalidValue. Launches run to completion before
-// CREPA_LAUNCH returns, in the calling thread, blocks in grid order (the runtime's own stream thread is not used).
+// CREPA_LAUNCH returns, in the calling thread, blocks in grid order (the runtime's own stream thread, which spins
+// while idle, is never started). Where a GPU leaves behaviour undefined the emulation makes it show: dynamic shared
+// memory starts as NaN bytes in every block, and a 16-byte access to an unaligned address is a launch error.
 #pragma once
 
 #include <cstdint>
