@@ -32,10 +32,12 @@ BACKEND_MODULES = {
     "triton": "crepa_kernels.ops.triton_loss",
     "cpu": "crepa_kernels.ops.extension",
     "cuda": "crepa_kernels.ops.extension",
+    # the CUDA kernels on CPU tensors through the HIP CPU Runtime, for testing them: never an "auto" candidate
+    "cuda_emulated": "crepa_kernels.ops.cuda_emulated",
 }
 BACKEND_NAMES = tuple(BACKEND_MODULES)
 # device types a backend can ever run on; the module's unavailable_reason decides the rest
-BACKEND_DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",)}
+BACKEND_DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",), "cuda_emulated": ("cpu",)}
 ENV_OVERRIDE = "CREPA_KERNELS_BACKEND"
 
 # "auto" tries these in order, per device type. Both GPU backends move the minimum bytes (docs/triton.md,

@@ -31,4 +31,10 @@ CHECKED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_103", "sm_110
 # From sm_90 on, a cubin's shared size (cuobjdump -res-usage SHARED) includes the 1 KB per block the driver reserves
 # (compiled here with nvcc 13.0: a kernel with no __shared__ variable shows SHARED:1024 for sm_90 to sm_120, 0 for
 # sm_8x). That reservation lies outside the opt-in figure above, so it is subtracted before comparing with it.
-RESERVED_SHARED_BYTES_IN_CUBIN = {arch: (1024 if int(arch[3:]) >= 90 else 0) for arch in SHARED_BYTES_PER_BLOCK_OPTIN}
+def reserved_shared_bytes(capability: tuple[int, int]) -> int:
+    """The driver's reservation a kernel of this compute capability reports as static shared memory."""
+    return 1024 if capability >= (9, 0) else 0
+
+
+RESERVED_SHARED_BYTES_IN_CUBIN = {arch: reserved_shared_bytes(divmod(int(arch[3:]), 10))
+                                  for arch in SHARED_BYTES_PER_BLOCK_OPTIN}

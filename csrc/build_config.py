@@ -29,6 +29,29 @@ NVCC_FLAGS = ["-O3", "-lineinfo"]
 CUDA_DEFINE = "-DCREPA_WITH_CUDA"
 
 
+# The "cuda_emulated" backend: the CUDA kernels and their ATen glue built by the host compiler against ROCm's HIP CPU
+# Runtime (header-only; crepa_cuda_portability.h), as a second extension of its own ops (crepa_kernels_emulated).
+# -O2: the kernels run as fibers, where the build's speed matters as much as the code's.
+EMULATED_SOURCES = ("crepa_ops.cpp", "crepa_cuda.cpp", "crepa_cuda_kernels_emulated.cpp", "crepa_cuda_emulated.cpp")
+EMULATED_DEFINE = "-DCREPA_HIP_CPU"
+EMULATED_CXX_FLAGS = ["-O2", EMULATED_DEFINE]
+HIP_CPU_ROOT_VARIABLE = "HIP_CPU_ROOT"
+
+
+def hip_cpu_root(csrc: Path = CSRC) -> Path | None:
+    """The HIP CPU Runtime: $HIP_CPU_ROOT, else ../shared/third_party/hip-cpu beside the checkout; None if absent."""
+    configured = os.environ.get(HIP_CPU_ROOT_VARIABLE)
+    candidates = [Path(configured)] if configured else [csrc.parent.parent / "shared" / "third_party" / "hip-cpu"]
+    for candidate in candidates:
+        if (candidate / "include" / "hip" / "hip_runtime.h").exists():
+            return candidate.resolve()
+    return None
+
+
+def emulated_sources(csrc: Path = CSRC) -> list[str]:
+    return [str(csrc / name) for name in EMULATED_SOURCES]
+
+
 def sources(with_cuda: bool, csrc: Path = CSRC) -> list[str]:
     names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
     return [str(csrc / name) for name in names]

@@ -1,10 +1,11 @@
 // The CUDA backend's ATen side: argument checks, the shared-memory check before any work, output allocation, the
 // device guard and the current stream, then the launches of crepa_cuda_kernels.cu (through crepa_cuda_launch.h).
 // Compiled by the host compiler, once; nvcc compiles only the kernels, once per architecture.
+//
+// With -DCREPA_HIP_CPU the same glue serves the "cuda_emulated" backend: the kernels built by g++ against the HIP
+// CPU Runtime (crepa_cuda_portability.h) run on CPU tensors, on the emulated device that
+// crepa::emulated::current_device() names; its ops are crepa_kernels_emulated::align_forward / align_backward.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -13,6 +14,42 @@
 #include "crepa_cuda_launch.h"
 #include "crepa_cuda_plan.h"
 #include "crepa_ops.h"
+
+#if defined(CREPA_HIP_CPU)
+#define CREPA_CHECK_RUNTIME(expression)                                                  \
+  do {                                                                                   \
+    const cudaError_t crepa_error = (expression);                                        \
+    TORCH_CHECK(crepa_error == cudaSuccess, "emulated CUDA error: ", cudaGetErrorString(crepa_error)); \
+  } while (0)
+
+namespace crepa {
+namespace {
+constexpr const char* kKernelDevice = "the CPU (the emulated GPU runs there)";
+bool on_kernel_device(const at::Tensor& x) { return x.is_cpu(); }
+int kernel_device(const at::Tensor&) { return emulated::current_device(); }
+cudaStream_t current_stream() { return nullptr; }
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+}  // namespace
+}  // namespace crepa
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#define CREPA_CHECK_RUNTIME(expression) C10_CUDA_CHECK(expression)
+
+namespace crepa {
+namespace {
+constexpr const char* kKernelDevice = "a CUDA device";
+bool on_kernel_device(const at::Tensor& x) { return x.is_cuda(); }
+int kernel_device(const at::Tensor& x) { return x.get_device(); }
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+}  // namespace
+}  // namespace crepa
+#endif
 
 namespace crepa {
 namespace {
@@ -46,7 +83,7 @@ bool rows_are_16_byte_aligned(const at::Tensor& x) {
 // shared memory per block than the current device allows.
 void check_supported(const at::Tensor& proj, const Band& band, at::ScalarType acc) {
   int64_t limit = 0;
-  C10_CUDA_CHECK(shared_limit_of(proj.get_device(), &limit));
+  CREPA_CHECK_RUNTIME(dynamic_shared_limit_of(kernel_device(proj), at::elementSize(acc), &limit));
   const std::string reason = cuda_unsupported_reason(proj.size(0), proj.size(1), proj.size(2), proj.size(3), band,
                                                      at::elementSize(acc), limit);
   TORCH_CHECK_NOT_IMPLEMENTED(reason.empty(), reason);
@@ -62,7 +99,7 @@ void launch_forward_on(const at::Tensor& proj, const at::Tensor& target, const B
       .tau = static_cast<acc_t>(tau), .eps = static_cast<acc_t>(eps), .normalize_weights = normalize_weights,
       .vector = rows_are_16_byte_aligned(proj) && rows_are_16_byte_aligned(target), .stats = stats.data_ptr<acc_t>(),
       .token_similarity = token_similarity.data_ptr<acc_t>(), .loss = loss.data_ptr<acc_t>()};
-  C10_CUDA_CHECK(launch_forward(launch, proj.get_device(), c10::cuda::getCurrentCUDAStream()));
+  CREPA_CHECK_RUNTIME(launch_forward(launch, kernel_device(proj), current_stream()));
 }
 
 template <typename acc_t>
@@ -81,15 +118,16 @@ void launch_backward_on(const at::Tensor& grad_loss, const at::Tensor& proj, con
       .vector = vector, .grad_proj = needs_proj_grad ? strided(grad_proj) : strided(grad_target),
       .grad_target = needs_target_grad ? strided(grad_target) : strided(grad_proj),
       .needs_proj_grad = needs_proj_grad, .needs_target_grad = needs_target_grad};
-  C10_CUDA_CHECK(launch_backward(launch, proj.get_device(), c10::cuda::getCurrentCUDAStream()));
+  CREPA_CHECK_RUNTIME(launch_backward(launch, kernel_device(proj), current_stream()));
 }
 
 std::tuple<at::Tensor, at::Tensor> align_forward_cuda(const at::Tensor& proj, const at::Tensor& target,
                                                       int64_t neighbors, bool cumulative, double tau,
                                                       bool normalize_weights, double eps) {
   check_inputs(proj, target, neighbors, tau, eps);
-  TORCH_CHECK(proj.is_cuda(), "align_forward_cuda: expected CUDA tensors");
-  const c10::cuda::CUDAGuard device_guard(proj.device());
+  TORCH_CHECK(on_kernel_device(proj), "align_forward_cuda: expected tensors on ", kKernelDevice, ", got ",
+              proj.device());
+  const DeviceGuard device_guard(proj.device());
   const int64_t B = proj.size(0), F = proj.size(1), N = proj.size(2);
   const Band band = Band::make(F, neighbors, cumulative);
   const auto acc = accumulate_type(proj, target);
@@ -111,8 +149,9 @@ std::tuple<at::Tensor, at::Tensor> align_backward_cuda(const at::Tensor& grad_lo
                                                        bool normalize_weights, double eps, bool needs_proj_grad,
                                                        bool needs_target_grad) {
   check_inputs(proj, target, neighbors, tau, eps);
-  TORCH_CHECK(proj.is_cuda(), "align_backward_cuda: expected CUDA tensors");
-  const c10::cuda::CUDAGuard device_guard(proj.device());
+  TORCH_CHECK(on_kernel_device(proj), "align_backward_cuda: expected tensors on ", kKernelDevice, ", got ",
+              proj.device());
+  const DeviceGuard device_guard(proj.device());
   const Band band = Band::make(proj.size(1), neighbors, cumulative);
   check_backward_inputs(grad_loss, proj, target, stats, band);
   const auto acc = accumulate_type(proj, target);
@@ -133,7 +172,16 @@ std::tuple<at::Tensor, at::Tensor> align_backward_cuda(const at::Tensor& grad_lo
 }  // namespace
 }  // namespace crepa
 
+#if defined(CREPA_HIP_CPU)
+TORCH_LIBRARY(crepa_kernels_emulated, m) {
+  m.def(crepa::kAlignForwardSchema);
+  m.def(crepa::kAlignBackwardSchema);
+}
+
+TORCH_LIBRARY_IMPL(crepa_kernels_emulated, CPU, m) {
+#else
 TORCH_LIBRARY_IMPL(crepa_kernels, CUDA, m) {
+#endif
   m.impl("align_forward", &crepa::align_forward_cuda);
   m.impl("align_backward", &crepa::align_backward_cuda);
 }

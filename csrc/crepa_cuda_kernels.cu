@@ -11,17 +11,15 @@
 // Each row of the column is read from DRAM once per pass; the band's repeated reads of a neighbour row hit L1/L2
 // (a bf16 column of F=13, D=768 is 20 KB). Chunks use 16-byte loads and stores when every row is 16-byte aligned and
 // D % 8 == 0 (checked at run time), element loads with strides and bounds otherwise. Offsets are int64.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <set>
+#include <utility>
 #include <vector>
 
-#include "crepa_cuda_launch.h"
+#include "crepa_cuda_launch.h"  // and through it crepa_cuda_portability.h: the CUDA or the HIP CPU names
 #include "crepa_cuda_plan.h"
 
 namespace crepa {
@@ -53,78 +51,58 @@ __device__ __forceinline__ void store_element(void* data, Dtype dtype, int64_t i
   }
 }
 
-// kChunk elements from a 16-byte aligned address, in 16-byte transactions.
+// kChunk elements from a 16-byte aligned address, in 16-byte transactions (crepa_load16 / crepa_store16).
+template <typename element_t, typename acc_t, typename Convert>
+__device__ __forceinline__ void load_elements(const void* data, int64_t index, acc_t (&out)[kChunk], Convert convert) {
+  constexpr int kPerLoad = 16 / sizeof(element_t);
+  const element_t* first = static_cast<const element_t*>(data) + index;
+#pragma unroll
+  for (int part = 0; part < kChunk / kPerLoad; ++part) {
+    const crepa_bytes16 raw = crepa_load16(first + part * kPerLoad);
+    element_t e[kPerLoad];
+    memcpy(e, &raw, sizeof(raw));
+#pragma unroll
+    for (int j = 0; j < kPerLoad; ++j) out[part * kPerLoad + j] = static_cast<acc_t>(convert(e[j]));
+  }
+}
+
+template <typename element_t, typename acc_t, typename Convert>
+__device__ __forceinline__ void store_elements(void* data, int64_t index, const acc_t (&in)[kChunk], Convert convert) {
+  constexpr int kPerStore = 16 / sizeof(element_t);
+  element_t* first = static_cast<element_t*>(data) + index;
+#pragma unroll
+  for (int part = 0; part < kChunk / kPerStore; ++part) {
+    element_t e[kPerStore];
+#pragma unroll
+    for (int j = 0; j < kPerStore; ++j) e[j] = convert(in[part * kPerStore + j]);
+    crepa_bytes16 raw;
+    memcpy(&raw, e, sizeof(raw));
+    crepa_store16(first + part * kPerStore, raw);
+  }
+}
+
 template <typename acc_t>
 __device__ __forceinline__ void load_vector(const void* data, Dtype dtype, int64_t index, acc_t (&out)[kChunk]) {
   switch (dtype) {
-    case Dtype::kFloat: {
-      const float4* v = reinterpret_cast<const float4*>(static_cast<const float*>(data) + index);
-      const float4 lo = v[0], hi = v[1];
-      const float e[kChunk] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j) out[j] = static_cast<acc_t>(e[j]);
+    case Dtype::kFloat: load_elements<float>(data, index, out, [](float x) { return x; }); break;
+    case Dtype::kDouble: load_elements<double>(data, index, out, [](double x) { return x; }); break;
+    case Dtype::kBFloat16:
+      load_elements<__nv_bfloat16>(data, index, out, [](__nv_bfloat16 x) { return __bfloat162float(x); });
       break;
-    }
-    case Dtype::kDouble: {
-      const double2* v = reinterpret_cast<const double2*>(static_cast<const double*>(data) + index);
-#pragma unroll
-      for (int j = 0; j < kChunk / 2; ++j) {
-        const double2 pair = v[j];
-        out[2 * j] = static_cast<acc_t>(pair.x);
-        out[2 * j + 1] = static_cast<acc_t>(pair.y);
-      }
-      break;
-    }
-    case Dtype::kBFloat16: {
-      const uint4 raw = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(data) + index);
-      __nv_bfloat16 e[kChunk];
-      memcpy(e, &raw, sizeof(raw));
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j) out[j] = static_cast<acc_t>(__bfloat162float(e[j]));
-      break;
-    }
-    default: {
-      const uint4 raw = *reinterpret_cast<const uint4*>(static_cast<const __half*>(data) + index);
-      __half e[kChunk];
-      memcpy(e, &raw, sizeof(raw));
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j) out[j] = static_cast<acc_t>(__half2float(e[j]));
-    }
+    default: load_elements<__half>(data, index, out, [](__half x) { return __half2float(x); });
   }
 }
 
 template <typename acc_t>
 __device__ __forceinline__ void store_vector(void* data, Dtype dtype, int64_t index, const acc_t (&in)[kChunk]) {
   switch (dtype) {
-    case Dtype::kFloat: {
-      float4* v = reinterpret_cast<float4*>(static_cast<float*>(data) + index);
-      v[0] = make_float4(in[0], in[1], in[2], in[3]);
-      v[1] = make_float4(in[4], in[5], in[6], in[7]);
+    case Dtype::kFloat: store_elements<float>(data, index, in, [](acc_t x) { return static_cast<float>(x); }); break;
+    case Dtype::kDouble: store_elements<double>(data, index, in, [](acc_t x) { return static_cast<double>(x); }); break;
+    case Dtype::kBFloat16:
+      store_elements<__nv_bfloat16>(data, index, in,
+                                    [](acc_t x) { return __float2bfloat16_rn(static_cast<float>(x)); });
       break;
-    }
-    case Dtype::kDouble: {
-      double2* v = reinterpret_cast<double2*>(static_cast<double*>(data) + index);
-#pragma unroll
-      for (int j = 0; j < kChunk / 2; ++j) v[j] = make_double2(in[2 * j], in[2 * j + 1]);
-      break;
-    }
-    case Dtype::kBFloat16: {
-      __nv_bfloat16 e[kChunk];
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j) e[j] = __float2bfloat16_rn(static_cast<float>(in[j]));
-      uint4 raw;
-      memcpy(&raw, e, sizeof(raw));
-      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(data) + index) = raw;
-      break;
-    }
-    default: {
-      __half e[kChunk];
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j) e[j] = __float2half_rn(static_cast<float>(in[j]));
-      uint4 raw;
-      memcpy(&raw, e, sizeof(raw));
-      *reinterpret_cast<uint4*>(static_cast<__half*>(data) + index) = raw;
-    }
+    default: store_elements<__half>(data, index, in, [](acc_t x) { return __float2half_rn(static_cast<float>(x)); });
   }
 }
 
@@ -158,7 +136,7 @@ __device__ __forceinline__ void store_chunk(const Strided& x, int64_t row, int64
 template <typename T>
 __device__ __forceinline__ T warp_sum(T value) {
 #pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) value += crepa_shuffle_xor(value, offset);
   return value;
 }
 
@@ -193,7 +171,7 @@ template <typename acc_t, bool kVector>
 __global__ void forward_kernel(Strided proj, Strided target, int64_t first_column, int64_t N, int64_t D, Band band,
                                acc_t tau, bool normalize_weights, acc_t eps, acc_t* __restrict__ stats,
                                acc_t* __restrict__ token_similarity) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  CREPA_DYNAMIC_SHARED(unsigned char, shared_bytes);
   const int64_t F = band.frames, W = band.width(), S = band.stats_per_frame();
   acc_t* coefficients = reinterpret_cast<acc_t*>(shared_bytes);  // [F][W]
   acc_t* warp_sums = coefficients + F * W;                          // [warps][S]
@@ -251,8 +229,9 @@ __global__ void reduce_tokens_kernel(const acc_t* __restrict__ token_similarity,
       if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
       __syncthreads();
     }
+    // No barrier before the next item: only thread 0 reads partial[0] here and only it writes partial[0] next, and
+    // every other slot was last read before the tree's final barrier.
     if (threadIdx.x == 0) loss[item] = static_cast<acc_t>(scale * partial[0]);
-    __syncthreads();  // partial[0] is read before the next item overwrites it
   }
 }
 
@@ -266,7 +245,7 @@ __global__ void backward_kernel(const acc_t* __restrict__ grad_loss, Strided pro
                                 const acc_t* __restrict__ stats, int64_t first_column, int64_t N, int64_t D, Band band,
                                 acc_t tau, bool normalize_weights, acc_t eps, acc_t scale, Strided grad_proj,
                                 Strided grad_target, bool needs_proj_grad, bool needs_target_grad) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  CREPA_DYNAMIC_SHARED(unsigned char, shared_bytes);
   const int64_t F = band.frames, W = band.width(), S = band.stats_per_frame();
   acc_t* coefficients = reinterpret_cast<acc_t*>(shared_bytes);  // [F][W]
   acc_t* proj_self = coefficients + F * W;                          // [F]
@@ -339,25 +318,41 @@ __global__ void backward_kernel(const acc_t* __restrict__ grad_loss, Strided pro
     if (crepa_error != cudaSuccess) return crepa_error; \
   } while (0)
 
-// A kernel may use more than 48 KB of dynamic shared memory only after opting in, per kernel and device. It opts in
-// to the device's whole limit (less its static shared memory) once, which covers every later launch there.
+// The dynamic shared memory `kernel` may use on `device`: the device's per-block limit less the kernel's static
+// shared memory (from sm_90 on, the cubins count the driver's 1 KB reservation there). The refusal before any work
+// (dynamic_shared_limit_of) and the opt-in use this one number.
 template <typename Kernel>
-cudaError_t allow_shared_bytes(Kernel kernel, int64_t bytes, int device) {
-  if (bytes <= kCudaDefaultSharedBytes) return cudaSuccess;
-  static std::mutex mutex;  // one per kernel instantiation
-  static std::vector<bool> opted_in;
-  const std::lock_guard<std::mutex> lock(mutex);
-  if (static_cast<size_t>(device) >= opted_in.size()) opted_in.resize(device + 1, false);
-  if (opted_in[device]) return cudaSuccess;
+cudaError_t dynamic_shared_limit(Kernel kernel, int device, int64_t* bytes) {
   int64_t limit = 0;
   CREPA_RETURN_IF_ERROR(shared_limit_of(device, &limit));
   cudaFuncAttributes attributes;
   CREPA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, kernel));
-  const int64_t dynamic_limit = limit - static_cast<int64_t>(attributes.sharedSizeBytes);
+  *bytes = limit - static_cast<int64_t>(attributes.sharedSizeBytes);
+  return cudaSuccess;
+}
+
+// A kernel may use more than 48 KB of dynamic shared memory only after opting in, per kernel and device. It opts in
+// to all it may use there, once, which covers every later launch. The record is keyed on the kernel pointer: the
+// vector and element variants of a kernel have the same type, and each needs its own opt-in.
+template <typename Kernel>
+cudaError_t allow_shared_bytes(Kernel kernel, int64_t bytes, int device) {
+  if (bytes <= kCudaDefaultSharedBytes) return cudaSuccess;
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> opted_in;  // (kernel, device)
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  if (opted_in.count(key) != 0) return cudaSuccess;
+  int64_t dynamic_limit = 0;
+  CREPA_RETURN_IF_ERROR(dynamic_shared_limit(kernel, device, &dynamic_limit));
   CREPA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_limit)));
-  opted_in[device] = true;
+  opted_in.insert(key);
   return cudaSuccess;
+}
+
+// The first column of launch `index` of a several-launch plan (in reverse order under the test switch).
+inline int64_t first_column_of(const CudaKernelLaunch& plan, int64_t index) {
+  return (cuda_launches_reversed() ? plan.launches - 1 - index : index) * plan.grid;
 }
 
 template <typename acc_t, bool kVector>
@@ -366,11 +361,11 @@ cudaError_t launch_forward_columns(const ForwardLaunch<acc_t>& a, const CudaKern
   const auto kernel = forward_kernel<acc_t, kVector>;
   CREPA_RETURN_IF_ERROR(allow_shared_bytes(kernel, plan.shared_bytes, device));
   const int64_t columns = a.B * a.N;
-  for (int64_t first = 0; first < columns; first += plan.grid) {
+  for (int64_t index = 0; index < plan.launches; ++index) {
+    const int64_t first = first_column_of(plan, index);
     const unsigned blocks = static_cast<unsigned>(std::min(plan.grid, columns - first));
-    kernel<<<blocks, plan.threads, plan.shared_bytes, stream>>>(a.proj, a.target, first, a.N, a.D, a.band, a.tau,
-                                                                a.normalize_weights, a.eps, a.stats,
-                                                                a.token_similarity);
+    CREPA_LAUNCH(kernel, blocks, plan.threads, plan.shared_bytes, stream, a.proj, a.target, first, a.N, a.D, a.band,
+                 a.tau, a.normalize_weights, a.eps, a.stats, a.token_similarity);
     CREPA_RETURN_IF_ERROR(cudaGetLastError());
   }
   return cudaSuccess;
@@ -383,11 +378,12 @@ cudaError_t launch_backward_columns(const BackwardLaunch<acc_t>& a, const CudaKe
   CREPA_RETURN_IF_ERROR(allow_shared_bytes(kernel, plan.shared_bytes, device));
   const int64_t columns = a.B * a.N;
   const acc_t scale = acc_t(-1) / static_cast<acc_t>(a.N);
-  for (int64_t first = 0; first < columns; first += plan.grid) {
+  for (int64_t index = 0; index < plan.launches; ++index) {
+    const int64_t first = first_column_of(plan, index);
     const unsigned blocks = static_cast<unsigned>(std::min(plan.grid, columns - first));
-    kernel<<<blocks, plan.threads, plan.shared_bytes, stream>>>(
-        a.grad_loss, a.proj, a.target, a.stats, first, a.N, a.D, a.band, a.tau, a.normalize_weights, a.eps, scale,
-        a.grad_proj, a.grad_target, a.needs_proj_grad, a.needs_target_grad);
+    CREPA_LAUNCH(kernel, blocks, plan.threads, plan.shared_bytes, stream, a.grad_loss, a.proj, a.target, a.stats,
+                 first, a.N, a.D, a.band, a.tau, a.normalize_weights, a.eps, scale, a.grad_proj, a.grad_target,
+                 a.needs_proj_grad, a.needs_target_grad);
     CREPA_RETURN_IF_ERROR(cudaGetLastError());
   }
   return cudaSuccess;
@@ -409,14 +405,32 @@ cudaError_t shared_limit_of(int device, int64_t* bytes) {
   return cudaSuccess;
 }
 
+namespace {
+template <typename acc_t>
+cudaError_t dynamic_shared_limit_for(int device, int64_t* bytes) {
+  int64_t limits[4];
+  CREPA_RETURN_IF_ERROR(dynamic_shared_limit(forward_kernel<acc_t, true>, device, &limits[0]));
+  CREPA_RETURN_IF_ERROR(dynamic_shared_limit(forward_kernel<acc_t, false>, device, &limits[1]));
+  CREPA_RETURN_IF_ERROR(dynamic_shared_limit(backward_kernel<acc_t, true>, device, &limits[2]));
+  CREPA_RETURN_IF_ERROR(dynamic_shared_limit(backward_kernel<acc_t, false>, device, &limits[3]));
+  *bytes = *std::min_element(limits, limits + 4);
+  return cudaSuccess;
+}
+}  // namespace
+
+cudaError_t dynamic_shared_limit_of(int device, int64_t acc_bytes, int64_t* bytes) {
+  return acc_bytes == 8 ? dynamic_shared_limit_for<double>(device, bytes)
+                        : dynamic_shared_limit_for<float>(device, bytes);
+}
+
 template <typename acc_t>
 cudaError_t launch_forward(const ForwardLaunch<acc_t>& a, int device, cudaStream_t stream) {
   const CudaLaunchPlan plan = plan_cuda_launch(a.B, a.band.frames, a.N, a.D, a.band, sizeof(acc_t));
   const cudaError_t error = a.vector ? launch_forward_columns<acc_t, true>(a, plan.forward, device, stream)
                                      : launch_forward_columns<acc_t, false>(a, plan.forward, device, stream);
   if (error != cudaSuccess) return error;
-  reduce_tokens_kernel<acc_t><<<plan.reduce.grid, plan.reduce.threads, plan.reduce.shared_bytes, stream>>>(
-      a.token_similarity, a.B, a.N, a.band.frames, -1.0 / static_cast<double>(a.N), a.loss);
+  CREPA_LAUNCH(reduce_tokens_kernel<acc_t>, plan.reduce.grid, plan.reduce.threads, plan.reduce.shared_bytes, stream,
+               a.token_similarity, a.B, a.N, a.band.frames, -1.0 / static_cast<double>(a.N), a.loss);
   return cudaGetLastError();
 }
 

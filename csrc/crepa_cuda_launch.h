@@ -3,10 +3,9 @@
 // torch headers on the nvcc side, which keeps each extra architecture a few seconds of nvcc instead of a minute.
 #pragma once
 
-#include <cuda_runtime_api.h>
-
 #include <cstdint>
 
+#include "crepa_cuda_portability.h"
 #include "crepa_math.h"
 
 namespace crepa {
@@ -50,10 +49,14 @@ struct BackwardLaunch {
 // The most shared memory one block may use on `device` (cudaDevAttrMaxSharedMemoryPerBlockOptin), read once per
 // device: an attribute query, no synchronisation.
 cudaError_t shared_limit_of(int device, int64_t* bytes);
+// The most dynamic shared memory every forward and backward kernel accumulating in acc_bytes (4 or 8) may use on
+// `device`: shared_limit_of less the kernels' static shared memory. The launches opt in to exactly this, so a plan
+// within it runs and a larger one must be refused before any work.
+cudaError_t dynamic_shared_limit_of(int device, int64_t acc_bytes, int64_t* bytes);
 
 // Launch on `stream` (of `device`, the current device) with crepa_cuda_plan.h's configuration, after opting the
 // kernels in to more than 48 KB of dynamic shared memory when the plan needs it. The caller has checked the plan
-// against shared_limit_of. Returns the first error of the opt-in or the launches.
+// against dynamic_shared_limit_of. Returns the first error of the opt-in or the launches.
 template <typename acc_t>
 cudaError_t launch_forward(const ForwardLaunch<acc_t>& launch, int device, cudaStream_t stream);
 template <typename acc_t>

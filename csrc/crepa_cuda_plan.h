@@ -65,6 +65,10 @@ inline int64_t cuda_threads_for(int64_t D) {
 // small inputs take the several-launch path that only B * N > 2^31 - 1 takes otherwise.
 int64_t cuda_grid_limit();
 void set_cuda_grid_limit(int64_t blocks);  // 0 restores kCudaMaxGridX
+// Test switch: the launches of a several-launch plan go last to first, so that (with one block per launch) the
+// columns run in reverse order; the results must not change by a bit.
+bool cuda_launches_reversed();
+void set_cuda_launches_reversed(bool reversed);
 
 inline int64_t cuda_grid_for(int64_t work_items) {
   const int64_t limit = cuda_grid_limit();

@@ -21,11 +21,16 @@ namespace crepa {
 namespace {
 std::atomic<bool> poison_buffers{false};
 std::atomic<int64_t> grid_limit{kCudaMaxGridX};
+std::atomic<bool> launches_reversed{false};
 }  // namespace
 
 void set_poison_buffers(bool enabled) { poison_buffers.store(enabled); }
 
 int64_t cuda_grid_limit() { return grid_limit.load(); }
+
+bool cuda_launches_reversed() { return launches_reversed.load(); }
+
+void set_cuda_launches_reversed(bool reversed) { launches_reversed.store(reversed); }
 
 void set_cuda_grid_limit(int64_t blocks) {
   TORCH_CHECK_VALUE(blocks >= 0 && blocks <= kCudaMaxGridX, "blocks: expected 0 (no cap) to ", kCudaMaxGridX,
@@ -120,14 +125,12 @@ void check_plan_arguments(int64_t B, int64_t F, int64_t N, int64_t D, int64_t ne
 
 }  // namespace crepa
 
+// The emulated CUDA extension (crepa_cuda.cpp and crepa_cuda_emulated.cpp built with -DCREPA_HIP_CPU) shares the
+// helpers above and registers its own ops and module.
+#if !defined(CREPA_HIP_CPU)
 TORCH_LIBRARY(crepa_kernels, m) {
-  m.def(
-      "align_forward(Tensor proj, Tensor target, int neighbors, bool cumulative, float tau, "
-      "bool normalize_weights, float eps) -> (Tensor per_frame_loss, Tensor stats)");
-  m.def(
-      "align_backward(Tensor grad_loss, Tensor proj, Tensor target, Tensor stats, int neighbors, bool cumulative, "
-      "float tau, bool normalize_weights, float eps, bool needs_proj_grad, bool needs_target_grad) "
-      "-> (Tensor grad_proj, Tensor grad_target)");
+  m.def(crepa::kAlignForwardSchema);
+  m.def(crepa::kAlignBackwardSchema);
 }
 
 TORCH_LIBRARY_IMPL(crepa_kernels, CPU, m) {
@@ -198,6 +201,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cuda_grid_limit", &crepa::set_cuda_grid_limit,
         "Test switch: the CUDA launch plans put at most this many blocks on grid.x (0: CUDA's limit), so small "
         "inputs take the several-launch path.");
+  m.def("set_cuda_launches_reversed", &crepa::set_cuda_launches_reversed,
+        "Test switch: a several-launch CUDA plan launches last to first.");
   m.def("set_poison_buffers", &crepa::set_poison_buffers,
         "Test switch: fill every buffer the kernels allocate with NaN before they write it.");
 }
+#endif  // !CREPA_HIP_CPU

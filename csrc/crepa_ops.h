@@ -17,6 +17,14 @@
 
 namespace crepa {
 
+constexpr const char* kAlignForwardSchema =
+    "align_forward(Tensor proj, Tensor target, int neighbors, bool cumulative, float tau, bool normalize_weights, "
+    "float eps) -> (Tensor per_frame_loss, Tensor stats)";
+constexpr const char* kAlignBackwardSchema =
+    "align_backward(Tensor grad_loss, Tensor proj, Tensor target, Tensor stats, int neighbors, bool cumulative, "
+    "float tau, bool normalize_weights, float eps, bool needs_proj_grad, bool needs_target_grad) "
+    "-> (Tensor grad_proj, Tensor grad_target)";
+
 std::tuple<at::Tensor, at::Tensor> align_forward_cpu(const at::Tensor& proj, const at::Tensor& target,
                                                      int64_t neighbors, bool cumulative, double tau,
                                                      bool normalize_weights, double eps);

@@ -108,7 +108,7 @@ def test_different_devices_meta():
 
 def test_available_backends_reports_true_or_a_reason():
     backends = available_backends("cpu")
-    assert set(backends) == {"reference", "triton", "cpu", "cuda"}
+    assert set(backends) == {"reference", "triton", "cpu", "cuda", "cuda_emulated"}
     assert backends["reference"] is True
     for name, value in backends.items():
         assert value is True or (isinstance(value, str) and value), name

@@ -449,6 +449,19 @@ def test_lockstep_fused_cpu_backend_matches_reference(reference_run):
     _assert_within_tolerance(trainer.compare(reference_run, fused, FP32))
 
 
+def test_lockstep_fused_cuda_emulated_backend_matches_reference(reference_run):
+    """The CUDA kernels (run on the CPU through the HIP CPU Runtime) inside the trainer, in lockstep with the
+    reference: examples/train_dit.py --backend cuda_emulated."""
+    reason = available_backends("cpu")["cuda_emulated"]
+    if reason is not True:
+        pytest.skip(f"cuda_emulated backend unavailable: {reason}")
+    fused = trainer.train(SMALL, "cuda_emulated")
+    assert fused.backend == "crepa_kernels.ops.cuda_emulated"
+    for record in fused.records:
+        assert all(math.isfinite(record[k]) for k in ("loss", "align_loss", "grad_norm", "projector_grad_norm"))
+    _assert_within_tolerance(trainer.compare(reference_run, fused, FP32))
+
+
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # diffusers RMSNorm under autocast
 def test_lockstep_under_bf16_autocast():
     reason = available_backends("cpu")["cpu"]

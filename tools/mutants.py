@@ -52,6 +52,9 @@ COVERING_TESTS = {
     "crepa_kernels/gpu_limits.py": ["tests/test_tooling_constants.py", "tests/test_cuda_limits.py",
                                     "tests/test_gpu_limits.py"],
     "csrc/crepa_cuda_plan.h": ["tests/test_cuda_limits.py"],
+    # the CUDA kernels and their glue execute in the cuda_emulated backend's JIT build and the sanitizer harness
+    "csrc/crepa_cuda_kernels.cu": ["tests/test_cuda_emulated.py", "tests/test_cuda_sanitizers.py"],
+    "csrc/crepa_cuda.cpp": ["tests/test_cuda_emulated.py"],
     "crepa_kernels/training/capture.py": ["tests/test_boundaries.py", "tests/test_training.py", "-k",
                                           "capture or checkpoint or hook"],
     "crepa_kernels/training/projector.py": ["tests/test_training.py", "tests/test_upstream_training.py", "-k",
@@ -92,6 +95,8 @@ BACKENDS = "crepa_kernels/backends.py"
 DIST_TRAINING = "crepa_kernels/distributed/training.py"
 GPU_LIMITS = "crepa_kernels/gpu_limits.py"
 CUDA_PLAN = "csrc/crepa_cuda_plan.h"
+CUDA_KERNELS = "csrc/crepa_cuda_kernels.cu"
+CUDA_GLUE = "csrc/crepa_cuda.cpp"
 FUNCTION = "crepa_kernels/function.py"
 REFERENCE_BACKWARD = "crepa_kernels/reference_backend.py"
 FEATURE_CACHE = "crepa_kernels/training/feature_cache.py"
@@ -486,4 +491,54 @@ MUTANTS += [
            "sm_120's opt-in shared memory per block taken as 100 KB"),
     Mutant("i21-t-reserved-from-sm100", GPU_LIMITS, '(1024 if int(arch[3:]) >= 90 else 0)',
            '(1024 if int(arch[3:]) >= 100 else 0)', "sm_90's cubin reservation not subtracted"),
+    # --- the CUDA kernels, executed by cuda_emulated (issue 20): every barrier, the tail masks, the vector-path
+    # condition, the opt-in record and the shared-memory limit. (The token reduction's barrier after each item was
+    # redundant, see its comment, and is gone.)
+    Mutant("cuda-barrier-forward-warp-sums", CUDA_KERNELS,
+           '      if (lane == 0) warp_sums[warp * S + s] = partial;\n    }\n    __syncthreads();',
+           '      if (lane == 0) warp_sums[warp * S + s] = partial;\n    }',
+           "the warps' partial sums read before every warp wrote them"),
+    Mutant("cuda-barrier-forward-frame-end", CUDA_KERNELS,
+           '    __syncthreads();  // warp_sums is reused by the next frame',
+           '    // warp_sums is reused by the next frame', "a frame's statistics read before every thread wrote them"),
+    Mutant("cuda-barrier-reduce-partials", CUDA_KERNELS,
+           '    partial[threadIdx.x] = sum;\n    __syncthreads();', '    partial[threadIdx.x] = sum;',
+           "the token tree starts before every thread stored its sum"),
+    Mutant("cuda-barrier-reduce-tree", CUDA_KERNELS,
+           'partial[threadIdx.x] += partial[threadIdx.x + width];\n      __syncthreads();',
+           'partial[threadIdx.x] += partial[threadIdx.x + width];',
+           "a tree level reads the level below before it is summed"),
+    Mutant("cuda-barrier-backward-table", CUDA_KERNELS,
+           '  fill_coefficients(coefficients, band, tau, normalize_weights);\n  __syncthreads();',
+           '  fill_coefficients(coefficients, band, tau, normalize_weights);',
+           "self coefficients computed from a coefficient table still being written"),
+    Mutant("cuda-barrier-backward-proj-stage", CUDA_KERNELS,
+           '    __syncthreads();  // this frame\'s direct coefficients',
+           '    // this frame\'s direct coefficients', "grad proj rows built from coefficients not yet written"),
+    Mutant("cuda-barrier-backward-target-stage", CUDA_KERNELS,
+           'target_direct_coefficient(token, coefficients, grad_row, band, k, slot, scale, eps);\n    }\n    __syncthreads();',
+           'target_direct_coefficient(token, coefficients, grad_row, band, k, slot, scale, eps);\n    }',
+           "grad target rows built from coefficients not yet written"),
+    Mutant("cuda-load-tail-mask", CUDA_KERNELS, 'out[j] = i + j < D ? load_element',
+           'out[j] = i + j <= D ? load_element', "the element path reads one element past each row"),
+    Mutant("cuda-store-tail-mask", CUDA_KERNELS, 'if (i + j < D) store_element', 'if (i + j <= D) store_element',
+           "the element path writes one element past each gradient row"),
+    Mutant("cuda-thread-loop-tail", CUDA_KERNELS,
+           'for (int64_t i = int64_t(threadIdx.x) * kChunk; i < D; i += int64_t(blockDim.x) * kChunk) {\n    acc_t a[kChunk]',
+           'for (int64_t i = int64_t(threadIdx.x) * kChunk; i + kChunk <= D; i += int64_t(blockDim.x) * kChunk) {\n    acc_t a[kChunk]',
+           "the dot products skip the partial last chunk"),
+    Mutant("cuda-optin-per-type", CUDA_KERNELS,
+           'std::make_pair(reinterpret_cast<const void*>(kernel), device)',
+           'std::make_pair(static_cast<const void*>(nullptr), device)',
+           "one opt-in record for the vector and element kernels of a type (review defect 1)"),
+    Mutant("cuda-vector-path-any-width", CUDA_GLUE, 'if (x.size(3) % kCudaChunk != 0 || x.stride(3) != 1) return false;',
+           'if (x.stride(3) != 1) return false;', "16-byte chunks taken when D is not a multiple of 8"),
+    Mutant("cuda-vector-path-any-address", CUDA_GLUE,
+           'if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) return false;',
+           'if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 != 0) return false;',
+           "16-byte chunks taken from rows that are not 16-byte aligned"),
+    Mutant("cuda-refusal-whole-limit", CUDA_GLUE,
+           'dynamic_shared_limit_of(kernel_device(proj), at::elementSize(acc), &limit)',
+           'shared_limit_of(kernel_device(proj), &limit)',
+           "refusal against the device figure the opt-in cannot reach (review defect 5)"),
 ]

@@ -72,9 +72,33 @@ def make_scratch(root: Path) -> Path:
     return scratch
 
 
+# C++ files the CPU-only crepa_kernels._C does not compile: their mutants are built by the tests themselves, by the
+# cuda_emulated backend's JIT build (in the scratch copy's TORCH_EXTENSIONS_DIR; ninja rebuilds what a changed file
+# reaches) and by the sanitizer harness (cached per content of its sources).
+EMULATED_ONLY = ("csrc/crepa_cuda_kernels.cu", "csrc/crepa_cuda.cpp", "csrc/crepa_cuda_portability.h")
+
+
+def rebuilds_cpu_extension(mutant: Mutant) -> bool:
+    return mutant.path.startswith("csrc/") and mutant.path not in EMULATED_ONLY
+
+
+def hip_cpu_root() -> str | None:
+    """The HIP CPU Runtime the checkout finds: a scratch copy elsewhere would not find it beside itself."""
+    sys.path.insert(0, str(ROOT / "csrc"))
+    try:
+        import build_config
+    finally:
+        sys.path.pop(0)
+    root = build_config.hip_cpu_root(ROOT / "csrc")
+    return str(root) if root else None
+
+
 def test_env(scratch: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(scratch), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               MAX_JOBS="1", CUDA_HOME="/nonexistent", PYTHONDONTWRITEBYTECODE="1")
+               MAX_JOBS="1", CUDA_HOME="/nonexistent", PYTHONDONTWRITEBYTECODE="1",
+               TORCH_EXTENSIONS_DIR=str(scratch / ".torch_ext"))
+    if hip_cpu_root():
+        env["HIP_CPU_ROOT"] = hip_cpu_root()
     env.pop("CREPA_KERNELS_BACKEND", None)
     return env
 
@@ -141,7 +165,7 @@ def run_mutant(mutant: Mutant, scratch: Path, pristine: dict[str, str], timeout:
     start = time.monotonic()
     source = scratch / mutant.path
     original_text = source.read_text()
-    is_cpp = mutant.path.startswith("csrc/")
+    is_cpp = rebuilds_cpu_extension(mutant)
     saved = {path.name: path.read_bytes() for path in extension_files(scratch)} if is_cpp else {}
     try:
         source.write_text(original_text.replace(mutant.original, mutant.replacement, 1))
@@ -219,7 +243,7 @@ def main() -> int:
     scratch = make_scratch(ROOT)
     print(f"scratch copy: {scratch}", flush=True)
     try:
-        if not extension_files(scratch) or any(m.path.startswith("csrc/") for m in selected):
+        if not extension_files(scratch) or any(rebuilds_cpu_extension(m) for m in selected):
             # the unmutated CPU-only build: what every mutant's tests load, and what a C++ mutant's build must differ from
             problem = build_extension(scratch)
             if problem:

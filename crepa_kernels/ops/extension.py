@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import gpu_limits
 from ..spec import LossOptions, compute_dtype
 
 logger = logging.getLogger(__name__)
@@ -215,7 +216,10 @@ def call_unsupported_reason(proj, target, options: LossOptions) -> str | None:
                 f"{CUDA_MIN_CAPABILITY[1]}, {proj.device} has {capability[0]}.{capability[1]}")
     if proj.shape is None:
         return None
-    limit = torch.cuda.get_device_properties(proj.device).shared_memory_per_block_optin
+    # what the kernels may use next to their static shared memory: the same number the C++ refusal and opt-in use
+    # (dynamic_shared_limit_of); the forward and backward kernels have none of their own besides the reservation
+    limit = (torch.cuda.get_device_properties(proj.device).shared_memory_per_block_optin
+             - gpu_limits.reserved_shared_bytes(capability))
     return cuda_shape_unsupported_reason(proj.shape, options, compute_dtype(proj, target), limit)
 
 
