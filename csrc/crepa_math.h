@@ -11,12 +11,15 @@
 //   grad y_k  = sum_{(f, slot): f + o = k} alpha p_f / (np_f ny_k) - [|y_k| > eps] (same sum of alpha cos) y_k / ny_k^2
 // The indicator uses >, as autograd of clamp_min does (torch passes no gradient at |x| = eps exactly).
 //
-// Tiny eps: a product of two clamped norms is at least eps^2, which underflows below sqrt(smallest normal) (fp32:
-// eps < 1.1e-19, fp64: eps < 1.5e-154) and reaches 0 near eps = 3.7e-23 (fp32). divide_by_norms then divides by
-// the norms in turn, so a zero vector's cosine is 0 / eps / eps = 0 as in the reference, and a pair of vectors both
-// inside the clamp contributes no gradient (pair_gradient_coefficient): alpha / eps^2 would overflow, and inf times
-// a zero vector is NaN. Such vectors have squared norms below the smallest normal, under what the kernels resolve
-// (they accumulate raw norms and dots; the reference normalises first). For normal eps nothing changes, bit for bit.
+// Tiny eps (spec.check_eps_for_dtype keeps eps >= the smallest normal): a product of two clamped norms is at least
+// eps^2, which underflows below sqrt(smallest normal) (fp32: eps < 1.1e-19, fp64: eps < 1.5e-154) and reaches 0
+// near eps = 3.7e-23 (fp32). divide_by_norms then divides by the norms in turn, so a zero vector's cosine is
+// 0 / eps / eps = 0 as in the reference, and a pair of two vectors inside the clamp gets no gradient coefficient
+// (pair_gradient_coefficient): alpha / eps^2 would overflow, and inf times a zero vector is NaN. Vectors inside the
+// clamp then have squared norms below the smallest normal, under what the kernels resolve (they accumulate raw norms
+// and dots; the reference normalises first), as are live vectors whose squared norm is not normal: the radial
+// term's |p|^2 is that square. For normal eps nothing changes, bit for bit. The Triton kernels reach the same
+// results their own way (ops/triton_loss.py).
 #pragma once
 
 #include <cfloat>
@@ -182,7 +185,7 @@ CREPA_HD T proj_self_coefficient(const T* stats, const T* coefficients, const T*
     }
   }
   const T np = clamped_norm(raw, eps);
-  return divide_by_norms(alpha_cos, np, np);
+  return alpha_cos / (np * np);
 }
 
 // grad y_k = sum_slot target_direct_coefficient(slot) p_{k-o_slot} - target_self_coefficient y_k: slot `slot` of
@@ -216,7 +219,7 @@ CREPA_HD T target_self_coefficient(const T* stats, const T* coefficients, const 
     }
   }
   const T ny = clamped_norm(raw, eps);
-  return divide_by_norms(alpha_cos, ny, ny);
+  return alpha_cos / (ny * ny);
 }
 
 }  // namespace crepa

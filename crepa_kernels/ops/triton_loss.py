@@ -316,6 +316,11 @@ if triton is not None:
         else:
             return tl.div_rn(x, y)
 
+    # Tiny eps (see csrc/crepa_math.h): below eps = sqrt(smallest normal) a product of two clamped norms underflows.
+    # The cosine's denominator is then held at the smallest normal: the product of two norms of live vectors (norms
+    # >= sqrt(smallest normal), whose squares the kernels resolve) never lies below it, so only a pair with a zero
+    # vector meets the floor, and its dot product is 0: 0, not 0 / 0. A is held within the finite range: alpha / eps^2
+    # of a pair of zero vectors would be inf, and inf times a zero vector NaN; any finite A gives them 0.
     @triton.jit
     def _smallest_normal(COMPUTE: tl.constexpr):
         if COMPUTE == tl.float64:
@@ -324,18 +329,11 @@ if triton is not None:
             return 1.1754943508222875e-38
 
     @triton.jit
-    def _divide_by_norms(x, a, b, COMPUTE: tl.constexpr):
-        """x / (a b) for clamped norms a, b; one norm at a time where the product is not a normal number (eps below
-        sqrt(smallest normal): see csrc/crepa_math.h), so that a zero vector's cosine is 0 / eps / eps, not 0 / 0."""
-        product = a * b
-        return tl.where(product >= _smallest_normal(COMPUTE), _div(x, product, COMPUTE),
-                        _div(_div(x, a, COMPUTE), b, COMPUTE))
-
-    @triton.jit
-    def _unresolved(norm, eps, COMPUTE: tl.constexpr):
-        """Clamped norms while eps^2 underflows: a pair of two such vectors contributes no gradient (its A would
-        be alpha / eps^2, inf, and inf times a zero vector NaN; see csrc/crepa_math.h)."""
-        return tl.where(eps * eps < _smallest_normal(COMPUTE), norm <= eps, False)
+    def _largest_finite(COMPUTE: tl.constexpr):
+        if COMPUTE == tl.float64:
+            return 1.7976931348623157e308
+        else:
+            return 3.4028234663852886e38
 
     @triton.jit
     def _sqrt(x, COMPUTE: tl.constexpr):
@@ -402,12 +400,12 @@ if triton is not None:
         return _div(_div(-grad_loss, z, COMPUTE), tl.cast(num_tokens, COMPUTE), COMPUTE)
 
     @triton.jit
-    def _a_matrix(rows, cols, weight_ptr, row_scale, inv_p, inv_y, p_unresolved, y_unresolved, num_frames, near, far):
-        """A[n, f, k] = alpha[f, k] / (|p_f| |y_k|) (clamped norms) for row frames f and column frames k; 0 for a
-        pair of two unresolved vectors (_unresolved)."""
+    def _a_matrix(rows, cols, weight_ptr, row_scale, inv_p, inv_y, num_frames, near, far, COMPUTE: tl.constexpr):
+        """A[n, f, k] = alpha[f, k] / (|p_f| |y_k|) (clamped norms) for row frames f and column frames k, held
+        within the finite range (tiny eps, above)."""
         w, _ = _pair_weights(rows, cols, weight_ptr, num_frames, near, far)
         a = (row_scale[:, None] * w)[None, :, :] * inv_p[:, :, None] * inv_y[:, None, :]
-        return tl.where(p_unresolved[:, :, None] & y_unresolved[:, None, :], 0.0, a)
+        return tl.minimum(tl.maximum(a, -_largest_finite(COMPUTE)), _largest_finite(COMPUTE))
 
     @triton.jit
     def _dot_split(a_hi, a_lo, x):
@@ -466,7 +464,8 @@ if triton is not None:
         w, is_term = _pair_weights(rows, cols, weight_ptr, num_frames, near, far)
         p_norm = tl.maximum(_sqrt(p_squares, COMPUTE), eps)
         y_norm = tl.maximum(_sqrt(y_squares, COMPUTE), eps)
-        cosine = _divide_by_norms(gram, p_norm[:, :, None], y_norm[:, None, :], COMPUTE)  # [BLOCK_N, f, k]
+        # [BLOCK_N, f, k]; the floor: tiny eps, above
+        cosine = _div(gram, tl.maximum(p_norm[:, :, None] * y_norm[:, None, :], _smallest_normal(COMPUTE)), COMPUTE)
         coefficient = _div(w, z[:, None], COMPUTE)
         # select, not multiply by a zero coefficient: a NaN cosine of an unrelated frame pair must not leak in
         weighted += tl.sum(tl.where(is_term[None, :, :], cosine * coefficient[None, :, :], 0.0), axis=2)
@@ -582,16 +581,13 @@ if triton is not None:
             source_scale = _row_scale(grad_loss_ptr, z_ptr, batch, sources, source_ok & batch_ok, num_frames,
                                       num_tokens, COMPUTE)
             s_y += tl.where(source_ok[None, :], as_column * (source_scale * w)[None, :], 0.0)
-        p_scale = tl.where(p_norm > eps, _divide_by_norms(s_p, p_norm, p_norm, COMPUTE), 0.0)
-        y_scale = tl.where(y_norm > eps, _divide_by_norms(s_y, y_norm, y_norm, COMPUTE), 0.0)
+        p_scale = tl.where(p_norm > eps, _div(s_p, p_norm * p_norm, COMPUTE), 0.0)
+        y_scale = tl.where(y_norm > eps, _div(s_y, y_norm * y_norm, COMPUTE), 0.0)
         one = tl.full((BLOCK_N, FRAMES), 1.0, COMPUTE)
         inv_p = _div(one, p_norm, COMPUTE)
         inv_y = _div(one, y_norm, COMPUTE)
-        p_unresolved = _unresolved(p_norm, eps, COMPUTE)
-        y_unresolved = _unresolved(y_norm, eps, COMPUTE)
         if not SHIFTED:  # the window is its own column window: A once for the whole D sweep
-            a = _a_matrix(rows, rows, weight_ptr, row_scale, inv_p, inv_y, p_unresolved, y_unresolved, num_frames,
-                          near, far)
+            a = _a_matrix(rows, rows, weight_ptr, row_scale, inv_p, inv_y, num_frames, near, far, COMPUTE)
             a_t = tl.trans(a, (0, 2, 1))
             if SPLIT_BF16_DOT:
                 a_hi = a.to(tl.bfloat16)
@@ -624,20 +620,21 @@ if triton is not None:
                     col_stat_ok = token_ok[:, None] & col_ok[None, :]
                     col_load_ok = token_ok[:, None, None] & col_ok[None, :, None] & d_ok
                     if PROJ_GRAD:
-                        y_norm_cols = _stats(y_norm_ptr, batch, cols, tokens, col_stat_ok, num_frames, num_tokens)
-                        a = _a_matrix(rows, cols, weight_ptr, row_scale, inv_p, _div(one, y_norm_cols, COMPUTE),
-                                      p_unresolved, _unresolved(y_norm_cols, eps, COMPUTE), num_frames, near, far)
+                        inv_y_cols = _div(one, _stats(y_norm_ptr, batch, cols, tokens, col_stat_ok, num_frames,
+                                                      num_tokens), COMPUTE)
+                        a = _a_matrix(rows, cols, weight_ptr, row_scale, inv_p, inv_y_cols, num_frames, near, far,
+                                      COMPUTE)
                         y_cols = tl.load(target_ptr + batch * sy_b + tokens[:, None, None] * sy_n
                                          + cols[None, :, None] * sy_f + d[None, None, :] * sy_d, mask=col_load_ok,
                                          other=0.0)
                         grad_p += _dot_a(a, y_cols, SPLIT_BF16_DOT, COMPUTE)
                     if TARGET_GRAD:
-                        p_norm_cols = _stats(p_norm_ptr, batch, cols, tokens, col_stat_ok, num_frames, num_tokens)
+                        inv_p_cols = _div(one, _stats(p_norm_ptr, batch, cols, tokens, col_stat_ok, num_frames,
+                                                      num_tokens), COMPUTE)
                         col_scale = _row_scale(grad_loss_ptr, z_ptr, batch, cols, col_ok & batch_ok, num_frames,
                                                num_tokens, COMPUTE)
-                        a_back = _a_matrix(cols, rows, weight_ptr, col_scale, _div(one, p_norm_cols, COMPUTE), inv_y,
-                                           _unresolved(p_norm_cols, eps, COMPUTE), y_unresolved, num_frames, near,
-                                           far)
+                        a_back = _a_matrix(cols, rows, weight_ptr, col_scale, inv_p_cols, inv_y, num_frames, near,
+                                           far, COMPUTE)
                         p_cols = tl.load(proj_ptr + batch * sp_b + tokens[:, None, None] * sp_n
                                          + cols[None, :, None] * sp_f + d[None, None, :] * sp_d, mask=col_load_ok,
                                          other=0.0)
