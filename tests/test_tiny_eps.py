@@ -45,7 +45,8 @@ def assert_close_per_token(actual, expected, what):
     actual, expected = actual.detach().double().cpu(), expected.double()
     scale = expected.abs().amax(dim=-1, keepdim=True)
     error = (actual - expected).abs()
-    assert (error <= rtol * scale).all(), f"{what}: worst {(error / scale.clamp_min(1e-300)).max().item():.3g} of a token"
+    worst = (error / scale.clamp_min(1e-300)).max().item()
+    assert (error <= rtol * scale).all(), f"{what}: worst error {worst:.3g} of its token's largest element"
 
 
 def backend_or_skip(name):
