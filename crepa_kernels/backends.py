@@ -8,12 +8,15 @@ crepa_kernels.function.CrossFrameAlignFunction):
     BACKWARD_READS_STATISTICS: bool                             # False when saved is always empty
     backward(grad_L, proj, target, saved, options, needs_proj_grad, needs_target_grad) -> (grad_proj | None,
                                                                                            grad_target | None)
-with proj and target as spec.as_frames gives them.
+with proj and target as spec.as_frames gives them, and, for a backend that refuses some sizes,
+    size_limits(proj, target, options) -> ((max_dim | None, max_frames), ...) | None
+                                        # the F and D it runs for calls like this one (shape None); None: any
 
 ``call_unsupported_reason`` sees the call through :class:`InputSpec` (shape, dtype, device, requires_grad; a
 tensor has the same attributes) and a :class:`~crepa_kernels.spec.LossOptions`. ``shape`` is None while
-torch.compile traces (sizes may be symbolic there), so shape limits are checked again at launch; ``tau``, ``eps``
-and ``reduction`` never decide the backend and are left at their defaults.
+torch.compile traces (sizes may be symbolic there): the traced sizes are then compared with each backend's
+``size_limits`` instead, so that a compiled call runs where the eager call runs, and only a call that crosses a
+limit recompiles. ``tau``, ``eps`` and ``reduction`` never decide the backend and are left at their defaults.
 """
 from __future__ import annotations
 
@@ -108,17 +111,54 @@ def call_unsupported_reason(name: str, proj, target, options: LossOptions) -> st
 
 
 def call_key(proj: torch.Tensor, target: torch.Tensor, options: LossOptions | None) -> tuple | None:
-    """What selection depends on, as Python constants. Sizes are left out while torch.compile traces (they may
-    be symbolic, and pinning them would defeat dynamic shapes)."""
+    """What selection depends on, as Python constants: (shape, dtypes, requires_grad, options, refused_sizes).
+
+    While torch.compile traces, the sizes may be symbolic and pinning them would recompile for every shape: shape is
+    None, and refused_sizes names the backends whose size_limits the traced F and D exceed. Those comparisons become
+    the graph's guards, so only a call that crosses a limit recompiles (and none when no backend has limits).
+    """
     if options is None:
         return None
-    shape = None if torch.compiler.is_compiling() else tuple(proj.shape)
-    return (shape, proj.dtype, target.dtype, proj.requires_grad, target.requires_grad,
-            options.neighbors, options.neighbor_mode, options.normalize_weights)
+    key = (proj.dtype, target.dtype, proj.requires_grad, target.requires_grad,
+           options.neighbors, options.neighbor_mode, options.normalize_weights)
+    if not torch.compiler.is_compiling():
+        return (tuple(proj.shape), *key, ())
+    refused = ()
+    for name, limits in size_limits(proj.device.type, proj.device.index, (None, *key, ())):
+        if not within_size_limits(limits, proj.shape[1], proj.shape[3]):
+            refused += (name,)
+    return (None, *key, refused)
+
+
+def within_size_limits(limits: tuple, frames, dim) -> bool:
+    """Whether F and D lie within a backend's size_limits; comparisons only, so symbolic sizes become range guards."""
+    for max_dim, max_frames in limits:
+        if max_dim is None or dim <= max_dim:
+            return frames <= max_frames
+    return False
+
+
+@torch.compiler.assume_constant_result  # read while torch.compile traces, from constants only: no graph break
+def size_limits(device_type: str, device_index: int | None, key: tuple) -> tuple[tuple[str, tuple], ...]:
+    """(backend, its size_limits) for each backend that can run calls like ``key`` (shape None) but not all sizes."""
+    return _size_limits(device_type, device_index, key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _size_limits(device_type: str, device_index: int | None, key: tuple) -> tuple[tuple[str, tuple], ...]:
+    device = torch.device(device_type, device_index)
+    proj, target, options = _specs(device, key)
+    found = []
+    for name in BACKEND_NAMES:
+        if call_unsupported_reason(name, proj, target, options) is None and hasattr(_load(name), "size_limits"):
+            limits = _load(name).size_limits(proj, target, options)
+            if limits is not None:
+                found.append((name, limits))
+    return tuple(found)
 
 
 def _specs(device: torch.device, key: tuple) -> tuple[InputSpec, InputSpec, LossOptions]:
-    shape, proj_dtype, target_dtype, proj_grad, target_grad, neighbors, mode, normalize = key
+    shape, proj_dtype, target_dtype, proj_grad, target_grad, neighbors, mode, normalize, _ = key
     options = LossOptions(neighbors=neighbors, neighbor_mode=mode, normalize_weights=normalize)
     return (InputSpec(shape, proj_dtype, device, proj_grad), InputSpec(shape, target_dtype, device, target_grad),
             options)
@@ -128,7 +168,13 @@ def _reasons(device: torch.device, key: tuple | None) -> dict[str, str | None]:
     if key is None:
         return {name: unavailable_reason(name, device) for name in BACKEND_NAMES}
     proj, target, options = _specs(device, key)
-    return {name: call_unsupported_reason(name, proj, target, options) for name in BACKEND_NAMES}
+    reasons = {name: call_unsupported_reason(name, proj, target, options) for name in BACKEND_NAMES}
+    limits = dict(_size_limits(device.type, device.index, key[:-1] + ((),))) if key[-1] else {}
+    for name in key[-1]:
+        steps = ", ".join(f"F <= {frames} for D <= {dim}" if dim is not None else f"F <= {frames} for larger D"
+                          for dim, frames in limits[name])
+        reasons[name] = f"the traced sizes are past the sizes {name!r} runs for this call ({steps})"
+    return reasons
 
 
 def _check_name(name, source: str) -> None:

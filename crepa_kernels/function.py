@@ -23,7 +23,7 @@ import inspect
 import torch
 
 from .backends import call_key, check_backend_name, resolve_backend_name, select_backend
-from .spec import LossOptions, as_frames, reduce_frames
+from .spec import LossOptions, as_frames, check_eps_for_dtype, compute_dtype, reduce_frames
 
 # forward's arguments after proj and target, with their defaults: setup_context may receive fewer inputs than
 # forward declares (torch.compile passes them as the caller wrote them), so it completes them from here
@@ -60,6 +60,7 @@ def _prepare(proj, target, arguments):
     proj_frames, target_frames = as_frames(proj, target, num_frames)
     options = call_options(tau, neighbors, neighbor_mode, normalize_weights, reduction, eps, clamp_neighbors,
                            proj_frames.shape[1])
+    check_eps_for_dtype(options.eps, compute_dtype(proj_frames, target_frames))
     device = proj_frames.device
     key = call_key(proj_frames, target_frames, options)  # the backend depends on the call (dtypes, shape, options)
     return proj_frames, target_frames, options, resolve_backend_name(backend, device.type, device.index, key)

@@ -96,6 +96,16 @@ def check_options(options: LossOptions) -> None:
         raise ValueError(f"eps: expected a positive finite number, got {options.eps!r}")
 
 
+def check_eps_for_dtype(eps, dtype: torch.dtype) -> None:
+    """ValueError unless eps is at least the smallest normal number of the compute dtype (fp32: 1.2e-38, fp64:
+    2.2e-308): below it eps is subnormal or 0 there, and max(|x|, eps) no longer keeps a zero vector's cosine from
+    being 0 / 0. Down to it the kernels divide without underflow (csrc/crepa_math.h)."""
+    smallest = torch.finfo(dtype).tiny
+    if eps < smallest:
+        raise ValueError(f"eps: expected at least {smallest:.4g}, the smallest normal {dtype} (the dtype these "
+                         f"inputs are computed in), got {eps!r}")
+
+
 def _check_num_frames(num_frames) -> None:
     if num_frames is None:
         return

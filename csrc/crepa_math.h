@@ -10,8 +10,19 @@
 //   grad p_f  = sum_slot alpha y_k / (np_f ny_k) - [|p_f| > eps] (sum_slot alpha cos_fk) p_f / np_f^2
 //   grad y_k  = sum_{(f, slot): f + o = k} alpha p_f / (np_f ny_k) - [|y_k| > eps] (same sum of alpha cos) y_k / ny_k^2
 // The indicator uses >, as autograd of clamp_min does (torch passes no gradient at |x| = eps exactly).
+//
+// Tiny eps (spec.check_eps_for_dtype keeps eps >= the smallest normal): a product of two clamped norms is at least
+// eps^2, which underflows below sqrt(smallest normal) (fp32: eps < 1.1e-19, fp64: eps < 1.5e-154) and reaches 0
+// near eps = 3.7e-23 (fp32). divide_by_norms then divides by the norms in turn, so a zero vector's cosine is
+// 0 / eps / eps = 0 as in the reference, and a pair of two vectors inside the clamp gets no gradient coefficient
+// (pair_gradient_coefficient): alpha / eps^2 would overflow, and inf times a zero vector is NaN. Vectors inside the
+// clamp then have squared norms below the smallest normal, under what the kernels resolve (they accumulate raw norms
+// and dots; the reference normalises first), as are live vectors whose squared norm is not normal: the radial
+// term's |p|^2 is that square. For normal eps nothing changes, bit for bit. The Triton kernels reach the same
+// results their own way (ops/triton_loss.py).
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -32,6 +43,8 @@ CREPA_HD float exp_of(float x) { return expf(x); }
 CREPA_HD double exp_of(double x) { return exp(x); }
 CREPA_HD float sqrt_of(float x) { return sqrtf(x); }
 CREPA_HD double sqrt_of(double x) { return sqrt(x); }
+CREPA_HD float smallest_normal(float) { return FLT_MIN; }
+CREPA_HD double smallest_normal(double) { return DBL_MIN; }
 
 // Which frame offsets k - f a frame looks at. `reach` is the largest |offset| that can land inside [0, frames).
 struct Band {
@@ -101,6 +114,22 @@ CREPA_HD bool norm_is_live(T raw_norm, T eps) {
   return raw_norm > eps;
 }
 
+// x / (a b) for clamped norms a, b: one division while the product is a normal number (every call for eps above
+// sqrt(smallest normal)); else one norm at a time, so that an underflowed product cannot turn 0 into 0 / 0.
+template <typename T>
+CREPA_HD T divide_by_norms(T x, T a, T b) {
+  const T product = a * b;
+  return product >= smallest_normal(product) ? x / product : x / a / b;
+}
+
+// alpha / (max(|p|, eps) max(|y|, eps)): the coefficient of y in grad p and of p in grad y. A pair whose norms are
+// both clamped while eps^2 underflows contributes 0 (see the top of this file).
+template <typename T>
+CREPA_HD T pair_gradient_coefficient(T alpha, T raw_p, T raw_y, T eps) {
+  if (!norm_is_live(raw_p, eps) && !norm_is_live(raw_y, eps) && eps * eps < smallest_normal(eps)) return T(0);
+  return divide_by_norms(alpha, clamped_norm(raw_p, eps), clamped_norm(raw_y, eps));
+}
+
 // Per-token helpers. `stats` is one token's [frames][stats_per_frame] block, `coefficients` the band's
 // [frames][width] table of frame_coefficient, `grad_loss` the [frames] row of grad_L for the token's batch element,
 // `scale` = -1/N.
@@ -111,7 +140,7 @@ CREPA_HD T slot_cosine(const T* stats, const Band& band, int64_t frame, int64_t 
   const int64_t k = frame + band.offset(slot);
   const T np = clamped_norm(stats[frame * row + kProjNorm], eps);
   const T ny = clamped_norm(stats[k * row + kTargetNorm], eps);
-  return stats[frame * row + kFirstDot + slot] / (np * ny);
+  return divide_by_norms(stats[frame * row + kFirstDot + slot], np, ny);
 }
 
 // sum_slot C[f][slot] cos(p_f, y_{f+o}): this token's share of -N L[b, f].
@@ -139,9 +168,8 @@ CREPA_HD T proj_direct_coefficient(const T* stats, const T* coefficients, const 
   if (!band.lands(frame, slot)) return T(0);
   const int64_t row = band.stats_per_frame();
   const int64_t k = frame + band.offset(slot);
-  const T np = clamped_norm(stats[frame * row + kProjNorm], eps);
-  const T ny = clamped_norm(stats[k * row + kTargetNorm], eps);
-  return slot_alpha(coefficients, grad_loss, band, frame, slot, scale) / (np * ny);
+  return pair_gradient_coefficient(slot_alpha(coefficients, grad_loss, band, frame, slot, scale),
+                                   stats[frame * row + kProjNorm], stats[k * row + kTargetNorm], eps);
 }
 
 template <typename T>
@@ -173,9 +201,8 @@ CREPA_HD T target_direct_coefficient(const T* stats, const T* coefficients, cons
   if (!target_slot_lands(band, k, slot)) return T(0);
   const int64_t row = band.stats_per_frame();
   const int64_t frame = k - band.offset(slot);
-  const T np = clamped_norm(stats[frame * row + kProjNorm], eps);
-  const T ny = clamped_norm(stats[k * row + kTargetNorm], eps);
-  return slot_alpha(coefficients, grad_loss, band, frame, slot, scale) / (np * ny);
+  return pair_gradient_coefficient(slot_alpha(coefficients, grad_loss, band, frame, slot, scale),
+                                   stats[frame * row + kProjNorm], stats[k * row + kTargetNorm], eps);
 }
 
 template <typename T>

@@ -7,9 +7,11 @@ import warnings
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from crepa_kernels import available_backends, cross_frame_align_loss, explain_backend
-from crepa_kernels import backends
+from crepa_kernels import backends, gpu_limits
 from crepa_kernels.ops import extension, triton_loss
 from harness import assert_close_and_finite, random_pair
 
@@ -22,9 +24,11 @@ def fresh_selection(monkeypatch):
     """Resolution is cached per call; the tests patch reasons, so each starts and ends with an empty cache."""
     monkeypatch.delenv(backends.ENV_OVERRIDE, raising=False)
     backends._resolve.cache_clear()
+    backends._size_limits.cache_clear()
     triton_loss._cached_capability.cache_clear()  # the tests patch torch.cuda.get_device_capability
     yield
     backends._resolve.cache_clear()
+    backends._size_limits.cache_clear()
     triton_loss._cached_capability.cache_clear()
 
 
@@ -142,7 +146,7 @@ def test_cuda_order_passes_to_the_cuda_kernel_when_triton_refuses(monkeypatch):
     _refuse_when(monkeypatch, triton_loss, lambda p, y, o: o.neighbors > 4, "window too wide for the test")
     monkeypatch.setattr(extension, "call_unsupported_reason", lambda p, y, o: None)
     device = torch.device("cuda", 0)
-    key = ((1, 33, 10, 64), torch.bfloat16, torch.bfloat16, True, False, 9, "cumulative", False)
+    key = ((1, 33, 10, 64), torch.bfloat16, torch.bfloat16, True, False, 9, "cumulative", False, ())
     choice = backends._choose("auto", None, device, key)
     assert choice.backend == "cuda" and choice.reasons["triton"] == "window too wide for the test"
     assert backends._choose("auto", None, device, key[:5] + (1,) + key[6:]).backend == "triton"
@@ -231,3 +235,118 @@ def test_cuda_kernel_reasons_follow_its_launch_plan(monkeypatch):
     assert extension.call_unsupported_reason(tracing, tracing, backends.LossOptions()) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert "7.5" in extension.call_unsupported_reason(spec, spec, options)
+
+
+# --- under torch.compile: a backend's size limits (issue 20, defect 3) -------------------------------------------
+# While torch.compile traces, the sizes may be symbolic and call_key leaves the shape out; a backend that refuses some
+# sizes gives size_limits instead, which the traced sizes are compared with (range guards). Without that, "auto"
+# picked a backend the sizes then made raise at run time.
+
+# F <= 6 frames for D <= 16, F <= 4 for wider tokens: a size limit like the CUDA kernel's shared-memory staircase
+TEST_SIZE_LIMITS = ((16, 6), (None, 4))
+
+
+def _outside_test_limits(frames, dim) -> bool:
+    return frames > (6 if dim <= 16 else 4)
+
+
+@needs_cpu_kernel
+def test_compiled_auto_runs_where_eager_runs_past_a_size_limit(monkeypatch):
+    """The CPU kernel is given TEST_SIZE_LIMITS: eager selection refuses past them, and its forward raises there as
+    the CUDA forward does. Compiled with dynamic shapes, every call must run on the backend eager selection picks
+    (the patched kernel doubles its loss, so a wrong graph shows in the value) and recompile only when it crosses
+    a limit: 4 graphs for 6 calls."""
+    original_forward = extension.forward
+
+    def limited_forward(proj, target, options):
+        if _outside_test_limits(proj.shape[1], proj.shape[3]):
+            raise NotImplementedError("the test's size limit")
+        per_frame, *saved = original_forward(proj, target, options)
+        return (2 * per_frame, *saved)  # marks the kernel's results
+
+    def limited_reason(proj, target, options):
+        if proj.shape is not None and _outside_test_limits(proj.shape[1], proj.shape[3]):
+            return "past the test's size limit"
+        return None
+
+    monkeypatch.setattr(extension, "forward", limited_forward)
+    monkeypatch.setattr(extension, "call_unsupported_reason", limited_reason)
+    monkeypatch.setattr(extension, "size_limits", lambda proj, target, options: TEST_SIZE_LIMITS)
+    traced = []
+    original_resolve = backends._resolve
+
+    def recording_resolve(*args):  # runs only while torch.compile traces (or in eager calls)
+        traced.append(original_resolve(*args))
+        return traced[-1]
+
+    recording_resolve.cache_clear = original_resolve.cache_clear
+    monkeypatch.setattr(backends, "_resolve", recording_resolve)
+
+    def loss(proj, target):
+        return cross_frame_align_loss(proj, target, neighbors=1, backend="auto")
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss, backend=counter, fullgraph=True, dynamic=True)
+    calls = [((2, 3, 5, 8), "cpu", 1), ((2, 5, 5, 8), "cpu", 1), ((2, 7, 5, 8), "reference", 2),
+             ((2, 9, 5, 8), "reference", 2), ((2, 5, 5, 20), "reference", 3), ((2, 3, 5, 20), "cpu", 4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # auto passing over the refusing kernel
+        for shape, expected_backend, graphs in calls:
+            proj, target = random_pair(shape, seed=shape[1] + shape[3])
+            assert explain_backend(proj, target, neighbors=1).backend == expected_backend, shape
+            got = compiled(proj, target)
+            got_grads = torch.autograd.grad(got, (proj, target))
+            expected = loss(proj, target)
+            expected_grads = torch.autograd.grad(expected, (proj, target))
+            assert_close_and_finite(got, expected, f"compiled loss {shape}")
+            for grad, expected_grad in zip(got_grads, expected_grads):
+                assert_close_and_finite(grad, expected_grad, f"compiled gradient {shape}")
+            assert counter.frame_count == graphs, (shape, counter.frame_count)
+            assert traced[-1] == expected_backend, (shape, traced)
+    torch._dynamo.reset()
+
+
+def test_traced_selection_sees_the_cuda_kernels_shared_memory_limit(monkeypatch):
+    """The issue's case without a GPU: fp64, cumulative d=64, F=128 needs about 132 KB of shared memory per block,
+    past the 99 KB of sm_86/89/120. With the Triton backend unavailable, "auto" on a CUDA device must pass over the
+    CUDA kernel for it in the traced key (torch.compile: shape None) exactly where it does for the eager key, on
+    every checked architecture and around every step of its size limits."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    original_unavailable = backends.unavailable_reason
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: "not here" if name == "triton" else (
+        None if name == "cuda" else original_unavailable(name, device)))
+    cuda = torch.device("cuda", 0)
+    options = backends.LossOptions(neighbors=64, neighbor_mode="cumulative")
+
+    def choices(shape, dtype):
+        with FakeTensorMode():
+            proj = torch.empty(shape, dtype=dtype, device="cuda", requires_grad=True)
+        eager = backends._choose("auto", None, cuda, backends.call_key(proj, proj, options))
+        with monkeypatch.context() as tracing:
+            tracing.setattr(torch.compiler, "is_compiling", lambda: True)
+            traced_key = backends.call_key(proj, proj, options)
+        assert traced_key[0] is None  # no size in the traced key: dynamic shapes stay dynamic
+        return eager, backends._choose("auto", None, cuda, traced_key)
+
+    for arch in gpu_limits.CHECKED_ARCHS:
+        properties = types.SimpleNamespace(shared_memory_per_block_optin=gpu_limits.SHARED_BYTES_PER_BLOCK_OPTIN[arch])
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None, p=properties: p)
+        backends._size_limits.cache_clear()
+        for dtype in (torch.float64, torch.bfloat16):
+            accumulation = torch.float64 if dtype == torch.float64 else torch.float32
+            limits = extension.cuda_size_limits(options, accumulation, properties.shared_memory_per_block_optin)
+            frames_at_steps = {frames for _, frames in limits}
+            dims = [1, 255, 256, 257, 1536, 4096] + [dim + extra for dim, _ in limits if dim for extra in (0, 1)]
+            for dim in dims:
+                for frames in sorted({2, 64, 128, 300} | {f + extra for f in frames_at_steps for extra in (0, 1)}):
+                    if frames < 1:
+                        continue
+                    eager, traced = choices((1, frames, 7, dim), dtype)
+                    assert eager.backend == traced.backend, (arch, dtype, frames, dim, eager, traced)
+        issue_eager, issue_traced = choices((1, 128, 3600, 1536), torch.float64)
+        needs_fallback = arch in ("sm_86", "sm_89", "sm_120", "sm_121")
+        assert issue_traced.backend == ("reference" if needs_fallback else "cuda"), arch
+        if needs_fallback:
+            assert "'cuda' runs for this call" in issue_traced.reasons["cuda"], issue_traced
+            assert "bytes of shared memory" in issue_eager.reasons["cuda"], issue_eager

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from crepa_kernels import LossOptions, gpu_limits
+from crepa_kernels import LossOptions, backends, gpu_limits
 from crepa_kernels.ops import extension
 from harness import assert_backend_matches_reference, random_pair
 
@@ -267,3 +267,25 @@ def test_cuda_several_launches_match_reference(grid_limit, blocks):
     for shape, dtype in (((2, 5, 10, 40), torch.float32), ((3, 4, 3, 33), torch.bfloat16)):
         proj, target = random_pair(shape, dtype, seed=33, device="cuda")
         assert_backend_matches_reference("cuda", proj, target, neighbors=2, neighbor_mode="cumulative")
+
+
+@pytest.mark.parametrize("arch", ["sm_86", "sm_90"])
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64], ids=str)
+def test_size_limits_are_the_refusal_whatever_b_and_n(arch, acc):
+    """cuda_size_limits (what a compiled call is checked against, with F and D symbolic) accepts exactly the sizes
+    the refusal accepts, for any B and N: the refusal reads F and D only, and more of either never fits better."""
+    limit = gpu_limits.SHARED_BYTES_PER_BLOCK_OPTIN[arch]
+    for neighbors, mode in NEIGHBOURS:
+        options = options_for(neighbors, mode)
+        limits = extension.cuda_size_limits(options, acc, limit)
+        assert [dim for dim, _ in limits[:-1]] == sorted(dim for dim, _ in limits[:-1]) and limits[-1][0] is None
+        edges = {frames + extra for _, frames in limits for extra in (0, 1)} | {dim + extra for dim, _ in limits
+                                                                               if dim for extra in (0, 1)}
+        for frames, dim in itertools.product(sorted({1, 2, 61, 128, 300} | edges), (1, 5, 256, 257, 1536, 4097)):
+            fits = backends.within_size_limits(limits, frames, dim)
+            for batch, tokens in ((1, 1), (3, 3600), (2**31 + 3, 2**33 + 5)):
+                why = extension.cuda_shape_unsupported_reason((batch, frames, tokens, dim), options, acc, limit)
+                assert (why is None) == fits, (options, frames, dim, batch, tokens, limits)
+    # the issue's case: fp64, cumulative d=64, F=128 fits sm_90 but not the 99 KB of sm_86
+    limits = extension.cuda_size_limits(options_for(64, "cumulative"), torch.float64, limit)
+    assert backends.within_size_limits(limits, 128, 1536) == (arch == "sm_90")

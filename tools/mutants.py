@@ -20,7 +20,7 @@ class Mutant:
 
 # pytest arguments that cover each mutated file: tight selections, run with -x -m "not slow".
 COVERING_TESTS = {
-    "crepa_kernels/spec.py": ["tests/test_reference.py", "tests/test_api.py"],
+    "crepa_kernels/spec.py": ["tests/test_reference.py", "tests/test_api.py", "tests/test_tiny_eps.py"],
     "crepa_kernels/reference.py": ["tests/test_reference.py"],
     # the launch-configuration and guard tests first (seconds), then the kernels under the interpreter (minutes)
     "crepa_kernels/ops/triton_loss.py": [
@@ -28,9 +28,10 @@ COVERING_TESTS = {
         "tests/test_backend_selection.py::test_triton_reads_the_capability_once_per_device",
         "tests/test_triton_compile.py::test_shifted_tiling_compiles_without_spills_below_sm_90",
         "tests/test_triton_guards.py",
+        "tests/test_tiny_eps.py",
         "tests/test_triton_backend.py"],
     "csrc/crepa_cpu.cpp": ["tests/test_cpu_backend.py"],
-    "csrc/crepa_math.h": ["tests/test_cpu_backend.py"],
+    "csrc/crepa_math.h": ["tests/test_tiny_eps.py", "tests/test_cpu_backend.py"],
     "crepa_kernels/training/token_grid.py": ["tests/test_training.py", "tests/test_upstream_training.py", "-k",
                                              "temporal or spatial or token_grid or upstream"],
     "crepa_kernels/training/teacher.py": ["tests/test_upstream_training.py", "-k", "ema or backbone"],
@@ -46,6 +47,7 @@ COVERING_TESTS = {
     "crepa_kernels/distributed/layout.py": ["tests/test_distributed_plan.py"],
     "crepa_kernels/distributed/collectives.py": ["tests/test_distributed_plan.py", "tests/test_distributed.py"],
     "crepa_kernels/backends.py": ["tests/test_api.py", "tests/test_backend_selection.py"],
+    "crepa_kernels/ops/extension.py": ["tests/test_cuda_limits.py", "tests/test_backend_selection.py"],
     "crepa_kernels/distributed/training.py": ["tests/test_wiring_distributed.py", "tests/test_properties.py",
                                               "tests/test_boundaries.py", "tests/test_distributed_training.py", "-k",
                                               "shard_sizes or sequence_parallel or context_parallel"],
@@ -77,6 +79,7 @@ COVERING_TESTS = {
 }
 
 SPEC = "crepa_kernels/spec.py"
+EXTENSION = "crepa_kernels/ops/extension.py"
 REFERENCE = "crepa_kernels/reference.py"
 TRITON = "crepa_kernels/ops/triton_loss.py"
 CPU = "csrc/crepa_cpu.cpp"
@@ -541,4 +544,27 @@ MUTANTS += [
            'dynamic_shared_limit_of(kernel_device(proj), at::elementSize(acc), &limit)',
            'shared_limit_of(kernel_device(proj), &limit)',
            "refusal against the device figure the opt-in cannot reach (review defect 5)"),
+    # --- issue 20, defects 3 and 4: size limits under torch.compile; a tiny eps -----------------------------------
+    Mutant("i20-traced-sizes-unchecked", BACKENDS,
+           'if not within_size_limits(limits, proj.shape[1], proj.shape[3]):', 'if False:',
+           "under torch.compile auto ignores the sizes a backend refuses"),
+    Mutant("i20-size-step-exclusive", BACKENDS, 'if max_dim is None or dim <= max_dim:',
+           'if max_dim is None or dim < max_dim:', "a size-limit step ends one D early"),
+    Mutant("i20-size-limits-one-frame-more", EXTENSION, 'steps.append((dim, frames))',
+           'steps.append((dim, frames + 1))', "the CUDA size limits accept one frame the refusal does not"),
+    Mutant("i20-size-limits-ignore-dim", EXTENSION, 'if frames == 0 or fits(frames, _PROBE_MAX_SIZE):',
+           'if True:', "the CUDA size limits read at D = 1 hold for every D"),
+    Mutant("i20-math-product-underflows", MATH, 'return product >= smallest_normal(product) ? x / product : x / a / b;',
+           'return x / product;', "cosine and coefficients divide by an underflowed product of norms"),
+    Mutant("i20-math-unresolved-pair-kept", MATH,
+           'if (!norm_is_live(raw_p, eps) && !norm_is_live(raw_y, eps) && eps * eps < smallest_normal(eps)) '
+           'return T(0);', '', "alpha / eps^2 overflows for a pair of zero vectors: inf * 0 in the gradients"),
+    Mutant("i20-triton-cosine-underflows", TRITON,
+           'tl.maximum(p_norm[:, :, None] * y_norm[:, None, :], _smallest_normal(COMPUTE))',
+           'p_norm[:, :, None] * y_norm[:, None, :]', "Triton's cosine divides by an underflowed product of norms"),
+    Mutant("i20-triton-a-overflows", TRITON,
+           'return tl.minimum(tl.maximum(a, -_largest_finite(COMPUTE)), _largest_finite(COMPUTE))', 'return a',
+           "Triton's A overflows for a pair of zero vectors: inf * 0 in the gradients"),
+    Mutant("i20-spec-subnormal-eps-accepted", SPEC, 'if eps < smallest:', 'if eps < smallest / 8:',
+           "an eps below the compute dtype's smallest normal passes the check"),
 ]

@@ -193,6 +193,50 @@ def cuda_shape_unsupported_reason(shape, options: LossOptions, dtype: torch.dtyp
     return _planner("cuda_unsupported_reason")(*_plan_arguments(shape, options, dtype), int(shared_limit))
 
 
+# Sizes the planner's refusal is probed up to while size_limits are derived: far past any real clip or width
+_PROBE_MAX_SIZE = 2**40
+
+
+def cuda_size_limits(options: LossOptions, dtype: torch.dtype, shared_limit: int) -> tuple[tuple[int | None, int], ...]:
+    """The sizes the CUDA kernels run, where a block may use ``shared_limit`` bytes, as steps ((max_dim, max_frames),
+    ...): F <= max_frames where D <= max_dim, max_dim increasing, the last one None (any larger D); max_frames 0:
+    no F.
+
+    Derived from cuda_shape_unsupported_reason by bisection, on two facts of the launch plan that
+    tests/test_cuda_limits.py checks: the refusal reads F and D only (never B or N: the grid takes several launches),
+    and a larger F or D never needs less shared memory. Under torch.compile these steps are compared with the
+    symbolic F and D (crepa_kernels.backends.within_size_limits), so the guard is a range, not the exact sizes.
+    """
+    def fits(frames: int, dim: int) -> bool:
+        return cuda_shape_unsupported_reason((1, frames, 1, dim), options, dtype, shared_limit) is None
+
+    def last_true(predicate, low: int, high: int) -> int:
+        """The largest x in [low, high) with predicate(x), given predicate(low) and not predicate(high)."""
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if predicate(middle) else (low, middle)
+        return low
+
+    steps = []
+    dim = 1
+    while True:
+        frames = last_true(lambda f: fits(f, dim), 1, _PROBE_MAX_SIZE) if fits(1, dim) else 0
+        if frames == 0 or fits(frames, _PROBE_MAX_SIZE):  # nothing fits at D, nor past it; or F fits at every D
+            steps.append((None, frames))
+            return tuple(steps)
+        dim = last_true(lambda d: fits(frames, d), dim, _PROBE_MAX_SIZE)
+        steps.append((dim, frames))
+        dim += 1
+
+
+def _shared_limit(device: torch.device) -> int:
+    """Dynamic shared memory one block may use on this CUDA device: the opt-in figure less the reservation the
+    kernels report as static shared memory, the number the C++ refusal and opt-in use (dynamic_shared_limit_of)."""
+    properties = torch.cuda.get_device_properties(device)
+    return properties.shared_memory_per_block_optin - gpu_limits.reserved_shared_bytes(
+        (properties.major, properties.minor))
+
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # csrc/crepa_ops.cpp check_floating
 # the oldest GPUs the CUDA build has code for (csrc/build_config.py CUDA_ARCHS starts at 8.0)
 CUDA_MIN_CAPABILITY = (8, 0)
@@ -200,7 +244,7 @@ CUDA_MIN_CAPABILITY = (8, 0)
 
 def call_unsupported_reason(proj, target, options: LossOptions) -> str | None:
     """Why this extension cannot run this call, or None (see crepa_kernels.backends: tensors, or specs with their
-    shape, dtype and device; shape None while torch.compile traces, checked again by the CUDA forward itself).
+    shape, dtype and device; shape None while torch.compile traces, when size_limits covers the sizes).
 
     The CPU kernel runs any shape. The CUDA kernels hold the band's [F][W] coefficient table in shared memory, so
     wide cumulative bands at large F (more so in fp64) can exceed the device's per-block limit.
@@ -216,11 +260,15 @@ def call_unsupported_reason(proj, target, options: LossOptions) -> str | None:
                 f"{CUDA_MIN_CAPABILITY[1]}, {proj.device} has {capability[0]}.{capability[1]}")
     if proj.shape is None:
         return None
-    # what the kernels may use next to their static shared memory: the same number the C++ refusal and opt-in use
-    # (dynamic_shared_limit_of); the forward and backward kernels have none of their own besides the reservation
-    limit = (torch.cuda.get_device_properties(proj.device).shared_memory_per_block_optin
-             - gpu_limits.reserved_shared_bytes(capability))
-    return cuda_shape_unsupported_reason(proj.shape, options, compute_dtype(proj, target), limit)
+    return cuda_shape_unsupported_reason(proj.shape, options, compute_dtype(proj, target), _shared_limit(proj.device))
+
+
+def size_limits(proj, target, options: LossOptions) -> tuple[tuple[int | None, int], ...] | None:
+    """The sizes this extension runs for calls like this one, shape aside (specs with shape None), as
+    cuda_size_limits gives them; None when it runs any size (the CPU kernel) or not this call at all."""
+    if proj.device.type != "cuda" or call_unsupported_reason(proj, target, options) is not None:
+        return None
+    return cuda_size_limits(options, compute_dtype(proj, target), _shared_limit(proj.device))
 
 
 def _op_call(eager_op, traced_op, options: LossOptions):

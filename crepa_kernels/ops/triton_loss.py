@@ -316,6 +316,25 @@ if triton is not None:
         else:
             return tl.div_rn(x, y)
 
+    # Tiny eps (see csrc/crepa_math.h): below eps = sqrt(smallest normal) a product of two clamped norms underflows.
+    # The cosine's denominator is then held at the smallest normal: the product of two norms of live vectors (norms
+    # >= sqrt(smallest normal), whose squares the kernels resolve) never lies below it, so only a pair with a zero
+    # vector meets the floor, and its dot product is 0: 0, not 0 / 0. A is held within the finite range: alpha / eps^2
+    # of a pair of zero vectors would be inf, and inf times a zero vector NaN; any finite A gives them 0.
+    @triton.jit
+    def _smallest_normal(COMPUTE: tl.constexpr):
+        if COMPUTE == tl.float64:
+            return 2.2250738585072014e-308
+        else:
+            return 1.1754943508222875e-38
+
+    @triton.jit
+    def _largest_finite(COMPUTE: tl.constexpr):
+        if COMPUTE == tl.float64:
+            return 1.7976931348623157e308
+        else:
+            return 3.4028234663852886e38
+
     @triton.jit
     def _sqrt(x, COMPUTE: tl.constexpr):
         if COMPUTE == tl.float64:
@@ -381,10 +400,12 @@ if triton is not None:
         return _div(_div(-grad_loss, z, COMPUTE), tl.cast(num_tokens, COMPUTE), COMPUTE)
 
     @triton.jit
-    def _a_matrix(rows, cols, weight_ptr, row_scale, inv_p, inv_y, num_frames, near, far):
-        """A[n, f, k] = alpha[f, k] / (|p_f| |y_k|) (clamped norms) for row frames f and column frames k."""
+    def _a_matrix(rows, cols, weight_ptr, row_scale, inv_p, inv_y, num_frames, near, far, COMPUTE: tl.constexpr):
+        """A[n, f, k] = alpha[f, k] / (|p_f| |y_k|) (clamped norms) for row frames f and column frames k, held
+        within the finite range (tiny eps, above)."""
         w, _ = _pair_weights(rows, cols, weight_ptr, num_frames, near, far)
-        return (row_scale[:, None] * w)[None, :, :] * inv_p[:, :, None] * inv_y[:, None, :]
+        a = (row_scale[:, None] * w)[None, :, :] * inv_p[:, :, None] * inv_y[:, None, :]
+        return tl.minimum(tl.maximum(a, -_largest_finite(COMPUTE)), _largest_finite(COMPUTE))
 
     @triton.jit
     def _dot_split(a_hi, a_lo, x):
@@ -443,7 +464,8 @@ if triton is not None:
         w, is_term = _pair_weights(rows, cols, weight_ptr, num_frames, near, far)
         p_norm = tl.maximum(_sqrt(p_squares, COMPUTE), eps)
         y_norm = tl.maximum(_sqrt(y_squares, COMPUTE), eps)
-        cosine = _div(gram, p_norm[:, :, None] * y_norm[:, None, :], COMPUTE)  # [BLOCK_N, f, k]
+        # [BLOCK_N, f, k]; the floor: tiny eps, above
+        cosine = _div(gram, tl.maximum(p_norm[:, :, None] * y_norm[:, None, :], _smallest_normal(COMPUTE)), COMPUTE)
         coefficient = _div(w, z[:, None], COMPUTE)
         # select, not multiply by a zero coefficient: a NaN cosine of an unrelated frame pair must not leak in
         weighted += tl.sum(tl.where(is_term[None, :, :], cosine * coefficient[None, :, :], 0.0), axis=2)
@@ -565,7 +587,7 @@ if triton is not None:
         inv_p = _div(one, p_norm, COMPUTE)
         inv_y = _div(one, y_norm, COMPUTE)
         if not SHIFTED:  # the window is its own column window: A once for the whole D sweep
-            a = _a_matrix(rows, rows, weight_ptr, row_scale, inv_p, inv_y, num_frames, near, far)
+            a = _a_matrix(rows, rows, weight_ptr, row_scale, inv_p, inv_y, num_frames, near, far, COMPUTE)
             a_t = tl.trans(a, (0, 2, 1))
             if SPLIT_BF16_DOT:
                 a_hi = a.to(tl.bfloat16)
@@ -600,7 +622,8 @@ if triton is not None:
                     if PROJ_GRAD:
                         inv_y_cols = _div(one, _stats(y_norm_ptr, batch, cols, tokens, col_stat_ok, num_frames,
                                                       num_tokens), COMPUTE)
-                        a = _a_matrix(rows, cols, weight_ptr, row_scale, inv_p, inv_y_cols, num_frames, near, far)
+                        a = _a_matrix(rows, cols, weight_ptr, row_scale, inv_p, inv_y_cols, num_frames, near, far,
+                                      COMPUTE)
                         y_cols = tl.load(target_ptr + batch * sy_b + tokens[:, None, None] * sy_n
                                          + cols[None, :, None] * sy_f + d[None, None, :] * sy_d, mask=col_load_ok,
                                          other=0.0)
@@ -611,7 +634,7 @@ if triton is not None:
                         col_scale = _row_scale(grad_loss_ptr, z_ptr, batch, cols, col_ok & batch_ok, num_frames,
                                                num_tokens, COMPUTE)
                         a_back = _a_matrix(cols, rows, weight_ptr, col_scale, inv_p_cols, inv_y, num_frames, near,
-                                           far)
+                                           far, COMPUTE)
                         p_cols = tl.load(proj_ptr + batch * sp_b + tokens[:, None, None] * sp_n
                                          + cols[None, :, None] * sp_f + d[None, None, :] * sp_d, mask=col_load_ok,
                                          other=0.0)
