@@ -725,43 +725,67 @@ SIMILARITIES = [0.1, 0.5, 0.3, 0.7, 0.65, 0.9, 0.2, 0.8, 0.95, 0.4, 0.6, 0.75, 0
 
 
 def _schedule(kwargs, similarities=SIMILARITIES):
+    """The schedule driven as the regulariser drives it: per step, with cutoff_timing="same_step" the forward folds
+    its similarity in (observe), lambda is read, then step() after the optimizer step."""
     arguments, _ = split(kwargs)
     schedule = LambdaSchedule(**arguments)
     values = []
     for similarity in similarities:
+        if schedule.cutoff_timing == "same_step":
+            schedule.observe(similarity)
         values.append(schedule.value())
         schedule.step(similarity)
     return [*values, schedule.cut_off]
 
 
 def _schedule_lower(kwargs, similarities=SIMILARITIES):
-    """The module docstring's formula, step by step, with the EMA written out."""
+    """The module docstring's formula, step by step, with the EMA and the cutoff's state written out."""
     arguments, _ = split(kwargs)
     get = arguments.get
     weight, shape, warmup = get("weight", 0.5), get("shape", "constant"), get("warmup_steps", 0)
     decay_steps, final, power, cutoff = get("decay_steps"), get("final_weight", 0.0), get("power", 1.0), get(
         "cutoff_step")
     threshold, decay = get("similarity_threshold"), get("similarity_ema_decay", 0.99)
+    permanent = get("threshold_mode", "permanent") == "permanent"
+    same_step = get("cutoff_timing", "next_step") == "same_step"
     if shape != "constant" and not decay_steps:
         raise ValueError("decay_steps needed")
-    values, ema, cut = [], None, False
+
+    def shape_value(step):
+        if cutoff is not None and step >= cutoff:
+            return 0.0
+        if step < warmup:
+            return weight * (step + (0 if get("warmup_from_zero", True) else 1)) / warmup
+        if shape == "constant":
+            return weight
+        progress = min(1.0, (step - warmup) / decay_steps)
+        fraction = {"linear": 1 - progress, "cosine": (1 + math.cos(math.pi * progress)) / 2,
+                    "polynomial": (1 - progress) ** power}[shape]
+        return final + (weight - final) * fraction
+
+    values, ema, ever, over = [], None, False, False  # ever: the EMA reached the threshold once; over: it is now
+
+    def cut():
+        return ever if permanent else over
+
+    def watched(step):  # this step's similarity goes into the EMA
+        if threshold is None or (permanent and ever) or (cutoff is not None and step >= cutoff):
+            return False
+        return get("similarity_every_step", False) or shape_value(step) > 0
+
+    def fold(similarity):
+        nonlocal ema, ever, over
+        ema = similarity if ema is None else decay * ema + (1 - decay) * similarity
+        over = ema >= threshold
+        ever = ever or over
+
     for step, similarity in enumerate(similarities):
-        if cut or (cutoff is not None and step >= cutoff):
-            value = 0.0
-        elif step < warmup:
-            value = weight * (step + 1) / warmup
-        elif shape == "constant":
-            value = weight
-        else:
-            progress = min(1.0, (step - warmup) / decay_steps)
-            fraction = {"linear": 1 - progress, "cosine": (1 + math.cos(math.pi * progress)) / 2,
-                        "polynomial": (1 - progress) ** power}[shape]
-            value = final + (weight - final) * fraction
-        values.append(value)
-        if threshold is not None and value > 0:
-            ema = similarity if ema is None else decay * ema + (1 - decay) * similarity
-            cut = cut or ema >= threshold
-    return [*values, cut]
+        if same_step and watched(step):
+            fold(similarity)
+        values.append(0.0 if cut() else shape_value(step))
+        if not same_step and watched(step):
+            fold(similarity)
+    return [*values, cut()]
 
 
 SCHEDULE_CASES = {
@@ -774,6 +798,15 @@ SCHEDULE_CASES = {
     "cutoff_step": dict(cutoff_step=4),
     "similarity_threshold": dict(similarity_threshold=0.12),  # the EMA (decay 0.99) passes it at step 5
     "similarity_ema_decay": dict(similarity_ema_decay=0.5, similarity_threshold=0.6),
+    # decay 0.5: the EMA reaches 0.6 at step 5 (0.74), falls below at step 6 (0.47), is over again from step 7
+    "threshold_mode": dict(threshold_mode="recoverable", similarity_ema_decay=0.5, similarity_threshold=0.6),
+    "cutoff_timing": [dict(cutoff_timing="same_step", similarity_ema_decay=0.5, similarity_threshold=0.6),
+                      dict(cutoff_timing="same_step", threshold_mode="recoverable", similarity_ema_decay=0.5,
+                           similarity_threshold=0.6)],
+    # warm-up step 0 has lambda 0: its similarity (0.1) starts the EMA only when every step is watched
+    "similarity_every_step": dict(similarity_every_step=True, warmup_steps=3, similarity_ema_decay=0.5,
+                                  similarity_threshold=0.6),
+    "warmup_from_zero": dict(warmup_from_zero=False, warmup_steps=3),
 }
 
 
