@@ -909,6 +909,72 @@ def _smoothness_lower(kwargs):
     return [torch.tensor(naive_smoothness(_loss_inputs({})[0].detach()), dtype=torch.float64)]
 
 
+# --- the token relation distillation loss (issue 24) -------------------------------------------------------------
+from crepa_kernels import TokenRelationFunction, TokenRelationLoss, token_relation_loss  # noqa: E402
+from crepa_kernels.relation_function import select_relation_backend  # noqa: E402
+
+
+def _relation_functional(kwargs):
+    arguments, flags = split(kwargs)
+    proj, target = _loss_inputs(flags)
+    return _with_gradients(token_relation_loss(proj, target, **arguments), proj, target)
+
+
+def _relation_module(kwargs):
+    arguments, flags = split(kwargs)
+    proj, target = _loss_inputs(flags)
+    call = {name: arguments.pop(name) for name in ("num_frames", "anchors") if name in arguments}
+    return _with_gradients(TokenRelationLoss(**arguments)(proj, target, **call), proj, target)
+
+
+def _relation_apply(kwargs):
+    arguments, flags = split(kwargs)
+    proj, target = _loss_inputs(flags)
+    signature = inspect.signature(TokenRelationFunction.forward)
+    positional = [arguments.pop(name, p.default) for name, p in list(signature.parameters.items())[2:]]
+    assert not arguments, f"not arguments of TokenRelationFunction.forward: {arguments}"
+    return _with_gradients(TokenRelationFunction.apply(proj, target, *positional), proj, target)
+
+
+def _relation_naive(kwargs):
+    """Below the Function: the backend's availability, then the relation matrices written out (_relation_formula)."""
+    arguments, flags = split(kwargs)
+    proj, target = _loss_inputs(flags)
+    num_frames = arguments.pop("num_frames", None)
+    select_relation_backend(arguments.pop("backend", "auto"), proj.device)
+    p, y = (x if x.dim() == 4 else x.unflatten(1, (num_frames, -1)) for x in (proj, target))
+    return _with_gradients(_relation_formula(p, y, **arguments), proj, target)
+
+
+RELATION_ANCHORS = torch.tensor([0, 3, 3, 17, 34])  # token 3 twice: it counts twice
+RELATION_CASES = {
+    "pairs": [dict(pairs="spatial"), dict(pairs="temporal")],
+    "margin": dict(margin=0.3),
+    "anchors": [dict(anchors=RELATION_ANCHORS), dict(anchors=RELATION_ANCHORS, pairs="temporal")],
+    "num_frames": dict(num_frames=SHAPE[1], _flat=True),
+    "reduction": dict(reduction="none"),
+    "eps": dict(eps=LOSS_EPS),
+    "backend": dict(backend="cuda", _raises=True),  # no CUDA kernel for this loss: the name is refused
+}
+
+
+def _relation_regularizer(kwargs):
+    return _regularizer(kwargs, alignment_regularizer)
+
+
+TRD = dict(loss="trd")
+RELATION_REGULARIZER_CASES = {
+    "loss": dict(loss="trd"),
+    "pairs": [dict(pairs="spatial", **TRD), dict(pairs="temporal", **TRD)],
+    "margin": dict(margin=0.2, **TRD),
+    "sample_weight": dict(sample_weight=torch.tensor([0.25, 1.5], dtype=torch.float64), **TRD),
+    "frame_mask": dict(frame_mask=_mask(), **TRD),
+    "update_cutoff": dict(update_cutoff=False, _schedule=dict(weight=0.3, similarity_threshold=-1.0,
+                                                               cutoff_timing="same_step"), **TRD),
+    "hidden_frames": dict(hidden_frames=7, frame_align="pick", _hidden=(7, TOKENS), **TRD),
+}
+
+
 # --- the registry ------------------------------------------------------------------------------------------------
 ENTRY_POINTS = {
     "cross_frame_align_loss": EntryPoint((cross_frame_align_loss,), _functional, _apply,
@@ -926,6 +992,19 @@ ENTRY_POINTS = {
                                    _regularizer_lower, TRANSFORMER_COMMON),
     "CrepaTransformer": EntryPoint((CrepaTransformer.__init__, CrepaTransformer.forward), _transformer,
                                    _transformer_lower, TRANSFORMER_COMMON),
+    "token_relation_loss": EntryPoint((token_relation_loss,), _relation_functional, _relation_apply,
+                                      dict(backend="reference")),
+    "TokenRelationLoss": EntryPoint((TokenRelationLoss.__init__, TokenRelationLoss.forward), _relation_module,
+                                    _relation_functional, dict(backend="reference")),
+    "TokenRelationFunction.apply": EntryPoint((TokenRelationFunction.forward,), _relation_apply, _relation_naive,
+                                              dict(backend="reference")),
+    "TokenRelationFunction.apply[cpu]": EntryPoint((TokenRelationFunction.forward,), _relation_apply,
+                                                   _relation_naive, dict(backend="cpu")),
+    "TokenRelationFunction.apply[triton]": EntryPoint((TokenRelationFunction.forward,), _relation_apply,
+                                                      _relation_naive, dict(backend="triton")),
+    # loss="trd" builds a TokenRelationRegularizer: its projectors + the relation formula, one level down
+    "alignment_regularizer": EntryPoint((alignment_regularizer, CrepaRegularizer.forward), _relation_regularizer,
+                                        _regularizer_lower, TRANSFORMER_COMMON),
     "adapter_for": EntryPoint((EncoderAdapter.__init__,), _adapter, _adapter_lower),
     "build_feature_cache": EntryPoint((build_feature_cache,), _cache, _cache_lower),
     "LambdaSchedule": EntryPoint((LambdaSchedule.__init__,), _schedule, _schedule_lower),
@@ -944,6 +1023,12 @@ CASES = {
     "CrossFrameAlignFunction.apply[triton]": LOSS_CASES,
     "CrepaRegularizer": REGULARIZER_CASES,
     "CrepaTransformer": TRANSFORMER_CASES,
+    "token_relation_loss": RELATION_CASES,
+    "TokenRelationLoss": RELATION_CASES,
+    "TokenRelationFunction.apply": RELATION_CASES,
+    "TokenRelationFunction.apply[cpu]": RELATION_CASES,
+    "TokenRelationFunction.apply[triton]": RELATION_CASES,
+    "alignment_regularizer": RELATION_REGULARIZER_CASES,
     "adapter_for": ENCODER_CASES,
     "build_feature_cache": CACHE_CASES,
     "LambdaSchedule": SCHEDULE_CASES,
