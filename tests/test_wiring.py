@@ -176,11 +176,11 @@ LOSS_CASES = {
 HIDDEN, FRAMES, TOKENS, BATCH = 8, 5, 3, 2
 
 
-def _regularizer_inputs(flags: dict):
+def _regularizer_inputs(flags: dict, tokens: int = TOKENS):
     """Hidden states [B, F_h * N_h, hidden] (``_hidden=(F_h, N_h)``, default the targets' grid; 4-D with
     ``_hidden_4d``) and targets [B, F, N, dim] (N = ``_tokens``; an inf in the first with ``_nonfinite``)."""
     generator = torch.Generator().manual_seed(3)
-    layers, teachers, tokens = flags.get("_layers", 1), flags.get("_teachers", 1), flags.get("_tokens", TOKENS)
+    layers, teachers, tokens = flags.get("_layers", 1), flags.get("_teachers", 1), flags.get("_tokens", tokens)
     frames_h, tokens_h = flags.get("_hidden", (FRAMES, tokens))
     hidden = [torch.randn(BATCH, frames_h * tokens_h, HIDDEN, generator=generator, dtype=torch.float64)
               for _ in range(layers)]
@@ -231,10 +231,16 @@ def _gradients(loss: torch.Tensor, inputs: list) -> list:
     return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
 
 
-def _alignment_values(alignment, hidden) -> list:
+def alignment_state(alignment) -> list:
+    """What a forward tells the schedule and the logs besides the loss: lambda, whether it folded its similarity in,
+    the non-finite skip and its count, the similarity EMA."""
     ema = alignment.logs.get("similarity_ema", math.nan)
-    state = [alignment.weight, alignment.observed, alignment.nonfinite, alignment.logs.get("nonfinite_steps", "-"),
-             "no EMA" if math.isnan(ema) else torch.tensor(ema, dtype=torch.float64)]
+    return [alignment.weight, alignment.observed, alignment.nonfinite, alignment.logs.get("nonfinite_steps", "-"),
+            "no EMA" if math.isnan(ema) else torch.tensor(ema, dtype=torch.float64)]
+
+
+def _alignment_values(alignment, hidden) -> list:
+    state = alignment_state(alignment)
     if alignment.nonfinite:  # the figures are NaN then: only what the skipped step gives
         return [alignment.loss, *_gradients(alignment.loss, hidden), alignment.included_frames, *state]
     neighbor = alignment.neighbor_similarity
