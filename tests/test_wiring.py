@@ -6,7 +6,11 @@ The options are read from the signatures, not listed by hand: a new keyword argu
 at collection, and its test fails until ``CASES`` gives it a value (or ``EXEMPT`` a reason). Levels:
 
     CrossFrameAlignLoss -> cross_frame_align_loss -> CrossFrameAlignFunction.apply -> backend choice + naive loops
-    CrepaTransformer -> HiddenStateCapture + CrepaRegularizer -> projectors + naive loops + weighted reduction
+    CrepaTransformer -> HiddenStateCapture + CrepaRegularizer -> projectors + the grid alignments written out + naive
+    loops + weighted reduction + the figures and the same-step cutoff from cosines
+    token_relation_loss / TokenRelationLoss -> TokenRelationFunction.apply (reference, cpu, triton) -> the backend's
+    availability + the full [F*N, F*N] relation matrices in float64; alignment_regularizer(loss="trd") -> projectors
+    + those matrices
     LambdaSchedule, the timestep weights -> their documented formulas, step by step
     encoder_features_to_tokens -> the frame grouping and the 2-D resize written out
     cknna, cross_frame_similarity, temporal_smoothness -> the naive versions of tests/test_diagnostics.py
