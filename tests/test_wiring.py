@@ -6,7 +6,11 @@ The options are read from the signatures, not listed by hand: a new keyword argu
 at collection, and its test fails until ``CASES`` gives it a value (or ``EXEMPT`` a reason). Levels:
 
     CrossFrameAlignLoss -> cross_frame_align_loss -> CrossFrameAlignFunction.apply -> backend choice + naive loops
-    CrepaTransformer -> HiddenStateCapture + CrepaRegularizer -> projectors + naive loops + weighted reduction
+    CrepaTransformer -> HiddenStateCapture + CrepaRegularizer -> projectors + the grid alignments written out + naive
+    loops + weighted reduction + the figures and the same-step cutoff from cosines
+    token_relation_loss / TokenRelationLoss -> TokenRelationFunction.apply (reference, cpu, triton) -> the backend's
+    availability + the full [F*N, F*N] relation matrices in float64; alignment_regularizer(loss="trd") -> projectors
+    + those matrices
     LambdaSchedule, the timestep weights -> their documented formulas, step by step
     encoder_features_to_tokens -> the frame grouping and the 2-D resize written out
     cknna, cross_frame_similarity, temporal_smoothness -> the naive versions of tests/test_diagnostics.py
@@ -31,6 +35,8 @@ from torch import nn
 
 from crepa_kernels import CrossFrameAlignFunction, CrossFrameAlignLoss, cross_frame_align_loss, explain_backend
 from crepa_kernels.training import CrepaRegularizer, CrepaTransformer, HiddenStateCapture, build_projector
+from crepa_kernels.training.relation_regularizer import alignment_regularizer
+from crepa_kernels.training.schedule import LambdaSchedule
 from crepa_kernels.training.weighting import reduce_weighted
 from harness import pair_straddling_eps, random_grad_output
 from naive import _clamped_cosine, _neighbour_frames, naive_loss
@@ -175,21 +181,32 @@ HIDDEN, FRAMES, TOKENS, BATCH = 8, 5, 3, 2
 
 
 def _regularizer_inputs(flags: dict, tokens: int = TOKENS):
+    """Hidden states [B, F_h * N_h, hidden] (``_hidden=(F_h, N_h)``, default the targets' grid; 4-D with
+    ``_hidden_4d``) and targets [B, F, N, dim] (N = ``_tokens``; an inf in the first with ``_nonfinite``)."""
     generator = torch.Generator().manual_seed(3)
-    layers, teachers = flags.get("_layers", 1), flags.get("_teachers", 1)
-    hidden = [torch.randn(BATCH, FRAMES * tokens, HIDDEN, generator=generator, dtype=torch.float64)
-              .requires_grad_(True) for _ in range(layers)]
+    layers, teachers, tokens = flags.get("_layers", 1), flags.get("_teachers", 1), flags.get("_tokens", tokens)
+    frames_h, tokens_h = flags.get("_hidden", (FRAMES, tokens))
+    hidden = [torch.randn(BATCH, frames_h * tokens_h, HIDDEN, generator=generator, dtype=torch.float64)
+              for _ in range(layers)]
+    if flags.get("_hidden_4d"):
+        hidden = [h.unflatten(1, (frames_h, tokens_h)) for h in hidden]
+    hidden = [h.requires_grad_(True) for h in hidden]
     targets = [torch.randn(BATCH, FRAMES, tokens, 4 + t, generator=generator, dtype=torch.float64)
                for t in range(teachers)]
+    if flags.get("_nonfinite"):
+        targets[0][0, 0, 0, 0] = math.inf
     return hidden, targets
 
 
 def _forward_arguments(arguments: dict) -> dict:
-    return {name: arguments.pop(name) for name in ("sample_weight", "frame_mask") if name in arguments}
+    return {name: arguments.pop(name) for name in ("sample_weight", "frame_mask", "update_cutoff", "hidden_frames")
+            if name in arguments}
 
 
 def _make_regularizer(arguments: dict, flags: dict, kind=CrepaRegularizer) -> CrepaRegularizer:
     teachers = flags.get("_teachers", 1)
+    if "_schedule" in flags:  # a fresh schedule for every call: it keeps state
+        arguments = {**arguments, "loss_weight": LambdaSchedule(**flags["_schedule"])}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
         return kind(HIDDEN, [4 + t for t in range(teachers)], **arguments).double()
@@ -210,18 +227,37 @@ def _saved_bytes(run: Callable[[], object], width: int) -> tuple[object, int]:
     return result, sum(saved)
 
 
+def _gradients(loss: torch.Tensor, inputs: list) -> list:
+    """d loss / d inputs for a random grad_output; zeros where the loss does not depend on an input."""
+    if not loss.requires_grad:
+        return [torch.zeros_like(x) for x in inputs]
+    grads = torch.autograd.grad(loss, inputs, random_grad_output(loss), allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+def alignment_state(alignment) -> list:
+    """What a forward tells the schedule and the logs besides the loss: lambda, whether it folded its similarity in,
+    the non-finite skip and its count, the similarity EMA."""
+    ema = alignment.logs.get("similarity_ema", math.nan)
+    return [alignment.weight, alignment.observed, alignment.nonfinite, alignment.logs.get("nonfinite_steps", "-"),
+            "no EMA" if math.isnan(ema) else torch.tensor(ema, dtype=torch.float64)]
+
+
 def _alignment_values(alignment, hidden) -> list:
-    grads = torch.autograd.grad(alignment.loss, hidden, random_grad_output(alignment.loss), allow_unused=True)
+    state = alignment_state(alignment)
+    if alignment.nonfinite:  # the figures are NaN then: only what the skipped step gives
+        return [alignment.loss, *_gradients(alignment.loss, hidden), alignment.included_frames, *state]
     neighbor = alignment.neighbor_similarity
     return [alignment.loss, alignment.self_similarity, "no neighbours" if neighbor is None else neighbor,
-            sorted(alignment.terms), *[alignment.terms[name] for name in sorted(alignment.terms)], *grads]
+            sorted(alignment.terms), *[alignment.terms[name] for name in sorted(alignment.terms)],
+            *_gradients(alignment.loss, hidden), alignment.cutoff_similarity, alignment.included_frames, *state]
 
 
-def _regularizer(kwargs):
+def _regularizer(kwargs, kind=CrepaRegularizer):
     arguments, flags = split(kwargs)
     forward = _forward_arguments(arguments)
     hidden, targets = _regularizer_inputs(flags)
-    regularizer = _make_regularizer(arguments, flags)
+    regularizer = _make_regularizer(arguments, flags, kind)
     single = len(hidden) == 1 and len(targets) == 1
     alignment, saved = _saved_bytes(lambda: regularizer(hidden[0] if single else hidden,
                                                         targets[0] if single else targets, **forward),
@@ -229,22 +265,96 @@ def _regularizer(kwargs):
     return [*_alignment_values(alignment, hidden), saved]
 
 
+def _linear_resample(x: torch.Tensor, count: int, dim: int) -> torch.Tensor:
+    """x resampled to ``count`` along ``dim`` by linear interpolation with half-cell centres (align_corners=False):
+    output i reads the source position (i + 1/2) size / count - 1/2, clamped to [0, size - 1]."""
+    size = x.shape[dim]
+    rows = []
+    for i in range(count):
+        position = min(max((i + 0.5) * size / count - 0.5, 0.0), size - 1)
+        low = math.floor(position)
+        high, fraction = min(low + 1, size - 1), position - low
+        rows.append((1 - fraction) * x.select(dim, low) + fraction * x.select(dim, high))
+    return torch.stack(rows, dim)
+
+
+def _picked(x: torch.Tensor, count: int) -> torch.Tensor:
+    """The frames 0, (F - 1) / (count - 1), ... (rounded down) of x [B, F, ...]."""
+    frames = x.shape[1]
+    if frames == count:
+        return x
+    return x[:, [math.floor(k * (frames - 1) / (count - 1)) for k in range(count)]]
+
+
+def _to_tokens_count(x: torch.Tensor, count: int, square_grids: bool) -> torch.Tensor:
+    """x [B, F, N, D] -> [B, F, count, D]: bilinear on the square maps when both N and count are squares (and
+    ``square_grids``), else 1-D linear over the token sequence."""
+    tokens = x.shape[2]
+    side, new_side = math.isqrt(tokens), math.isqrt(count)
+    if tokens == count:
+        return x
+    if square_grids and side * side == tokens and new_side * new_side == count:
+        maps = x.unflatten(2, (side, side))
+        return _linear_resample(_linear_resample(maps, new_side, 2), new_side, 3).flatten(2, 3)
+    return _linear_resample(x, count, 2)
+
+
+def _relation_formula(proj, target, pairs="all", margin=0.0, anchors=None, reduction="mean", eps=1e-12):
+    """VideoREPA's token relation distillation at tiny size, the full [T, T] relation matrices of each sample:
+    L[b, f] = sum over rows i of frame f and counted keys j of relu(|cos(p_i, p_j) - cos(y_i, y_j)| - margin)."""
+    batch, frames, tokens, _ = proj.shape
+    p, y = proj.double().flatten(1, 2), target.double().flatten(1, 2)
+
+    def unit(x):
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        return x / torch.where(norm > eps, norm, torch.full_like(norm, eps))
+
+    relation_p, relation_y = unit(p) @ unit(p).transpose(1, 2), unit(y) @ unit(y).transpose(1, 2)
+    term = torch.relu((relation_p - relation_y).abs() - margin)  # [B, T, T]
+    frame_of = torch.arange(frames * tokens) // tokens
+    counted = {"all": torch.ones(frames * tokens, frames * tokens, dtype=torch.bool),
+               "spatial": frame_of[:, None] == frame_of[None, :],
+               "temporal": frame_of[:, None] != frame_of[None, :]}[pairs].double()
+    keys = list(range(frames * tokens)) if anchors is None else anchors.tolist()  # a repeated anchor counts twice
+    per_row = (term[:, :, keys] * counted[:, keys]).sum(-1)  # [B, T]
+    per_frame = per_row.unflatten(1, (frames, tokens)).sum(-1)
+    if reduction == "none":
+        return per_frame
+    count = batch * counted[:, keys].sum()
+    if count == 0:
+        raise ValueError("no pair counts")
+    return per_frame.sum() / count
+
+
 def _mirror_alignment(arguments: dict, flags: dict, hidden: list, targets: list, forward: dict):
     """The regulariser's forward written out below it: its projectors' weights loaded into projectors built here
-    from the options, the naive loops for the loss, the weighted reduction, and the figures from cosines."""
-    weights_from = _make_regularizer(dict(arguments), flags)
+    from the options (the convolution over the token grid written out), the grids aligned by hand, the naive loops
+    (or the relation formula, loss="trd") for the loss, the weighted reduction, the figures from cosines and the
+    lambda of a same-step similarity cutoff."""
+    kind_of_regularizer = alignment_regularizer if "loss" in arguments else CrepaRegularizer
+    weights_from = _make_regularizer(dict(arguments), flags, kind_of_regularizer)
     get = arguments.get
+    trd = get("loss", "crepa") == "trd"
     layers, teachers = get("num_layers", 1), len(targets)
     shared = get("share_projector", False)
+    kind = get("projector", "mlp")
     projectors = {}
     for l in range(layers):
         for t in range(teachers):
             index = t if shared else l * teachers + t
             if index not in projectors:
-                projector = build_projector(HIDDEN, 4 + t, kind=get("projector", "mlp"),
-                                            width=get("projector_width", 2048),
-                                            depth=get("projector_depth", 3)).double()
-                projector.load_state_dict(weights_from.projectors[index].state_dict())  # strict: same architecture
+                if kind == "conv":
+                    height, width = get("projector_grid")
+                    conv = weights_from.projectors[index].conv
+
+                    def projector(x, conv=conv, height=height, width=width):  # x fastest within a frame's grid
+                        maps = x.reshape(-1, height, width, x.shape[-1]).permute(0, 3, 1, 2)
+                        out = F.conv2d(maps, conv.weight, conv.bias, padding=1).permute(0, 2, 3, 1)
+                        return out.reshape(*x.shape[:-1], out.shape[-1])
+                else:
+                    projector = build_projector(HIDDEN, 4 + t, kind=kind, width=get("projector_width", 2048),
+                                                depth=get("projector_depth", 3)).double()
+                    projector.load_state_dict(weights_from.projectors[index].state_dict())  # strict: same layout
                 projectors[index] = projector
     if len(weights_from.projectors) != len(projectors):
         raise RuntimeError(f"{len(weights_from.projectors)} projectors, expected {len(projectors)}")
@@ -252,14 +362,32 @@ def _mirror_alignment(arguments: dict, flags: dict, hidden: list, targets: list,
     teacher_weights = list(get("teacher_weights") or [1.0] * teachers)
     layer_names = list(get("layer_names") or [f"layer{i}" for i in range(layers)])
     teacher_names = list(get("teacher_names") or [f"teacher{i}" for i in range(teachers)])
-    loss_options = dict(tau=get("tau", 1.0), neighbors=get("neighbors", 1),
-                        neighbor_mode=get("neighbor_mode", "adjacent"),
-                        normalize_weights=get("normalize_weights", False), eps=get("eps", 1e-12))
+    eps = get("eps", 1e-12)
+    if get("target_norm", "none") == "spatial":  # per frame and channel over the tokens, Bessel's std
+        gamma = get("spatial_norm_gamma", 1.0)
+        targets = [(y - gamma * y.mean(2, keepdim=True)) / (y.std(2, keepdim=True) + 1e-6) for y in targets]
+    frames, tokens = targets[0].shape[1:3]
+    hidden_frames = forward.get("hidden_frames")
+    if hidden[0].dim() == 4:
+        grid = tuple(hidden[0].shape[1:3])
+    elif hidden_frames is not None:
+        grid = (hidden_frames, hidden[0].shape[1] // hidden_frames)
+    else:
+        grid = (frames, tokens)
+    if get("frame_align", "exact") == "pick":
+        frames = min(frames, grid[0])
+    neighbors = get("neighbors", 1)
+    if get("clamp_neighbors", False):
+        neighbors = min(neighbors, frames - 1)
+    loss_options = dict(tau=get("tau", 1.0), neighbors=neighbors, neighbor_mode=get("neighbor_mode", "adjacent"),
+                        normalize_weights=get("normalize_weights", False), eps=eps)
     weight = get("loss_weight", 0.5)
-    weight = weight if isinstance(weight, float) else weight.value()
+    schedule = flags.get("_schedule")
+    if schedule is not None:
+        weight = schedule["weight"]
     mask = forward.get("frame_mask")
-    included = torch.ones(BATCH, FRAMES, dtype=torch.float64) if mask is None else mask.double()
-    losses, selfs, neighbours, term_weights, terms = [], [], [], [], {}
+    included = torch.ones(BATCH, frames, dtype=torch.float64) if mask is None else mask.double()
+    losses, selfs, neighbours, signals, term_weights, terms = [], [], [], [], [], {}
     for l in range(layers):
         for t in range(teachers):
             projector = projectors[t if shared else l * teachers + t]
@@ -267,44 +395,91 @@ def _mirror_alignment(arguments: dict, flags: dict, hidden: list, targets: list,
                 proj = torch.utils.checkpoint.checkpoint(projector, hidden[l], use_reentrant=False)
             else:
                 proj = projector(hidden[l])
-            proj = proj.unflatten(1, (FRAMES, TOKENS))
-            choice = explain_backend(proj, targets[t], backend=get("backend", "auto"), **loss_options)
+            if proj.dim() == 3:
+                if proj.shape[1] != grid[0] * grid[1]:
+                    raise ValueError(f"{proj.shape[1]} tokens, not a {grid} grid")
+                proj = proj.unflatten(1, grid)
+            target = targets[t]
+            if get("frame_align", "exact") == "pick":
+                proj, target = _picked(proj, frames), _picked(target, frames)
+            if get("token_align", "exact") == "linear":
+                proj = _to_tokens_count(proj, target.shape[2], square_grids=False)
+            elif get("token_align", "exact") == "to_smaller":
+                count = min(proj.shape[2], target.shape[2])
+                proj, target = (_to_tokens_count(x, count, square_grids=True) for x in (proj, target))
+            if get("pool_tokens", False):
+                proj, target = proj.mean(2, keepdim=True), target.mean(2, keepdim=True)
+            choice = explain_backend(proj, target, backend=get("backend", "auto"), **loss_options)
             if choice.backend is None:
                 raise RuntimeError(choice.error)
-            per_frame = naive_loss(proj, targets[t], reduction="none", **loss_options)
+            if trd:  # each frame's rows: the mean of their relation terms over the pairs they count
+                per_frame = _relation_formula(proj, target, get("pairs", "all"), get("margin", 0.0),
+                                              reduction="none", eps=eps)
+                count_per_row = {"all": proj.shape[1], "spatial": 1, "temporal": proj.shape[1] - 1}[
+                    get("pairs", "all")] * proj.shape[2]
+                per_frame = per_frame / (proj.shape[2] * count_per_row)
+            else:
+                per_frame = naive_loss(proj, target, reduction="none", **loss_options)
             loss = reduce_weighted(per_frame, get("reduction", "mean"), forward.get("sample_weight"), mask)
             with torch.no_grad():
                 cos = torch.stack([torch.stack([torch.stack([
-                    _clamped_cosine(proj[b, f], targets[t][b, k], loss_options["eps"]).mean() for k in range(FRAMES)])
-                    for f in range(FRAMES)]) for b in range(BATCH)])  # [B, f, k]
+                    _clamped_cosine(proj[b, f], target[b, k], eps).mean() for k in range(frames)])
+                    for f in range(frames)]) for b in range(BATCH)])  # [B, f, k]
                 self_term = (cos.diagonal(dim1=1, dim2=2) * included).sum() / included.sum()
-                total, weights = 0.0, 0.0
-                for f in range(FRAMES):
-                    for k in _neighbour_frames(f, FRAMES, loss_options["neighbors"], loss_options["neighbor_mode"]):
+                total, weights, row_sums = 0.0, 0.0, []
+                for f in range(frames):
+                    row_sum = 1.0
+                    for k in _neighbour_frames(f, frames, neighbors, loss_options["neighbor_mode"]):
                         w = math.exp(-abs(k - f) / loss_options["tau"])
                         total = total + (w * cos[:, f, k] * included[:, f]).sum()
                         weights = weights + w * included[:, f].sum()
-                neighbours.append(None if isinstance(weights, float) else total / weights)
+                        row_sum += w
+                    row_sums.append(1.0 if loss_options["normalize_weights"] else row_sum)
+                signal = {"self": self_term,
+                          "total": (-per_frame * included).sum() / included.sum(),
+                          "normalized": (-per_frame / torch.tensor(row_sums, dtype=torch.float64) * included).sum()
+                          / included.sum()}[get("similarity_signal", "self")]
+                neighbours.append(None if trd or isinstance(weights, float) else total / weights)
             losses.append(loss)
             selfs.append(self_term)
+            signals.append(signal)
             term_weights.append(layer_weights[l] * teacher_weights[t])
             terms[f"{layer_names[l]}/{teacher_names[t]}"] = loss.detach()
     norm = sum(term_weights)
     align = sum(w * x for w, x in zip(term_weights, losses)) / norm
     self_similarity = sum(w * x for w, x in zip(term_weights, selfs)) / norm
     neighbor = (None if neighbours[0] is None else sum(w * x for w, x in zip(term_weights, neighbours)) / norm)
-    return weight * align, self_similarity, neighbor, terms
+    cutoff_similarity = sum(w * x for w, x in zip(term_weights, signals)) / norm
+    included_frames = included.sum()
+    skip = get("skip_nonfinite", False)
+    nonfinite = skip and not bool(torch.isfinite(align))
+    observed, ema = False, "no EMA"
+    if schedule is not None and schedule.get("cutoff_timing") == "same_step" and forward.get("update_cutoff", True):
+        observed = True
+        if not nonfinite:  # the first similarity starts the EMA; lambda is 0 from the step it reaches the threshold
+            ema = cutoff_similarity
+            weight = 0.0 if ema >= schedule["similarity_threshold"] else weight
+    if nonfinite or weight == 0.0:
+        weight, align = 0.0, torch.zeros((), dtype=torch.float64)
+    state = [weight, observed, nonfinite, float(nonfinite) if skip else "-", ema]
+    if nonfinite:
+        return weight * align, included_frames.new_zeros(()), state
+    return weight * align, self_similarity, neighbor, terms, cutoff_similarity, included_frames, state
 
 
 def _regularizer_lower(kwargs):
     arguments, flags = split(kwargs)
     forward = _forward_arguments(arguments)
     hidden, targets = _regularizer_inputs(flags)
-    (loss, self_similarity, neighbor, terms), saved = _saved_bytes(
-        lambda: _mirror_alignment(arguments, flags, hidden, targets, forward), arguments.get("projector_width", 2048))
-    grads = torch.autograd.grad(loss, hidden, random_grad_output(loss), allow_unused=True)
+    mirrored, saved = _saved_bytes(lambda: _mirror_alignment(arguments, flags, hidden, targets, forward),
+                                   arguments.get("projector_width", 2048))
+    if len(mirrored) == 3:  # a skipped non-finite step
+        loss, included, state = mirrored
+        return [loss, *_gradients(loss, hidden), included, *state, saved]
+    loss, self_similarity, neighbor, terms, cutoff_similarity, included, state = mirrored
     return [loss, self_similarity, "no neighbours" if neighbor is None else neighbor, sorted(terms),
-            *[terms[name] for name in sorted(terms)], *grads, saved]
+            *[terms[name] for name in sorted(terms)], *_gradients(loss, hidden), cutoff_similarity, included,
+            *state, saved]
 
 
 def _mask():
@@ -329,7 +504,28 @@ REGULARIZER_CASES = {
     "teacher_names": dict(teacher_names=["dino", "jepa"], _teachers=2),
     "sample_weight": dict(sample_weight=torch.tensor([0.25, 1.5], dtype=torch.float64)),
     "frame_mask": dict(frame_mask=_mask()),
+    # upstream trainers' conventions (docs/porting.md)
+    "clamp_neighbors": dict(clamp_neighbors=True, neighbors=9),
+    "similarity_signal": [dict(similarity_signal="total"),
+                          dict(similarity_signal="normalized", tau=2.0, neighbors=2, neighbor_mode="cumulative")],
+    "skip_nonfinite": dict(skip_nonfinite=True, _nonfinite=True),
+    # 7 hidden frames, 5 target frames: the hidden states' frames 0, 1, 3, 4, 6; or 3 hidden frames: the targets'
+    "frame_align": [dict(frame_align="pick", hidden_frames=7, _hidden=(7, TOKENS)),
+                    dict(frame_align="pick", _hidden=(3, TOKENS), _hidden_4d=True, frame_mask=_mask()[:, :3])],
+    "hidden_frames": dict(hidden_frames=7, frame_align="pick", _hidden=(7, TOKENS)),
+    "token_align": [dict(token_align="linear", _hidden=(FRAMES, 7), _hidden_4d=True),
+                    dict(token_align="to_smaller", _hidden=(FRAMES, 9), _tokens=4, _hidden_4d=True),  # 3x3 -> 2x2
+                    dict(token_align="to_smaller", _hidden=(FRAMES, 2), _hidden_4d=True)],  # 1-D, 3 -> 2 tokens
+    "pool_tokens": dict(pool_tokens=True),
+    "target_norm": dict(target_norm="spatial"),
+    "spatial_norm_gamma": dict(spatial_norm_gamma=0.5, target_norm="spatial"),
+    "projector_grid": dict(projector_grid=(2, 3), projector="conv", _tokens=6),
+    # a threshold every similarity reaches: the forward that folds its similarity in has lambda 0
+    "update_cutoff": dict(update_cutoff=False, _schedule=dict(weight=0.3, similarity_threshold=-1.0,
+                                                               cutoff_timing="same_step")),
 }
+REGULARIZER_CASES["projector"] = [REGULARIZER_CASES["projector"], dict(projector="conv", projector_grid=(3, 2),
+                                                                       _tokens=6)]
 
 
 class TupleBlock(nn.Module):
@@ -532,7 +728,6 @@ CACHE_CASES = {
 
 
 # --- the lambda schedule, the token grid, the timestep weights -------------------------------------------------------
-from crepa_kernels.training import LambdaSchedule  # noqa: E402
 from crepa_kernels.training.token_grid import TEMPORAL_MODES  # noqa: E402
 from crepa_kernels.training.weighting import hard_timestep_weight, sigmoid_timestep_weight  # noqa: E402
 
@@ -540,43 +735,67 @@ SIMILARITIES = [0.1, 0.5, 0.3, 0.7, 0.65, 0.9, 0.2, 0.8, 0.95, 0.4, 0.6, 0.75, 0
 
 
 def _schedule(kwargs, similarities=SIMILARITIES):
+    """The schedule driven as the regulariser drives it: per step, with cutoff_timing="same_step" the forward folds
+    its similarity in (observe), lambda is read, then step() after the optimizer step."""
     arguments, _ = split(kwargs)
     schedule = LambdaSchedule(**arguments)
     values = []
     for similarity in similarities:
+        if schedule.cutoff_timing == "same_step":
+            schedule.observe(similarity)
         values.append(schedule.value())
         schedule.step(similarity)
     return [*values, schedule.cut_off]
 
 
 def _schedule_lower(kwargs, similarities=SIMILARITIES):
-    """The module docstring's formula, step by step, with the EMA written out."""
+    """The module docstring's formula, step by step, with the EMA and the cutoff's state written out."""
     arguments, _ = split(kwargs)
     get = arguments.get
     weight, shape, warmup = get("weight", 0.5), get("shape", "constant"), get("warmup_steps", 0)
     decay_steps, final, power, cutoff = get("decay_steps"), get("final_weight", 0.0), get("power", 1.0), get(
         "cutoff_step")
     threshold, decay = get("similarity_threshold"), get("similarity_ema_decay", 0.99)
+    permanent = get("threshold_mode", "permanent") == "permanent"
+    same_step = get("cutoff_timing", "next_step") == "same_step"
     if shape != "constant" and not decay_steps:
         raise ValueError("decay_steps needed")
-    values, ema, cut = [], None, False
+
+    def shape_value(step):
+        if cutoff is not None and step >= cutoff:
+            return 0.0
+        if step < warmup:
+            return weight * (step + (0 if get("warmup_from_zero", True) else 1)) / warmup
+        if shape == "constant":
+            return weight
+        progress = min(1.0, (step - warmup) / decay_steps)
+        fraction = {"linear": 1 - progress, "cosine": (1 + math.cos(math.pi * progress)) / 2,
+                    "polynomial": (1 - progress) ** power}[shape]
+        return final + (weight - final) * fraction
+
+    values, ema, ever, over = [], None, False, False  # ever: the EMA reached the threshold once; over: it is now
+
+    def cut():
+        return ever if permanent else over
+
+    def watched(step):  # this step's similarity goes into the EMA
+        if threshold is None or (permanent and ever) or (cutoff is not None and step >= cutoff):
+            return False
+        return get("similarity_every_step", False) or shape_value(step) > 0
+
+    def fold(similarity):
+        nonlocal ema, ever, over
+        ema = similarity if ema is None else decay * ema + (1 - decay) * similarity
+        over = ema >= threshold
+        ever = ever or over
+
     for step, similarity in enumerate(similarities):
-        if cut or (cutoff is not None and step >= cutoff):
-            value = 0.0
-        elif step < warmup:
-            value = weight * (step + 1) / warmup
-        elif shape == "constant":
-            value = weight
-        else:
-            progress = min(1.0, (step - warmup) / decay_steps)
-            fraction = {"linear": 1 - progress, "cosine": (1 + math.cos(math.pi * progress)) / 2,
-                        "polynomial": (1 - progress) ** power}[shape]
-            value = final + (weight - final) * fraction
-        values.append(value)
-        if threshold is not None and value > 0:
-            ema = similarity if ema is None else decay * ema + (1 - decay) * similarity
-            cut = cut or ema >= threshold
-    return [*values, cut]
+        if same_step and watched(step):
+            fold(similarity)
+        values.append(0.0 if cut() else shape_value(step))
+        if not same_step and watched(step):
+            fold(similarity)
+    return [*values, cut()]
 
 
 SCHEDULE_CASES = {
@@ -589,6 +808,15 @@ SCHEDULE_CASES = {
     "cutoff_step": dict(cutoff_step=4),
     "similarity_threshold": dict(similarity_threshold=0.12),  # the EMA (decay 0.99) passes it at step 5
     "similarity_ema_decay": dict(similarity_ema_decay=0.5, similarity_threshold=0.6),
+    # decay 0.5: the EMA reaches 0.6 at step 5 (0.74), falls below at step 6 (0.47), is over again from step 7
+    "threshold_mode": dict(threshold_mode="recoverable", similarity_ema_decay=0.5, similarity_threshold=0.6),
+    "cutoff_timing": [dict(cutoff_timing="same_step", similarity_ema_decay=0.5, similarity_threshold=0.6),
+                      dict(cutoff_timing="same_step", threshold_mode="recoverable", similarity_ema_decay=0.5,
+                           similarity_threshold=0.6)],
+    # warm-up step 0 has lambda 0: its similarity (0.1) starts the EMA only when every step is watched
+    "similarity_every_step": dict(similarity_every_step=True, warmup_steps=3, similarity_ema_decay=0.5,
+                                  similarity_threshold=0.6),
+    "warmup_from_zero": dict(warmup_from_zero=False, warmup_steps=3),
 }
 
 
@@ -691,6 +919,72 @@ def _smoothness_lower(kwargs):
     return [torch.tensor(naive_smoothness(_loss_inputs({})[0].detach()), dtype=torch.float64)]
 
 
+# --- the token relation distillation loss (issue 24) -------------------------------------------------------------
+from crepa_kernels import TokenRelationFunction, TokenRelationLoss, token_relation_loss  # noqa: E402
+from crepa_kernels.relation_function import select_relation_backend  # noqa: E402
+
+
+def _relation_functional(kwargs):
+    arguments, flags = split(kwargs)
+    proj, target = _loss_inputs(flags)
+    return _with_gradients(token_relation_loss(proj, target, **arguments), proj, target)
+
+
+def _relation_module(kwargs):
+    arguments, flags = split(kwargs)
+    proj, target = _loss_inputs(flags)
+    call = {name: arguments.pop(name) for name in ("num_frames", "anchors") if name in arguments}
+    return _with_gradients(TokenRelationLoss(**arguments)(proj, target, **call), proj, target)
+
+
+def _relation_apply(kwargs):
+    arguments, flags = split(kwargs)
+    proj, target = _loss_inputs(flags)
+    signature = inspect.signature(TokenRelationFunction.forward)
+    positional = [arguments.pop(name, p.default) for name, p in list(signature.parameters.items())[2:]]
+    assert not arguments, f"not arguments of TokenRelationFunction.forward: {arguments}"
+    return _with_gradients(TokenRelationFunction.apply(proj, target, *positional), proj, target)
+
+
+def _relation_naive(kwargs):
+    """Below the Function: the backend's availability, then the relation matrices written out (_relation_formula)."""
+    arguments, flags = split(kwargs)
+    proj, target = _loss_inputs(flags)
+    num_frames = arguments.pop("num_frames", None)
+    select_relation_backend(arguments.pop("backend", "auto"), proj.device)
+    p, y = (x if x.dim() == 4 else x.unflatten(1, (num_frames, -1)) for x in (proj, target))
+    return _with_gradients(_relation_formula(p, y, **arguments), proj, target)
+
+
+RELATION_ANCHORS = torch.tensor([0, 3, 3, 17, 34])  # token 3 twice: it counts twice
+RELATION_CASES = {
+    "pairs": [dict(pairs="spatial"), dict(pairs="temporal")],
+    "margin": dict(margin=0.3),
+    "anchors": [dict(anchors=RELATION_ANCHORS), dict(anchors=RELATION_ANCHORS, pairs="temporal")],
+    "num_frames": dict(num_frames=SHAPE[1], _flat=True),
+    "reduction": dict(reduction="none"),
+    "eps": dict(eps=LOSS_EPS),
+    "backend": dict(backend="cuda", _raises=True),  # no CUDA kernel for this loss: the name is refused
+}
+
+
+def _relation_regularizer(kwargs):
+    return _regularizer(kwargs, alignment_regularizer)
+
+
+TRD = dict(loss="trd")
+RELATION_REGULARIZER_CASES = {
+    "loss": dict(loss="trd"),
+    "pairs": [dict(pairs="spatial", **TRD), dict(pairs="temporal", **TRD)],
+    "margin": dict(margin=0.2, **TRD),
+    "sample_weight": dict(sample_weight=torch.tensor([0.25, 1.5], dtype=torch.float64), **TRD),
+    "frame_mask": dict(frame_mask=_mask(), **TRD),
+    "update_cutoff": dict(update_cutoff=False, _schedule=dict(weight=0.3, similarity_threshold=-1.0,
+                                                               cutoff_timing="same_step"), **TRD),
+    "hidden_frames": dict(hidden_frames=7, frame_align="pick", _hidden=(7, TOKENS), **TRD),
+}
+
+
 # --- the registry ------------------------------------------------------------------------------------------------
 ENTRY_POINTS = {
     "cross_frame_align_loss": EntryPoint((cross_frame_align_loss,), _functional, _apply,
@@ -708,6 +1002,19 @@ ENTRY_POINTS = {
                                    _regularizer_lower, TRANSFORMER_COMMON),
     "CrepaTransformer": EntryPoint((CrepaTransformer.__init__, CrepaTransformer.forward), _transformer,
                                    _transformer_lower, TRANSFORMER_COMMON),
+    "token_relation_loss": EntryPoint((token_relation_loss,), _relation_functional, _relation_apply,
+                                      dict(backend="reference")),
+    "TokenRelationLoss": EntryPoint((TokenRelationLoss.__init__, TokenRelationLoss.forward), _relation_module,
+                                    _relation_functional, dict(backend="reference")),
+    "TokenRelationFunction.apply": EntryPoint((TokenRelationFunction.forward,), _relation_apply, _relation_naive,
+                                              dict(backend="reference")),
+    "TokenRelationFunction.apply[cpu]": EntryPoint((TokenRelationFunction.forward,), _relation_apply,
+                                                   _relation_naive, dict(backend="cpu")),
+    "TokenRelationFunction.apply[triton]": EntryPoint((TokenRelationFunction.forward,), _relation_apply,
+                                                      _relation_naive, dict(backend="triton")),
+    # loss="trd" builds a TokenRelationRegularizer: its projectors + the relation formula, one level down
+    "alignment_regularizer": EntryPoint((alignment_regularizer, CrepaRegularizer.forward), _relation_regularizer,
+                                        _regularizer_lower, TRANSFORMER_COMMON),
     "adapter_for": EntryPoint((EncoderAdapter.__init__,), _adapter, _adapter_lower),
     "build_feature_cache": EntryPoint((build_feature_cache,), _cache, _cache_lower),
     "LambdaSchedule": EntryPoint((LambdaSchedule.__init__,), _schedule, _schedule_lower),
@@ -726,6 +1033,12 @@ CASES = {
     "CrossFrameAlignFunction.apply[triton]": LOSS_CASES,
     "CrepaRegularizer": REGULARIZER_CASES,
     "CrepaTransformer": TRANSFORMER_CASES,
+    "token_relation_loss": RELATION_CASES,
+    "TokenRelationLoss": RELATION_CASES,
+    "TokenRelationFunction.apply": RELATION_CASES,
+    "TokenRelationFunction.apply[cpu]": RELATION_CASES,
+    "TokenRelationFunction.apply[triton]": RELATION_CASES,
+    "alignment_regularizer": RELATION_REGULARIZER_CASES,
     "adapter_for": ENCODER_CASES,
     "build_feature_cache": CACHE_CASES,
     "LambdaSchedule": SCHEDULE_CASES,

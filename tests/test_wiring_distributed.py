@@ -32,6 +32,7 @@ from test_wiring import (
     _regularizer_inputs,
     _schedule,
     _schedule_lower,
+    alignment_state,
     describe,
     options_of,
     outcome,
@@ -112,14 +113,18 @@ SP_TOKENS = 2  # 5 frames x 2 tokens = 10: tensor_split gives 4, 3, 3 tokens, ch
 
 
 def _alignment(alignment) -> list:
+    if alignment.nonfinite:  # the figures are NaN then: only what the skipped step gives
+        return [alignment.loss, alignment.included_frames, *alignment_state(alignment)]
     neighbor = alignment.neighbor_similarity
     return [alignment.loss, alignment.self_similarity, "no neighbours" if neighbor is None else neighbor,
-            sorted(alignment.terms), *[alignment.terms[name] for name in sorted(alignment.terms)]]
+            sorted(alignment.terms), *[alignment.terms[name] for name in sorted(alignment.terms)],
+            alignment.cutoff_similarity, alignment.included_frames, *alignment_state(alignment)]
 
 
 def _sp_regularizer_arguments(kwargs):
     arguments, flags = split(kwargs)
-    forward = {name: arguments.pop(name) for name in ("sample_weight", "frame_mask") if name in arguments}
+    forward = {name: arguments.pop(name) for name in ("sample_weight", "frame_mask", "update_cutoff", "hidden_frames")
+               if name in arguments}
     if arguments.get("group") == "each rank alone":
         arguments["group"] = GROUPS[dist.get_rank()]
     return arguments, flags, forward
@@ -140,8 +145,17 @@ def _sp_regularizer(kwargs):
     return _alignment(regularizer(hidden[0] if single else hidden, targets[0] if single else targets, **forward))
 
 
+def _refused(case: dict) -> bool:
+    """A shard of the sequence holds no whole frame: the grid alignments and the convolution over the token grid
+    are refused by the sequence-parallel regulariser (documented in its constructor)."""
+    return (case.get("frame_align", "exact") != "exact" or case.get("token_align", "exact") != "exact"
+            or case.get("pool_tokens", False) or case.get("projector") == "conv")
+
+
 def _sp_regularizer_lower(kwargs):
     arguments, flags, forward = _sp_regularizer_arguments(kwargs)
+    if _refused(arguments):
+        raise ValueError("refused by a sequence-parallel regulariser")
     for name in ("group", "shard_full_states"):
         arguments.pop(name, None)
     hidden, targets = _inputs(flags)
@@ -154,9 +168,19 @@ def _with_full_states(case: dict) -> dict:
     return {"shard_full_states": True, **case}
 
 
+def _sp_case(case: dict) -> dict:
+    if _refused(case):  # on the targets' grid, so that only the option makes the difference
+        return _with_full_states({**{k: v for k, v in case.items() if not k.startswith("_") and k not in (
+            "hidden_frames", "frame_mask")}, "_raises": True})
+    return _with_full_states(case)
+
+
 SP_REGULARIZER_CASES = {
-    **{name: _with_full_states(case) if isinstance(case, dict) else [_with_full_states(c) for c in case]
-       for name, case in REGULARIZER_CASES.items() if name not in ("checkpoint_projector", "eps")},
+    **{name: _sp_case(case) if isinstance(case, dict) else [_sp_case(c) for c in case]
+       for name, case in REGULARIZER_CASES.items()
+       if name not in ("checkpoint_projector", "eps", "hidden_frames", "projector_grid")},
+    # the hidden states stay one sequence (a shard of it): hidden_frames only has to divide its length
+    "hidden_frames": _with_full_states(dict(hidden_frames=3, _raises=True)),
     "eps": _with_full_states(dict(eps=0.38)),
     # the sharded projection recomputed in backward: the figures and loss as without it
     "checkpoint_projector": _with_full_states(dict(checkpoint_projector=True, _same_as_default=True)),
@@ -200,12 +224,16 @@ ENTRY_POINTS = {
                        {"process_group": dict(process_group="each rank alone")}),
 }
 ONLY = {"LambdaSchedule": {"process_group"}}
+# options that change no value an entry point returns, with the reason
+EXEMPT = {("SequenceParallelRegularizer", "projector_grid"): "read only by the 'conv' projector, which a "
+                                                                "sequence-parallel regulariser refuses (the "
+                                                                "projector case checks that)"}
 
 
 def _cases():
     for entry_name, (entry, cases) in ENTRY_POINTS.items():
         for option in options_of(entry):
-            if entry_name in ONLY and option not in ONLY[entry_name]:
+            if (entry_name in ONLY and option not in ONLY[entry_name]) or (entry_name, option) in EXEMPT:
                 continue
             case = cases.get(option)
             if case is None:
