@@ -26,10 +26,12 @@ def test_schedule_cuts_off_when_the_ema_reaches_the_threshold_exactly(similarity
 
 
 def test_schedule_warmup_ends_at_full_weight_exactly():
-    schedule = LambdaSchedule(0.8, warmup_steps=4)
-    assert [schedule.value_at(s) for s in (2, 3, 4, 5)] == [0.6000000000000001, 0.8, 0.8, 0.8]
+    schedule = LambdaSchedule(0.8, warmup_steps=4)  # weight * s / W: the full weight first at s = W
+    assert [schedule.value_at(s) for s in (0, 3, 4, 5)] == [0.0, 0.6000000000000001, 0.8, 0.8]
     decaying = LambdaSchedule(0.8, shape="linear", warmup_steps=4, decay_steps=2, final_weight=0.2)
-    assert [decaying.value_at(s) for s in (3, 4, 5, 6, 7)] == pytest.approx([0.8, 0.8, 0.5, 0.2, 0.2], abs=1e-15)
+    assert [decaying.value_at(s) for s in (3, 4, 5, 6, 7)] == pytest.approx([0.6, 0.8, 0.5, 0.2, 0.2], abs=1e-15)
+    shifted = LambdaSchedule(0.8, warmup_steps=4, warmup_from_zero=False)  # weight * (s + 1) / W: full at W - 1
+    assert [shifted.value_at(s) for s in (2, 3, 4, 5)] == [0.6000000000000001, 0.8, 0.8, 0.8]
 
 
 def test_schedule_cutoff_step_is_the_first_zero():

@@ -237,7 +237,7 @@ def schedules(draw):
     shape = draw(st.sampled_from(SHAPES))
     kwargs = dict(weight=draw(st.floats(0.0, 2.0)), shape=shape, warmup_steps=draw(st.integers(0, 5)),
                   final_weight=draw(st.floats(0.0, 1.0)), power=draw(st.floats(0.25, 4.0)),
-                  cutoff_step=draw(st.none() | st.integers(0, 20)))
+                  cutoff_step=draw(st.none() | st.integers(0, 20)), warmup_from_zero=draw(st.booleans()))
     if shape != "constant":
         kwargs["decay_steps"] = draw(st.integers(1, 10))
     return kwargs
@@ -250,8 +250,8 @@ def test_lambda_schedule_follows_its_formula_at_every_step(kwargs):
     for step in range(25):
         if kwargs["cutoff_step"] is not None and step >= kwargs["cutoff_step"]:
             expected = 0.0
-        elif step < warmup:
-            expected = weight * (step + 1) / warmup
+        elif step < warmup:  # from 0 at step 0 (the upstream trainers'), or from weight / warmup
+            expected = weight * (step if kwargs["warmup_from_zero"] else step + 1) / warmup
         elif kwargs["shape"] == "constant":
             expected = weight
         else:

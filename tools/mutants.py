@@ -467,8 +467,8 @@ MUTANTS += [
            "the encoder adapter resizes bilinearly whatever resample says"),
     Mutant("i21-w-cache-extra-dropped", FEATURE_CACHE, 'spec = cache_spec(adapter, token_grid, storage_dtype, extra)',
            'spec = cache_spec(adapter, token_grid, storage_dtype, None)', "the cache key leaves out extra="),
-    Mutant("i21-e-schedule-threshold-strict", SCHEDULE, 'if self.similarity_ema >= self.similarity_threshold:',
-           'if self.similarity_ema > self.similarity_threshold:', "an EMA exactly at the threshold does not cut off"),
+    Mutant("i21-e-schedule-threshold-strict", SCHEDULE, 'self.similarity_ema >= self.similarity_threshold',
+           'self.similarity_ema > self.similarity_threshold', "an EMA exactly at the threshold does not cut off"),
     Mutant("i21-e-schedule-warmup-inclusive", SCHEDULE, 'if step < self.warmup_steps:',
            'if step <= self.warmup_steps:', "warm-up runs one step too long (past the full weight)"),
     Mutant("i21-e-encoder-size-floor", ENCODERS, 'round(height * scale / patch_h) * patch_h',
@@ -492,8 +492,8 @@ MUTANTS += [
            "the neighbour similarity's weights not scaled back by Z_f (equal without normalize_weights)"),
     Mutant("i21-t-gpu-limits-sm120-smem", GPU_LIMITS, '"sm_120": 99 * KB,', '"sm_120": 100 * KB,',
            "sm_120's opt-in shared memory per block taken as 100 KB"),
-    Mutant("i21-t-reserved-from-sm100", GPU_LIMITS, '(1024 if int(arch[3:]) >= 90 else 0)',
-           '(1024 if int(arch[3:]) >= 100 else 0)', "sm_90's cubin reservation not subtracted"),
+    Mutant("i21-t-reserved-from-sm100", GPU_LIMITS, '1024 if capability >= (9, 0) else 0',
+           '1024 if capability >= (10, 0) else 0', "sm_90's cubin reservation not subtracted"),
     # --- the CUDA kernels, executed by cuda_emulated (issue 20): every barrier, the tail masks, the vector-path
     # condition, the opt-in record and the shared-memory limit. (The token reduction's barrier after each item was
     # redundant, see its comment, and is gone.)

@@ -232,9 +232,8 @@ def cuda_size_limits(options: LossOptions, dtype: torch.dtype, shared_limit: int
 def _shared_limit(device: torch.device) -> int:
     """Dynamic shared memory one block may use on this CUDA device: the opt-in figure less the reservation the
     kernels report as static shared memory, the number the C++ refusal and opt-in use (dynamic_shared_limit_of)."""
-    properties = torch.cuda.get_device_properties(device)
-    return properties.shared_memory_per_block_optin - gpu_limits.reserved_shared_bytes(
-        (properties.major, properties.minor))
+    return (torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+            - gpu_limits.reserved_shared_bytes(torch.cuda.get_device_capability(device)))
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # csrc/crepa_ops.cpp check_floating
