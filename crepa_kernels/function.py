@@ -75,24 +75,30 @@ def _reduction_backward(grad_loss: torch.Tensor, reduction: str, batch: int, fra
     return grad_loss.contiguous()
 
 
-class _DoubleBackwardError(torch.autograd.Function):
-    """Passes a gradient computed under create_graph=True through; differentiating it again raises."""
+def refuse_double_backward(message: str) -> type[torch.autograd.Function]:
+    """An autograd Function that passes a gradient computed under create_graph=True through (its ``sources``: the
+    tensors the gradient depends on, so that a node is recorded) and raises ``message`` if differentiated again."""
 
-    @staticmethod
-    def forward(grad, *sources):  # sources: the tensors the gradient depends on, so that a node is recorded
-        return grad.clone()
+    class DoubleBackwardError(torch.autograd.Function):
+        @staticmethod
+        def forward(grad, *sources):
+            return grad.clone()
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
 
-    @staticmethod
-    def backward(ctx, _):
-        raise RuntimeError(
-            "CrossFrameAlignFunction does not support double backward: its backward runs hand-written kernels "
-            "(or, for the reference backend, a hand-written formula) that have no derivative of their own. "
-            "For higher derivatives differentiate crepa_kernels.reference.per_frame_loss directly."
-        )
+        @staticmethod
+        def backward(ctx, _):
+            raise RuntimeError(message)
+
+    return DoubleBackwardError
+
+
+_DoubleBackwardError = refuse_double_backward(
+    "CrossFrameAlignFunction does not support double backward: its backward runs hand-written kernels "
+    "(or, for the reference backend, a hand-written formula) that have no derivative of their own. "
+    "For higher derivatives differentiate crepa_kernels.reference.per_frame_loss directly.")
 
 
 class CrossFrameAlignFunction(torch.autograd.Function):

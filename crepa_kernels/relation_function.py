@@ -18,6 +18,7 @@ import inspect
 
 import torch
 
+from .function import refuse_double_backward
 from .relation_spec import (RelationOptions, check_anchors, check_pair_count, key_weight, pairs_per_sample)
 from .spec import as_frames, compute_dtype
 
@@ -99,22 +100,9 @@ def _forward(proj, target, arguments, keep_gradients: bool):
     return _reduce(per_frame, options, count), grad_proj, grad_target
 
 
-class _DoubleBackwardError(torch.autograd.Function):
-    """Passes a gradient computed under create_graph=True through; differentiating it again raises."""
-
-    @staticmethod
-    def forward(grad, *sources):
-        return grad.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, _):
-        raise RuntimeError("TokenRelationFunction does not support double backward: its backward runs hand-written "
-                           "kernels. For higher derivatives differentiate "
-                           "crepa_kernels.relation_reference.per_row_loss directly.")
+_DoubleBackwardError = refuse_double_backward(
+    "TokenRelationFunction does not support double backward: its backward runs hand-written kernels. For higher "
+    "derivatives differentiate crepa_kernels.relation_reference.per_row_loss directly.")
 
 
 class TokenRelationFunction(torch.autograd.Function):
