@@ -833,21 +833,53 @@ def test_self_flow_views_bad_arguments():
             self_flow_views(**arguments)
 
 
-def test_trainer_lockstep_with_self_flow_masking():
+def test_trainer_lockstep_with_self_flow_masking(monkeypatch):
     """examples/train_dit.py --target-source ema_teacher --self-flow-mask-ratio: the fused backend against the
-    reference; the option is refused without an EMA teacher."""
+    reference. The wiring, read from the DiT's and the teacher's real inputs: the student gets per-token times, the
+    teacher one time per sample, the smaller of the student's two, and its input equals the student's exactly on
+    the tokens at that time and nowhere else. The option is refused without an EMA teacher."""
     import dataclasses
 
     from test_training import SMALL, trainer
     from crepa_kernels.backends import available_backends
 
+    seen = {"student": [], "teacher": []}
+
+    class RecordingTeacher(trainer.EmaTeacher):  # the real teacher, its and its student's inputs recorded
+        def __init__(self, module, momentum):
+            super().__init__(module, momentum)
+            module.register_forward_pre_hook(
+                lambda _, args, kwargs: seen["student"].append((args[0].detach().clone(), args[1].clone())),
+                with_kwargs=True)
+
+        def forward(self, *args, **kwargs):
+            seen["teacher"].append((args[0].clone(), args[1].clone()))
+            return super().forward(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "EmaTeacher", RecordingTeacher)
     backend = "cpu" if available_backends("cpu")["cpu"] is True else "reference"
     config = dataclasses.replace(SMALL, target_source="ema_teacher", teacher_momentum=0.9, self_flow_mask_ratio=0.3)
-    reference, fused = trainer.train(config, "reference"), trainer.train(config, backend)
+    reference = trainer.train(config, "reference")
+    fused = trainer.train(config, backend)
     report = trainer.compare(reference, fused, trainer.TOLERANCES[torch.float32])
     assert all(entry["ok"] for entry in report.values()), report
     assert all(math.isfinite(r["align_loss"]) for r in fused.records)
-    plain = trainer.train(dataclasses.replace(config, self_flow_mask_ratio=0.0), "reference")
-    assert plain.records[0]["loss"] != reference.records[0]["loss"]  # the masking changes the run
+
+    assert len(seen["student"]) == len(seen["teacher"]) == 2 * config.steps
+    patch = trainer.PATCH_SIZE
+    masked = 0
+    for (student, student_time), (teacher, teacher_time) in zip(seen["student"], seen["teacher"]):
+        b, _, f, h, w = student.shape
+        assert student_time.shape == (b, (f // patch[0]) * (h // patch[1]) * (w // patch[2]))
+        assert teacher_time.shape == (b,)
+        torch.testing.assert_close(teacher_time, student_time.min(1).values, rtol=0, atol=0)
+        same_time = (student_time == teacher_time[:, None]).view(b, f // patch[0], h // patch[1], w // patch[2])
+        for dim, p in zip((1, 2, 3), patch):
+            same_time = same_time.repeat_interleave(p, dim=dim)
+        same_time = same_time[:, None].expand_as(student)
+        assert torch.equal(teacher[same_time], student[same_time])
+        assert (teacher[~same_time] != student[~same_time]).all()
+        masked += int((~same_time).any())
+    assert masked > 0  # some step had a token at the noisier time
     with pytest.raises(ValueError, match="self-flow-mask-ratio"):
         trainer.train(dataclasses.replace(SMALL, self_flow_mask_ratio=0.3), "reference")
