@@ -495,8 +495,8 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
             batch = synthetic_batch(config, step)
             mask_generator = None
             if config.self_flow_mask_ratio:  # the second time and the token mask: a stream of their own per step
-                mask_generator = torch.Generator().manual_seed(2**40 + config.seed * 1_000_003 + step)
-                batch["alt_t"] = torch.rand(config.global_batch, generator=mask_generator)
+                mask_generator = torch.Generator(device).manual_seed(2**40 + config.seed * 1_000_003 + step)
+                batch["alt_t"] = torch.rand(config.global_batch, generator=mask_generator, device=device)
             shard = (slice(None) if config.sequence_parallel
                      else slice(rank * config.global_batch // world, (rank + 1) * config.global_batch // world))
             noisy, t, text, velocity, targets = model_inputs(batch, sample_ids(config, step), shard, mask_generator)

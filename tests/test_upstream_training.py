@@ -825,6 +825,8 @@ def test_self_flow_views_bad_arguments():
         (dict(mask_ratio=math.nan), ValueError, "mask_ratio"),
         (dict(mask_ratio=True), ValueError, "mask_ratio"),
         (dict(generator=0), TypeError, "generator"),
+        (dict(latents=torch.zeros(2, 3, 2, 4, 4, device="meta"), noise=torch.zeros(2, 3, 2, 4, 4, device="meta")),
+         ValueError, "generator: expected one on the latents' device"),  # a CPU generator for latents elsewhere
     ]
     for change, error, message in cases:
         arguments = dict(latents=x, noise=x, t=t, alt_t=t, patch_size=(1, 2, 2), mask_ratio=0.1, generator=g)

@@ -593,6 +593,8 @@ MUTANTS += [
            "a mask ratio above 1 passes the check"),
     Mutant("selfflow-patch-not-dividing-accepted", FLOW, 'if any(size % p for size, p in zip(',
            'if False and any(size % p for size, p in zip(', "a patch size not dividing the latents reaches torch"),
+    Mutant("selfflow-generator-device-unchecked", FLOW, 'if generator.device.type != latents.device.type:',
+           'if False:', "a generator on another device than the latents reaches torch.rand"),
     Mutant("selfflow-trainer-teacher-sees-student-view", TRAIN_DIT,
            'teacher(teacher_noisy, teacher_t * TIMESTEP_SCALE,', 'teacher(noisy, teacher_t * TIMESTEP_SCALE,',
            "the teacher gets the student's mixed-noise latents"),

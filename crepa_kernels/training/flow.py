@@ -45,9 +45,9 @@ def self_flow_views(latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                     patch_size: tuple[int, int, int], mask_ratio: float,
                     generator: torch.Generator) -> SelfFlowViews:
     """SimpleTuner's self-flow views: each token of the DiT's patch grid is masked with probability ``mask_ratio``
-    (one uniform draw per token from ``generator``, in the latents' dtype, masked where it is below the ratio);
-    masked tokens of the student's view are noised at ``alt_t``, the rest at ``t``; the EMA teacher's view is noised
-    at min(t, alt_t) everywhere. The velocity target noise - latents does not depend on the time, so it is the one
+    (one uniform draw per token from ``generator``, on the latents' device and in their dtype, masked where it is
+    below the ratio); masked tokens of the student's view are noised at ``alt_t``, the rest at ``t``; the EMA
+    teacher's view is noised at min(t, alt_t) everywhere. The velocity target noise - latents does not depend on the time, so it is the one
     :func:`rectified_flow_pair` gives. Timesteps are these times times :data:`TIMESTEP_SCALE`."""
     if not isinstance(latents, torch.Tensor) or latents.dim() != 5 or not latents.is_floating_point():
         raise TypeError(f"latents: expected a floating tensor [B, C, F, H, W], got "
@@ -70,6 +70,9 @@ def self_flow_views(latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
         raise ValueError(f"mask_ratio: expected a number in [0, 1], got {mask_ratio!r}")
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != latents.device.type:
+        raise ValueError(f"generator: expected one on the latents' device ({latents.device.type}), got one on "
+                         f"{generator.device.type}")
 
     grid = tuple(size // p for size, p in zip(latents.shape[2:], patch_size))
     # a draw below the ratio: ratio 0 masks nothing and ratio 1 everything (the draws lie in [0, 1))
