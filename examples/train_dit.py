@@ -58,6 +58,7 @@ from crepa_kernels.training import (
     rank_and_world,
     rectified_flow_pair,
     save_crepa_state,
+    self_flow_views,
     timestep_weight,
 )
 from crepa_kernels.training.encoders import load_encoder
@@ -126,6 +127,9 @@ class TrainConfig:
     teacher_block: int = -1  # the block whose output is the target (backbone / ema_teacher); -1: the last
     teacher_momentum: float = 0.999  # ema_teacher: theta <- m theta + (1 - m) theta_student after each step
     teacher_grad: bool = False  # backbone: let the alignment's gradient reach the teacher block too (takenoko)
+    # ema_teacher: SimpleTuner's crepa_self_flow_mask_ratio: this fraction of the student's tokens noised at a second
+    # time, the teacher at the cleaner of the two times (0: off)
+    self_flow_mask_ratio: float = 0.0
     target_norm: str = "none"  # "spatial": iREPA's spatial normalisation of the targets (per frame, over tokens)
     spatial_norm_gamma: float = 1.0  # the fraction of the token mean it removes (1: a spatial z-score)
     condition_frames: int = 0  # leading token frames of every video left out of the loss, as I2V conditioning
@@ -250,6 +254,11 @@ def self_targets(config: TrainConfig, model: CrepaTransformer):
     """(EMA teacher or None, capture of the teacher block or None) for --target-source backbone / ema_teacher."""
     if config.target_source not in TARGET_SOURCES:
         raise ValueError(f"target_source: expected one of {TARGET_SOURCES}, got {config.target_source!r}")
+    if config.self_flow_mask_ratio and (config.target_source != "ema_teacher" or rank_and_world()[1] > 1
+                                        or config.sample_weighting != "none"):
+        raise ValueError("--self-flow-mask-ratio: only with --target-source ema_teacher, in one process and without "
+                         f"--sample-weighting; got target_source={config.target_source!r}, "
+                         f"{rank_and_world()[1]} processes, sample_weighting={config.sample_weighting!r}")
     if config.target_source == "encoder":
         return None, None
     if config.diagnostics_every or (config.fsdp != "off" and config.target_source == "backbone"):
@@ -447,21 +456,29 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
     trained = wrap_model(model, config, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
 
-    def model_inputs(batch: dict[str, torch.Tensor], ids: list[str], shard: slice = slice(None)):
+    def model_inputs(batch: dict[str, torch.Tensor], ids: list[str], shard: slice = slice(None),
+                     mask_generator: torch.Generator | None = None):
         """The DiT's inputs, the flow target and the alignment targets of (a shard of) a batch; no targets (no
-        encoder forward, no cache read) while lambda is 0."""
+        encoder forward, no cache read) while lambda is 0. With --self-flow-mask-ratio the DiT's times are per token
+        and ``mask_generator`` draws the token mask."""
         batch = {name: value[shard].to(device) for name, value in batch.items()}
         latents = vae(batch["video"])
         noisy, velocity = rectified_flow_pair(latents, batch["noise"], batch["t"])
+        t, teacher_noisy, teacher_t = batch["t"], noisy, batch["t"]
+        if config.self_flow_mask_ratio:  # the student per token at t or alt_t ([B, tokens]), the teacher cleaner
+            views = self_flow_views(latents, batch["noise"], batch["t"], batch["alt_t"], PATCH_SIZE,
+                                    config.self_flow_mask_ratio, mask_generator)
+            noisy, t = views.student_latents, views.token_t
+            teacher_noisy, teacher_t = views.teacher_latents, views.teacher_t
         targets = None
         if model.regularizer.active and config.target_source == "encoder":
             targets = targets_of(batch["video"], grid, ids[shard])
         elif model.regularizer.active and config.target_source == "ema_teacher":
-            teacher(noisy, batch["t"] * TIMESTEP_SCALE, batch["text"], return_dict=False)
+            teacher(teacher_noisy, teacher_t * TIMESTEP_SCALE, batch["text"], return_dict=False)
             targets = block_targets(teacher_capture.pop(), grid[0])
         elif model.regularizer.active:  # backbone: read from the student's own forward, once it has run
             targets = lambda: block_targets(teacher_capture.pop(), grid[0], detach=not config.teacher_grad)  # noqa: E731
-        return noisy, batch["t"], batch["text"], velocity, targets
+        return noisy, t, batch["text"], velocity, targets
 
     records, times = [], []
     with PeakMemory(device) as memory:
@@ -476,9 +493,13 @@ def train(config: TrainConfig, backend: str, crepa_state: str | None = None) -> 
                 memory.step_peak_mib()  # the step's peak below leaves the diagnostics out
 
             batch = synthetic_batch(config, step)
+            mask_generator = None
+            if config.self_flow_mask_ratio:  # the second time and the token mask: a stream of their own per step
+                mask_generator = torch.Generator(device).manual_seed(2**40 + config.seed * 1_000_003 + step)
+                batch["alt_t"] = torch.rand(config.global_batch, generator=mask_generator, device=device)
             shard = (slice(None) if config.sequence_parallel
                      else slice(rank * config.global_batch // world, (rank + 1) * config.global_batch // world))
-            noisy, t, text, velocity, targets = model_inputs(batch, sample_ids(config, step), shard)
+            noisy, t, text, velocity, targets = model_inputs(batch, sample_ids(config, step), shard, mask_generator)
             sample_weight, frame_mask = loss_weighting(config, t, grid[0])
 
             if device.type == "cuda":

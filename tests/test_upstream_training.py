@@ -726,3 +726,162 @@ def test_irepa_regulariser_and_trainer_lockstep():
     report = trainer.compare(reference, fused, trainer.TOLERANCES[torch.float32])
     assert all(entry["ok"] for entry in report.values()), report
     assert any(name.endswith("conv.weight") for name in fused.params)
+
+
+# ----------------------------------------------------------------------------------------------- self-flow masking
+
+
+def _simpletuner_self_flow(latents, noise, t, alt_t, patch, draws, ratio):
+    """SimpleTuner's crepa_self_flow_mask_ratio restated token by token in float64 (``draws``: its uniform draw per
+    token): masked where the draw is below the ratio, the student's token at alt_t there and at t elsewhere, the
+    teacher everywhere at min(t, alt_t); timesteps per token, frame-major."""
+    b, _, f, h, w = latents.shape
+    pt, ph, pw = patch
+    student = torch.empty_like(latents)
+    token_t = torch.empty(b, (f // pt) * (h // ph) * (w // pw), dtype=torch.float64)
+    for i in range(b):
+        token = 0
+        for a in range(f // pt):
+            for y in range(h // ph):
+                for x in range(w // pw):
+                    sigma = float(alt_t[i]) if float(draws[i, a, y, x]) < ratio else float(t[i])
+                    token_t[i, token] = sigma
+                    token += 1
+                    cell = (i, slice(None), slice(a * pt, (a + 1) * pt), slice(y * ph, (y + 1) * ph),
+                            slice(x * pw, (x + 1) * pw))
+                    student[cell] = (1 - sigma) * latents[cell] + sigma * noise[cell]
+    teacher_t = torch.minimum(t, alt_t)
+    teacher = (1 - teacher_t.view(-1, 1, 1, 1, 1)) * latents + teacher_t.view(-1, 1, 1, 1, 1) * noise
+    return student, teacher, token_t, teacher_t
+
+
+def test_self_flow_views_restate_simpletuner():
+    """Both views token by token, the mask (one uniform draw per token of the generator's stream, below the
+    ratio), the per-token times; ratio 0 is the plain view, ratio 1 every token at alt_t."""
+    from crepa_kernels.training.flow import rectified_flow_pair, self_flow_views
+
+    source = torch.Generator().manual_seed(11)
+    for patch, shape in (((1, 2, 2), (3, 2, 3, 6, 4)), ((2, 1, 3), (2, 3, 4, 3, 6)), ((1, 1, 1), (1, 1, 1, 1, 1))):
+        latents = torch.randn(shape, generator=source, dtype=torch.float64)
+        noise = torch.randn(shape, generator=source, dtype=torch.float64)
+        t, alt_t = torch.rand(shape[0], generator=source, dtype=torch.float64), torch.rand(
+            shape[0], generator=source, dtype=torch.float64)
+        grid = (shape[0], shape[2] // patch[0], shape[3] // patch[1], shape[4] // patch[2])
+        for ratio in (0.0, 0.1, 0.37, 1.0):
+            draws = torch.rand(grid, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+            views = self_flow_views(latents, noise, t, alt_t, patch, ratio, torch.Generator().manual_seed(3))
+            student, teacher, token_t, teacher_t = _simpletuner_self_flow(latents, noise, t, alt_t, patch, draws,
+                                                                          ratio)
+            assert torch.equal(views.token_mask, draws < ratio)
+            torch.testing.assert_close(views.student_latents, student, rtol=1e-15, atol=1e-15)
+            torch.testing.assert_close(views.teacher_latents, teacher, rtol=1e-15, atol=1e-15)
+            torch.testing.assert_close(views.token_t, token_t, rtol=0, atol=0)
+            torch.testing.assert_close(views.teacher_t, teacher_t, rtol=0, atol=0)
+            plain, _ = rectified_flow_pair(latents, noise, t)
+            if ratio == 0.0:
+                assert not views.token_mask.any()
+                torch.testing.assert_close(views.student_latents, plain, rtol=0, atol=0)
+            if ratio == 1.0:
+                assert views.token_mask.all()
+                torch.testing.assert_close(views.student_latents, rectified_flow_pair(latents, noise, alt_t)[0],
+                                           rtol=0, atol=0)
+    # SimpleTuner's own case (Anima, patch (1, 2, 2), draws [[0.2, 0.7], [0.9, 0.1]] at ratio 0.5, sigmas 0.2 / 0.8)
+    draws = torch.tensor([[[[0.2, 0.7], [0.9, 0.1]]]])
+    student, teacher, token_t, teacher_t = _simpletuner_self_flow(
+        torch.zeros(1, 16, 1, 4, 4, dtype=torch.float64), torch.ones(1, 16, 1, 4, 4, dtype=torch.float64),
+        torch.tensor([0.2], dtype=torch.float64), torch.tensor([0.8], dtype=torch.float64), (1, 2, 2), draws, 0.5)
+    assert token_t.tolist() == [[0.8, 0.2, 0.2, 0.8]] and teacher_t.tolist() == [0.2]
+
+
+def test_self_flow_mask_statistics():
+    """The fraction of masked tokens of a seeded generator is the ratio (binomial, 6 sigma)."""
+    from crepa_kernels.training.flow import self_flow_views
+
+    latents = torch.zeros(8, 2, 6, 16, 16, dtype=torch.float64)
+    t = torch.full((8,), 0.3, dtype=torch.float64)
+    for ratio in (0.1, 0.5):
+        views = self_flow_views(latents, latents, t, t, (1, 2, 2), ratio, torch.Generator().manual_seed(7))
+        n = views.token_mask.numel()
+        assert n == 8 * 6 * 8 * 8
+        assert abs(views.token_mask.double().mean().item() - ratio) < 6 * math.sqrt(ratio * (1 - ratio) / n)
+
+
+def test_self_flow_views_bad_arguments():
+    from crepa_kernels.training.flow import self_flow_views
+
+    x = torch.zeros(2, 3, 2, 4, 4)
+    t = torch.rand(2)
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        (dict(latents=torch.zeros(2, 3, 4, 4)), TypeError, "latents"),
+        (dict(noise=torch.zeros(2, 3, 2, 4, 2)), ValueError, "noise"),
+        (dict(t=torch.rand(3)), ValueError, "t: expected shape"),
+        (dict(alt_t=torch.rand(2, 1)), ValueError, "alt_t"),
+        (dict(patch_size=(1, 2)), ValueError, "patch_size"),
+        (dict(patch_size=(1, 0, 2)), ValueError, "patch_size"),
+        (dict(patch_size=(1, 3, 2)), ValueError, "dividing"),
+        (dict(mask_ratio=1.5), ValueError, "mask_ratio"),
+        (dict(mask_ratio=-0.1), ValueError, "mask_ratio"),
+        (dict(mask_ratio=math.nan), ValueError, "mask_ratio"),
+        (dict(mask_ratio=True), ValueError, "mask_ratio"),
+        (dict(generator=0), TypeError, "generator"),
+        (dict(latents=torch.zeros(2, 3, 2, 4, 4, device="meta"), noise=torch.zeros(2, 3, 2, 4, 4, device="meta")),
+         ValueError, "generator: expected one on the latents' device"),  # a CPU generator for latents elsewhere
+    ]
+    for change, error, message in cases:
+        arguments = dict(latents=x, noise=x, t=t, alt_t=t, patch_size=(1, 2, 2), mask_ratio=0.1, generator=g)
+        arguments.update(change)
+        with pytest.raises(error, match=message):
+            self_flow_views(**arguments)
+
+
+def test_trainer_lockstep_with_self_flow_masking(monkeypatch):
+    """examples/train_dit.py --target-source ema_teacher --self-flow-mask-ratio: the fused backend against the
+    reference. The wiring, read from the DiT's and the teacher's real inputs: the student gets per-token times, the
+    teacher one time per sample, the smaller of the student's two, and its input equals the student's exactly on
+    the tokens at that time and nowhere else. The option is refused without an EMA teacher."""
+    import dataclasses
+
+    from test_training import SMALL, trainer
+    from crepa_kernels.backends import available_backends
+
+    seen = {"student": [], "teacher": []}
+
+    class RecordingTeacher(trainer.EmaTeacher):  # the real teacher, its and its student's inputs recorded
+        def __init__(self, module, momentum):
+            super().__init__(module, momentum)
+            module.register_forward_pre_hook(
+                lambda _, args, kwargs: seen["student"].append((args[0].detach().clone(), args[1].clone())),
+                with_kwargs=True)
+
+        def forward(self, *args, **kwargs):
+            seen["teacher"].append((args[0].clone(), args[1].clone()))
+            return super().forward(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "EmaTeacher", RecordingTeacher)
+    backend = "cpu" if available_backends("cpu")["cpu"] is True else "reference"
+    config = dataclasses.replace(SMALL, target_source="ema_teacher", teacher_momentum=0.9, self_flow_mask_ratio=0.3)
+    reference = trainer.train(config, "reference")
+    fused = trainer.train(config, backend)
+    report = trainer.compare(reference, fused, trainer.TOLERANCES[torch.float32])
+    assert all(entry["ok"] for entry in report.values()), report
+    assert all(math.isfinite(r["align_loss"]) for r in fused.records)
+
+    assert len(seen["student"]) == len(seen["teacher"]) == 2 * config.steps
+    patch = trainer.PATCH_SIZE
+    masked = 0
+    for (student, student_time), (teacher, teacher_time) in zip(seen["student"], seen["teacher"]):
+        b, _, f, h, w = student.shape
+        assert student_time.shape == (b, (f // patch[0]) * (h // patch[1]) * (w // patch[2]))
+        assert teacher_time.shape == (b,)
+        torch.testing.assert_close(teacher_time, student_time.min(1).values, rtol=0, atol=0)
+        same_time = (student_time == teacher_time[:, None]).view(b, f // patch[0], h // patch[1], w // patch[2])
+        for dim, p in zip((1, 2, 3), patch):
+            same_time = same_time.repeat_interleave(p, dim=dim)
+        same_time = same_time[:, None].expand_as(student)
+        assert torch.equal(teacher[same_time], student[same_time])
+        assert (teacher[~same_time] != student[~same_time]).all()
+        masked += int((~same_time).any())
+    assert masked > 0  # some step had a token at the noisier time
+    with pytest.raises(ValueError, match="self-flow-mask-ratio"):
+        trainer.train(dataclasses.replace(SMALL, self_flow_mask_ratio=0.3), "reference")

@@ -35,6 +35,8 @@ COVERING_TESTS = {
     "crepa_kernels/training/token_grid.py": ["tests/test_training.py", "tests/test_upstream_training.py", "-k",
                                              "temporal or spatial or token_grid or upstream"],
     "crepa_kernels/training/teacher.py": ["tests/test_upstream_training.py", "-k", "ema or backbone"],
+    "crepa_kernels/training/flow.py": ["tests/test_upstream_training.py", "-k", "self_flow"],
+    "examples/train_dit.py": ["tests/test_upstream_training.py", "-k", "self_flow"],
     "crepa_kernels/training/regularizer.py": ["tests/test_wiring.py", "tests/test_properties.py",
                                               "tests/test_boundaries.py", "tests/test_training.py",
                                               "tests/test_training_features.py", "tests/test_upstream_training.py",
@@ -112,6 +114,8 @@ TRD_REGULARIZER = "crepa_kernels/training/relation_regularizer.py"
 MODULE = "crepa_kernels/module.py"
 MODEL = "crepa_kernels/training/model.py"
 DIST_LOSS = "crepa_kernels/distributed/loss.py"
+FLOW = "crepa_kernels/training/flow.py"
+TRAIN_DIT = "examples/train_dit.py"
 
 MUTANTS = [
     # --- spec.py: options, neighbour structure, layouts -------------------------------------------------------
@@ -567,4 +571,39 @@ MUTANTS += [
            "Triton's A overflows for a pair of zero vectors: inf * 0 in the gradients"),
     Mutant("i20-spec-subnormal-eps-accepted", SPEC, 'if eps < smallest:', 'if eps < smallest / 8:',
            "an eps below the compute dtype's smallest normal passes the check"),
+]
+
+# --- issue 23: SimpleTuner's self-flow token masking (crepa_self_flow_mask_ratio): the two views, the mask, the
+# per-token times, the argument checks and train_dit's wiring of the views to the student and the EMA teacher.
+MUTANTS += [
+    Mutant("selfflow-mask-other-tokens", FLOW, 'dtype=latents.dtype) < mask_ratio',
+           'dtype=latents.dtype) > 1 - mask_ratio',
+           "the same fraction of tokens masked, but not the draws below the ratio"),
+    Mutant("selfflow-times-swapped", FLOW, 'torch.where(token_mask, alt_t.view(-1, 1, 1, 1), t.view(-1, 1, 1, 1))',
+           'torch.where(token_mask, t.view(-1, 1, 1, 1), alt_t.view(-1, 1, 1, 1))',
+           "the masked tokens keep t and the others get alt_t"),
+    Mutant("selfflow-teacher-noisier", FLOW, 'teacher_t = torch.minimum(t, alt_t)',
+           'teacher_t = torch.maximum(t, alt_t)',
+           "the teacher sees the noisier view"),
+    Mutant("selfflow-patch-axes-reversed", FLOW, 'for dim, p in zip((1, 2, 3), patch_size):',
+           'for dim, p in zip((1, 2, 3), patch_size[::-1]):', "each token's time spread over the wrong patch shape"),
+    Mutant("selfflow-token-order-transposed", FLOW, 'token_t=token_t.flatten(1)',
+           'token_t=token_t.transpose(2, 3).flatten(1)', "per-token times not in the DiT's frame-major token order"),
+    Mutant("selfflow-ratio-above-one-accepted", FLOW, 'or not 0.0 <= mask_ratio <= 1.0)', 'or not 0.0 <= mask_ratio)',
+           "a mask ratio above 1 passes the check"),
+    Mutant("selfflow-patch-not-dividing-accepted", FLOW, 'if any(size % p for size, p in zip(',
+           'if False and any(size % p for size, p in zip(', "a patch size not dividing the latents reaches torch"),
+    Mutant("selfflow-generator-device-unchecked", FLOW, 'if generator.device.type != latents.device.type:',
+           'if False:', "a generator on another device than the latents reaches torch.rand"),
+    Mutant("selfflow-trainer-teacher-sees-student-view", TRAIN_DIT,
+           'teacher(teacher_noisy, teacher_t * TIMESTEP_SCALE,', 'teacher(noisy, teacher_t * TIMESTEP_SCALE,',
+           "the teacher gets the student's mixed-noise latents"),
+    Mutant("selfflow-trainer-teacher-at-student-times", TRAIN_DIT,
+           'teacher(teacher_noisy, teacher_t * TIMESTEP_SCALE,', 'teacher(teacher_noisy, t * TIMESTEP_SCALE,',
+           "the teacher gets the student's per-token times"),
+    Mutant("selfflow-trainer-student-not-masked", TRAIN_DIT, 'noisy, t = views.student_latents, views.token_t',
+           'noisy = views.teacher_latents', "the student sees the teacher's clean view at its own t"),
+    Mutant("selfflow-trainer-refusal-dropped", TRAIN_DIT,
+           'if config.self_flow_mask_ratio and (config.target_source != "ema_teacher"',
+           'if False and (config.target_source != "ema_teacher"', "the masking accepted without an EMA teacher"),
 ]

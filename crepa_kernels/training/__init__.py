@@ -7,7 +7,7 @@ from .capture import HiddenStateCapture, find_blocks
 from .distributed import mean_over_ranks, rank_and_world
 from .encoders import EncoderAdapter, adapter_for
 from .feature_cache import FeatureCache, build_feature_cache
-from .flow import flow_matching_loss, rectified_flow_pair
+from .flow import SelfFlowViews, flow_matching_loss, rectified_flow_pair, self_flow_views
 from .memory import SavedTensorMeter, projector_activation_bytes, reset_peak_rss
 from .model import CrepaTransformer
 from .projector import PROJECTOR_KINDS, build_projector
@@ -47,6 +47,7 @@ __all__ = [
     "HiddenStateCapture",
     "LambdaSchedule",
     "SavedTensorMeter",
+    "SelfFlowViews",
     "adapter_for",
     "build_feature_cache",
     "build_projector",
@@ -71,6 +72,7 @@ __all__ = [
     "reset_peak_rss",
     "resize_frames",
     "save_crepa_state",
+    "self_flow_views",
     "sigmoid_timestep_weight",
     "snr_timestep_weight",
     "spatial_normalize",
