@@ -3,12 +3,16 @@
 Every backend receives inputs that passed through here, so it can rely on:
   * ``proj`` and ``target`` shaped [B, F, N, D] (views; possibly non-contiguous), same shape and device,
     floating dtypes (possibly different from each other), no empty dimension;
-  * a validated, hashable :class:`LossOptions`.
+  * a validated, hashable :class:`LossOptions`;
+  * the call's coefficient table (:func:`coefficient_table`), the one place the neighbour weights are computed:
+    no kernel computes a weight of its own.
 
 A backend returns the per-frame loss L[b, f] of shape [B, F]; the reduction is applied by the API.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -16,19 +20,38 @@ import torch
 
 NEIGHBOR_MODES = ("adjacent", "cumulative")
 REDUCTIONS = ("mean", "frame_sum", "none")
+# w(delta) for delta = |k - f| >= 1, with tau as the scale; a 1-D tensor of w[1..d] sets them by hand
+WEIGHT_PROFILES = ("exponential", "gaussian")
 
 
 @dataclass(frozen=True)
 class LossOptions:
+    """The options of one loss call, validated on construction.
+
+    ``weights`` is "exponential" (w = exp(-delta / tau)), "gaussian" (w = exp(-delta^2 / (2 tau^2)): tau is the
+    width) or the per-distance weights w[1..neighbors] by hand, given as a 1-D tensor (or sequence) and kept as a
+    tuple of floats, so that the options stay hashable; tau is then unused.
+    """
     tau: float = 1.0
     neighbors: int = 1
     neighbor_mode: str = "adjacent"
     normalize_weights: bool = False
     reduction: str = "mean"
     eps: float = 1e-12
+    weights: str | tuple[float, ...] = "exponential"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.weights, str):
+            object.__setattr__(self, "weights", weight_profile(self.weights))
         check_options(self)
+
+    def for_frames(self, num_frames: int) -> LossOptions:
+        """These options with neighbors clamped to num_frames - 1 (and a hand-set profile cut to match): the
+        clamp_neighbors behaviour of SimpleTuner's CrepaRegularizer and takenoko's CrepaHelper."""
+        if self.neighbors <= num_frames - 1:
+            return self
+        weights = self.weights if isinstance(self.weights, str) else self.weights[:num_frames - 1]
+        return dataclasses.replace(self, neighbors=num_frames - 1, weights=weights)
 
     def offsets(self, num_frames: int) -> tuple[int, ...]:
         """Non-zero frame offsets k - f that can land inside [0, num_frames), in increasing order."""
@@ -39,25 +62,97 @@ class LossOptions:
         return tuple(range(-d, 0)) + tuple(range(1, d + 1))
 
     def weight(self, offset: int) -> float:
-        """w(|k - f|) = exp(-|k - f| / tau)."""
-        # e ** x, not math.exp(x): under torch.compile a varying tau is a SymFloat, whose value math.exp would pin
-        return math.e ** (-abs(offset) / self.tau)
+        """w(|k - f|) for a non-zero offset k - f, as the coefficient table holds it before normalisation."""
+        return float(neighbour_weights(self, torch.tensor([abs(offset)], dtype=torch.float64))[0])
 
     def frame_coefficients(self, num_frames: int) -> list[list[float]]:
-        """C[f][k]: how much cos(p_f, y_k) counts in L[f] (before the -1/N token mean).
+        """C[f][k]: how much cos(p_f, y_k) counts in L[f] (before the -1/N token mean), as a dense [F][F] list.
 
-        C[f][f] = 1 / Z_f and C[f][k] = w(|k - f|) / Z_f for k in K(f); zero elsewhere.
+        C[f][f] = 1 / Z_f and C[f][k] = w(|k - f|) / Z_f for k in K(f); zero elsewhere. The values of
+        :func:`coefficient_table` in fp64, laid out by frame instead of by band slot.
         """
+        table = coefficient_table(self, num_frames).tolist()
+        offsets = band_offsets(self, num_frames)
         coefficients = []
         for f in range(num_frames):
             row = [0.0] * num_frames
-            row[f] = 1.0
-            for offset in self.offsets(num_frames):
+            for slot, offset in enumerate(offsets):
                 if 0 <= f + offset < num_frames:
-                    row[f + offset] = self.weight(offset)
-            z = sum(row) if self.normalize_weights else 1.0
-            coefficients.append([c / z for c in row])
+                    row[f + offset] = table[f][slot]
+            coefficients.append(row)
         return coefficients
+
+
+def weight_profile(weights) -> tuple[float, ...]:
+    """A hand-set per-distance profile w[1..d] (1-D tensor or sequence of numbers) as a tuple of Python floats:
+    finite, non-negative, not requiring grad (the loss passes no gradient to its weights). Read on the host once,
+    where the options are built (a CUDA tensor costs one copy there)."""
+    if isinstance(weights, torch.Tensor):
+        if weights.requires_grad:
+            raise ValueError("weights: expected a tensor that does not require grad (the loss gives its weights no "
+                             "gradient), got one with requires_grad=True; pass weights.detach()")
+        if weights.dim() != 1 or weights.dtype.is_complex or weights.dtype == torch.bool:
+            raise ValueError(f"weights: expected a 1-D real tensor of per-distance weights w[1..d], got "
+                             f"{weights.dim()}-D {weights.dtype} of shape {tuple(weights.shape)}")
+        values = weights.detach().to("cpu", torch.float64).tolist()
+    elif isinstance(weights, (tuple, list)):
+        values = list(weights)
+    else:
+        raise TypeError(f"weights: expected one of {WEIGHT_PROFILES} or a 1-D tensor of per-distance weights "
+                        f"w[1..d], got {type(weights).__name__} {weights!r}")
+    for value in values:
+        if not _is_real_number(value) or isinstance(value, (torch.SymInt, torch.SymFloat)):
+            raise TypeError(f"weights: expected numbers, got {type(value).__name__} {value!r} in {weights!r}")
+        if not (value >= 0 and value < math.inf):
+            raise ValueError(f"weights: expected finite non-negative weights, got {value!r} in {tuple(values)}")
+    return tuple(float(value) for value in values)
+
+
+def neighbour_weights(options: LossOptions, distances: torch.Tensor) -> torch.Tensor:
+    """w(delta) at fp64 ``distances`` >= 1, with torch ops: under torch.compile a varying tau stays symbolic."""
+    if options.weights == "exponential":
+        return torch.exp(-distances / options.tau)
+    if options.weights == "gaussian":
+        return torch.exp(-(distances * distances) / (2 * options.tau * options.tau))
+    profile = torch.tensor(options.weights, dtype=torch.float64)
+    return profile[distances.long() - 1]
+
+
+def band_offsets(options: LossOptions, num_frames: int) -> tuple[int, ...]:
+    """The frame offsets of a frame's band slots: slot 0 is the frame itself, then options.offsets."""
+    return (0, *options.offsets(num_frames))
+
+
+def coefficient_table(options: LossOptions, num_frames: int, dtype: torch.dtype = torch.float64,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """C[f, slot], [F, W] contiguous in ``dtype`` on ``device``: what cos(p_f, y_{f + o_slot}) counts in L[f] before
+    the -1/N token mean, for the slots of band_offsets. C[f, 0] = 1 / Z_f and C[f, slot] = w(|o_slot|) / Z_f, zero
+    where frame f + o_slot lies outside the clip; Z_f = 1 + the weights of frame f's slots with normalize_weights,
+    else 1. Computed in fp64 and rounded once to ``dtype``; every backend reads this table.
+
+    Eager calls with a float tau reuse one table per (options, F, dtype, device); under torch.compile it is built in
+    the graph, with a symbolic tau."""
+    if torch.compiler.is_compiling() or not isinstance(options.tau, (int, float)):
+        return _build_coefficient_table(options, num_frames, dtype, device)
+    return _cached_coefficient_table(options, num_frames, dtype, torch.device(device or "cpu"))
+
+
+def _build_coefficient_table(options: LossOptions, num_frames: int, dtype: torch.dtype, device) -> torch.Tensor:
+    offsets = torch.tensor(band_offsets(options, num_frames), dtype=torch.float64)
+    frames = torch.arange(num_frames, dtype=torch.float64)[:, None]
+    lands = (frames + offsets >= 0) & (frames + offsets < num_frames)  # [F, W]
+    distances = offsets.abs()[1:]
+    weights = torch.cat([torch.ones(1, dtype=torch.float64), neighbour_weights(options, distances)])
+    table = torch.where(lands, weights, torch.zeros((), dtype=torch.float64))
+    if options.normalize_weights:
+        table = table / table.sum(dim=1, keepdim=True)
+    return table.to(device=device, dtype=dtype).contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_coefficient_table(options: LossOptions, num_frames: int, dtype: torch.dtype,
+                              device: torch.device) -> torch.Tensor:
+    return _build_coefficient_table(options, num_frames, dtype, device)
 
 
 def _is_real_number(value) -> bool:
@@ -94,6 +189,13 @@ def check_options(options: LossOptions) -> None:
         raise TypeError(f"eps: expected a positive finite number, got {type(options.eps).__name__} {options.eps!r}")
     if not _is_positive_finite(options.eps):
         raise ValueError(f"eps: expected a positive finite number, got {options.eps!r}")
+    if isinstance(options.weights, str):
+        if options.weights not in WEIGHT_PROFILES:
+            raise ValueError(f"weights: expected one of {WEIGHT_PROFILES} or a 1-D tensor of per-distance weights "
+                             f"w[1..d], got {options.weights!r}")
+    elif len(options.weights) != options.neighbors:
+        raise ValueError(f"weights: expected one weight per distance 1..neighbors ({options.neighbors}), got "
+                         f"{len(options.weights)}")
 
 
 def check_eps_for_dtype(eps, dtype: torch.dtype) -> None:
