@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crepa_kernels.backends import select_backend
-from crepa_kernels.distributed.training import SequenceParallelRegularizer, full_tensor, shard_model, sum_gradients
+from crepa_kernels.distributed.sharded_training import SequenceParallelRegularizer, full_tensor, shard_model, sum_gradients
 from crepa_kernels.training import (
     CrepaRegularizer,
     CrepaTransformer,

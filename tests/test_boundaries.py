@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from crepa_kernels import cross_frame_align_loss
-from crepa_kernels.distributed.training import context_parallel_shard_sizes
+from crepa_kernels.distributed.sharded_training import context_parallel_shard_sizes
 from crepa_kernels.training import CrepaRegularizer, HiddenStateCapture, LambdaSchedule
 from harness import random_pair
 from naive import naive_loss

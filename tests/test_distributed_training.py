@@ -15,7 +15,7 @@ from test_distributed import free_port, launch
 pytest.importorskip("diffusers")
 from test_training import SMALL, _assert_within_tolerance, trainer  # noqa: E402  (the trainer, loaded by path)
 
-from crepa_kernels.distributed.training import (  # noqa: E402
+from crepa_kernels.distributed.sharded_training import (  # noqa: E402
     SequenceParallelRegularizer,
     context_parallel_shard_sizes,
     shard_model,

@@ -21,7 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from crepa_kernels import LossOptions, cross_frame_align_loss  # noqa: E402
 from crepa_kernels.distributed.layout import SequenceLayout  # noqa: E402
-from crepa_kernels.distributed.training import context_parallel_shard_sizes  # noqa: E402
+from crepa_kernels.distributed.sharded_training import context_parallel_shard_sizes  # noqa: E402
 from crepa_kernels.training import CrepaRegularizer, LambdaSchedule  # noqa: E402
 from crepa_kernels.training.weighting import reduce_weighted  # noqa: E402
 from naive import _clamped_cosine, _neighbour_frames, naive_loss  # noqa: E402

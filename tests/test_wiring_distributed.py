@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from crepa_kernels import cross_frame_align_loss
 from crepa_kernels.distributed import sequence_parallel_align_loss
-from crepa_kernels.distributed.training import SequenceParallelRegularizer
+from crepa_kernels.distributed.sharded_training import SequenceParallelRegularizer
 from crepa_kernels.training import CrepaRegularizer
 from harness import pair_straddling_eps, random_grad_output
 from test_distributed import launch

@@ -50,7 +50,7 @@ COVERING_TESTS = {
     "crepa_kernels/distributed/collectives.py": ["tests/test_distributed_plan.py", "tests/test_distributed.py"],
     "crepa_kernels/backends.py": ["tests/test_api.py", "tests/test_backend_selection.py"],
     "crepa_kernels/ops/extension.py": ["tests/test_cuda_limits.py", "tests/test_backend_selection.py"],
-    "crepa_kernels/distributed/training.py": ["tests/test_wiring_distributed.py", "tests/test_properties.py",
+    "crepa_kernels/distributed/sharded_training.py": ["tests/test_wiring_distributed.py", "tests/test_properties.py",
                                               "tests/test_boundaries.py", "tests/test_distributed_training.py", "-k",
                                               "shard_sizes or sequence_parallel or context_parallel"],
     "crepa_kernels/gpu_limits.py": ["tests/test_tooling_constants.py", "tests/test_cuda_limits.py",
@@ -97,7 +97,7 @@ ENCODERS = "crepa_kernels/training/encoders.py"
 LAYOUT = "crepa_kernels/distributed/layout.py"
 COLLECTIVES = "crepa_kernels/distributed/collectives.py"
 BACKENDS = "crepa_kernels/backends.py"
-DIST_TRAINING = "crepa_kernels/distributed/training.py"
+DIST_TRAINING = "crepa_kernels/distributed/sharded_training.py"
 GPU_LIMITS = "crepa_kernels/gpu_limits.py"
 CUDA_PLAN = "csrc/crepa_cuda_plan.h"
 CUDA_KERNELS = "csrc/crepa_cuda_kernels.cu"
@@ -123,10 +123,20 @@ MUTANTS = [
            'return (-d, d) if 0 <= d < num_frames else ()', "d = 0 counts the frame itself twice"),
     Mutant("spec-cumulative-range", SPEC, 'tuple(range(1, d + 1))', 'tuple(range(1, d))',
            "cumulative mode stops one offset short"),
-    Mutant("spec-weight-sign", SPEC, 'return math.e ** (-abs(offset) / self.tau)',
-           'return math.e ** (-offset / self.tau)', "weight of a negative offset without abs"),
-    Mutant("spec-z-without-self", SPEC, 'z = sum(row) if self.normalize_weights else 1.0',
-           'z = sum(row) - row[f] if self.normalize_weights else 1.0', "Z_f without the frame's own weight"),
+    Mutant("spec-weight-sign", SPEC, 'distances = offsets.abs()[1:]', 'distances = offsets[1:]',
+           "weight of a negative offset without abs"),
+    Mutant("spec-z-without-self", SPEC, 'table = table / table.sum(dim=1, keepdim=True)',
+           'table = table / (table.sum(dim=1, keepdim=True) - 1)', "Z_f without the frame's own weight"),
+    Mutant("spec-gaussian-width", SPEC, 'torch.exp(-(distances * distances) / (2 * options.tau * options.tau))',
+           'torch.exp(-(distances * distances) / (options.tau * options.tau))', "gaussian without the factor 2"),
+    Mutant("spec-profile-shift", SPEC, 'return profile[distances.long() - 1]',
+           'return profile[distances.long() % len(options.weights)]', "hand-set weights read one distance off"),
+    Mutant("spec-profile-length", SPEC, 'elif len(options.weights) != options.neighbors:',
+           'elif len(options.weights) < options.neighbors:', "a profile longer than neighbors accepted"),
+    Mutant("spec-clamp-profile", SPEC, 'else self.weights[:num_frames - 1]', 'else self.weights',
+           "clamped neighbors keep the whole profile"),
+    Mutant("spec-lands-upper", SPEC, '& (frames + offsets < num_frames)', '& (frames + offsets <= num_frames)',
+           "a slot past the last frame keeps its weight"),
     Mutant("spec-eps-zero-allowed", SPEC, 'if not _is_positive_finite(options.eps):',
            'if not (options.eps >= 0 and options.eps < math.inf):', "eps = 0 accepted"),
     Mutant("spec-token-major", SPEC, 'frames = x.unflatten(1, (num_frames, x.shape[1] // num_frames))',

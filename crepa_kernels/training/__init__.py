@@ -4,7 +4,7 @@ the model wrapper that puts a transformer and its regulariser behind one forward
 a meter of the memory a step keeps for backward, and the encoder adapters and offline feature cache that give the
 targets."""
 from .capture import HiddenStateCapture, find_blocks
-from .distributed import mean_over_ranks, rank_and_world
+from .ranks import mean_over_ranks, rank_and_world
 from .encoders import EncoderAdapter, adapter_for
 from .feature_cache import FeatureCache, build_feature_cache
 from .flow import SelfFlowViews, flow_matching_loss, rectified_flow_pair, self_flow_views

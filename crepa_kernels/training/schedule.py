@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from .distributed import rank_and_world
+from .ranks import rank_and_world
 
 SHAPES = ("constant", "linear", "cosine", "polynomial")
 THRESHOLD_MODES = ("permanent", "recoverable")
