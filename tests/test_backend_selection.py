@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from crepa_kernels import available_backends, cross_frame_align_loss, explain_backend
 from crepa_kernels import backends, gpu_limits
-from crepa_kernels.ops import extension, triton_loss
+from crepa_kernels.ops import extension, triton_loss, triton_plan
 from harness import assert_close_and_finite, random_pair
 
 CPU_KERNEL = available_backends("cpu")["cpu"] is True
@@ -25,11 +25,11 @@ def fresh_selection(monkeypatch):
     monkeypatch.delenv(backends.ENV_OVERRIDE, raising=False)
     backends._resolve.cache_clear()
     backends._size_limits.cache_clear()
-    triton_loss._cached_capability.cache_clear()  # the tests patch torch.cuda.get_device_capability
+    triton_plan._cached_capability.cache_clear()  # the tests patch torch.cuda.get_device_capability
     yield
     backends._resolve.cache_clear()
     backends._size_limits.cache_clear()
-    triton_loss._cached_capability.cache_clear()
+    triton_plan._cached_capability.cache_clear()
 
 
 def _refuse_when(monkeypatch, module, predicate, reason="refused for the test"):
@@ -152,7 +152,7 @@ def test_cuda_order_passes_to_the_cuda_kernel_when_triton_refuses(monkeypatch):
     assert backends._choose("auto", None, device, key[:5] + (1,) + key[6:]).backend == "triton"
     # a GPU older than sm_80 (no bf16 tl.dot, not checked ahead of time) goes to the CUDA kernel too
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    triton_loss._cached_capability.cache_clear()
+    triton_plan._cached_capability.cache_clear()
     choice = backends._choose("auto", None, device, key[:5] + (1,) + key[6:])
     assert choice.backend == "cuda" and "7.5" in choice.reasons["triton"]
 
@@ -165,28 +165,28 @@ def test_triton_runs_its_shifted_tiling_on_every_checked_arch(monkeypatch):
     options = backends.LossOptions(neighbors=57)
     shape = (1, 61, 3600, 1536)
     for capability in ((8, 0), (8, 6), (8, 9), (9, 0)):
-        triton_loss._cached_capability.cache_clear()
+        triton_plan._cached_capability.cache_clear()
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         for device in (torch.device("cuda"), torch.device("cuda", 1)):
             spec = backends.InputSpec(shape, torch.bfloat16, device, True)
             assert triton_loss.call_unsupported_reason(spec, spec, options) is None, capability
-            assert triton_loss.device_capability(device) == capability
+            assert triton_plan.device_capability(device) == capability
         for dtype in (torch.bfloat16, torch.float32, torch.float64):
-            tiling = triton_loss.frame_tiling(61, 57, triton_loss.max_window(dtype, dtype))
-            halo = triton_loss.frame_tiling(61, 1, triton_loss.max_window(dtype, dtype))
+            tiling = triton_plan.frame_tiling(61, 57, triton_plan.max_window(dtype, dtype))
+            halo = triton_plan.frame_tiling(61, 1, triton_plan.max_window(dtype, dtype))
             assert tiling.shifted and not halo.shifted
             for kernel in ("forward", "backward"):
-                chosen = triton_loss.launch_config(kernel, 1536, tiling, dtype, capability)
-                interpreter = triton_loss.launch_config(kernel, 1536, tiling, dtype)
+                chosen = triton_plan.launch_config(kernel, 1536, tiling, dtype, capability)
+                interpreter = triton_plan.launch_config(kernel, 1536, tiling, dtype)
                 assert (chosen.block_n, chosen.block_d) == (interpreter.block_n, interpreter.block_d)
                 below = capability < (9, 0)
                 assert ((chosen.num_warps, chosen.num_stages) == (2, 1)) == below, (capability, kernel, chosen)
                 assert chosen == interpreter or below
                 # the other tilings keep their configuration on every architecture
-                assert triton_loss.launch_config(kernel, 1536, halo, dtype, capability) == \
-                    triton_loss.launch_config(kernel, 1536, halo, dtype)
-    assert triton_loss.device_capability(torch.device("cpu")) is None
-    assert triton_loss.device_capability(torch.device("meta")) is None
+                assert triton_plan.launch_config(kernel, 1536, halo, dtype, capability) == \
+                    triton_plan.launch_config(kernel, 1536, halo, dtype)
+    assert triton_plan.device_capability(torch.device("cpu")) is None
+    assert triton_plan.device_capability(torch.device("meta")) is None
 
 
 def test_triton_reads_the_capability_once_per_device(monkeypatch):
@@ -201,7 +201,7 @@ def test_triton_reads_the_capability_once_per_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     for _ in range(3):
         for device in (torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cuda")):
-            assert triton_loss.device_capability(device) == (8, 6)
+            assert triton_plan.device_capability(device) == (8, 6)
     assert asked == [torch.device("cuda", 0), torch.device("cuda", 1)] + [torch.device("cuda")] * 3
 
 

@@ -173,9 +173,9 @@ def test_context_parallel_shard_sizes_around_a_multiple_of_the_world(seq_len):
 # --- the Triton launch grid -------------------------------------------------------------------------------------------
 def test_triton_grid_at_the_limit_of_both_axes():
     from crepa_kernels.gpu_limits import MAX_GRID_X, MAX_GRID_YZ
-    from crepa_kernels.ops import triton_loss
+    from crepa_kernels.ops import triton_plan
 
-    assert triton_loss.plan_grid(MAX_GRID_X - 1) == (MAX_GRID_X - 1, 1, 1)
-    assert triton_loss.plan_grid(MAX_GRID_X * MAX_GRID_YZ) == (MAX_GRID_X, MAX_GRID_YZ, 1)
+    assert triton_plan.plan_grid(MAX_GRID_X - 1) == (MAX_GRID_X - 1, 1, 1)
+    assert triton_plan.plan_grid(MAX_GRID_X * MAX_GRID_YZ) == (MAX_GRID_X, MAX_GRID_YZ, 1)
     with pytest.raises(ValueError, match="exceed the CUDA grid"):
-        triton_loss.plan_grid(MAX_GRID_X * MAX_GRID_YZ + 1)
+        triton_plan.plan_grid(MAX_GRID_X * MAX_GRID_YZ + 1)

@@ -10,8 +10,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from crepa_kernels.gpu_limits import MAX_GRID_X, MAX_GRID_YZ  # noqa: E402
-from crepa_kernels.ops import triton_loss  # noqa: E402
-from crepa_kernels.spec import LossOptions  # noqa: E402
+from crepa_kernels.ops import triton_loss, triton_plan  # noqa: E402
+from crepa_kernels.spec import LossOptions, band_offsets  # noqa: E402
 from harness import assert_backend_matches_reference, random_pair  # noqa: E402
 
 # [B, F, N, D]: realistic shapes and far larger token counts; the old [B, token blocks, tiles] grid failed from
@@ -27,14 +27,16 @@ def _meta_launches(shape, proj_dtype, target_dtype, options):
     proj = torch.empty(shape, dtype=proj_dtype, device="meta")
     target = torch.empty(shape, dtype=target_dtype, device="meta")
     stat_dtype = torch.float64 if torch.float64 in (proj_dtype, target_dtype) else torch.float32
-    shapes = triton_loss.stats_shapes(proj, target, options)
-    norms, band, partial, table = (torch.empty(shapes[k], dtype=stat_dtype, device="meta")
-                                   for k in ("norms", "band", "partial", "table"))
+    slot_offsets = band_offsets(options, shape[1])
+    shapes = triton_loss.stats_shapes(proj, target, slot_offsets)
+    norms, band, partial = (torch.empty(shapes[k], dtype=stat_dtype, device="meta")
+                            for k in ("norms", "band", "partial"))
+    table = torch.empty((shape[1], len(slot_offsets)), dtype=stat_dtype, device="meta")
     grad_loss = torch.empty(shape[:2], dtype=stat_dtype, device="meta")
-    yield triton_loss.forward_launch(proj, target, options, norms, band, partial, table)
+    yield triton_loss.forward_launch(proj, target, table, slot_offsets, norms, band, partial)
     for grad_target in (torch.empty_like(target), None):
-        yield from triton_loss.backward_launches(grad_loss, proj, target, norms, band, options,
-                                                 torch.empty_like(proj), grad_target, table)
+        yield from triton_loss.backward_launches(grad_loss, proj, target, table, slot_offsets, norms, band,
+                                                 torch.empty_like(proj), grad_target)
 
 
 @pytest.mark.parametrize("shape", HUGE_SHAPES, ids=str)
@@ -55,18 +57,18 @@ def test_triton_grid_within_cuda_limits(shape, proj_dtype, target_dtype):
 
 
 def test_plan_grid_uses_axis_one_only_past_axis_zero():
-    assert triton_loss.plan_grid(1) == (1, 1, 1)
-    assert triton_loss.plan_grid(MAX_GRID_X) == (MAX_GRID_X, 1, 1)
-    assert triton_loss.plan_grid(MAX_GRID_X + 1) == (MAX_GRID_X, 2, 1)
+    assert triton_plan.plan_grid(1) == (1, 1, 1)
+    assert triton_plan.plan_grid(MAX_GRID_X) == (MAX_GRID_X, 1, 1)
+    assert triton_plan.plan_grid(MAX_GRID_X + 1) == (MAX_GRID_X, 2, 1)
     with pytest.raises(ValueError, match="exceed the CUDA grid"):
-        triton_loss.plan_grid(MAX_GRID_X * MAX_GRID_YZ + 1)
+        triton_plan.plan_grid(MAX_GRID_X * MAX_GRID_YZ + 1)
 
 
 @pytest.mark.parametrize("max_grid_x", [1, 4, 7])
 def test_two_axis_grid_computes_the_same_loss(monkeypatch, max_grid_x):
     """With axis 0 capped at a few programs the work items spill onto axis 1, with a masked tail; under the
     interpreter this runs the same index arithmetic a > 2^31-program launch would."""
-    monkeypatch.setattr(triton_loss, "MAX_GRID_X", max_grid_x)
+    monkeypatch.setattr(triton_plan, "MAX_GRID_X", max_grid_x)
     for shape, options in [((2, 5, 9, 7), dict(neighbors=2, neighbor_mode="cumulative", normalize_weights=True)),
                            ((3, 37, 2, 5), dict(neighbors=3, tau=0.4))]:
         proj, target = random_pair(shape, torch.float64)

@@ -14,9 +14,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from crepa_kernels.ops import triton_loss  # noqa: E402
+from crepa_kernels import cross_frame_align_loss  # noqa: E402
+from crepa_kernels.ops import triton_loss, triton_plan  # noqa: E402
 from crepa_kernels.reference import per_frame_loss as reference  # noqa: E402
-from crepa_kernels.spec import LossOptions  # noqa: E402
+from crepa_kernels.spec import LossOptions, band_offsets, coefficient_table, compute_dtype  # noqa: E402
 from harness import (  # noqa: E402
     EXACT_NORM_EPS,
     EXTREME_TAUS,
@@ -41,6 +42,24 @@ if triton_loss.unavailable_reason(torch.device(DEVICE)) is not None:
 
 def _pair(shape, proj_dtype=torch.float32, target_dtype=None, **kwargs):
     return random_pair(shape, proj_dtype, target_dtype, device=DEVICE, **kwargs)
+
+
+def _per_frame_loss(proj, target, options: LossOptions):
+    """L [B, F] of the Triton backend through the public API (CrossFrameAlignFunction wires its backward)."""
+    return cross_frame_align_loss(proj, target, tau=options.tau, neighbors=options.neighbors,
+                                  neighbor_mode=options.neighbor_mode, normalize_weights=options.normalize_weights,
+                                  reduction="none", eps=options.eps, backend="triton")
+
+
+def _tiling(options: LossOptions, frames: int, window: int = triton_plan.MAX_SINGLE_WINDOW_FRAMES):
+    return triton_plan.frame_tiling(frames, triton_plan.max_offset(band_offsets(options, frames)), window)
+
+
+def _table(options: LossOptions, proj, target):
+    """The call's coefficient table and its slot offsets, as the backend receives them."""
+    frames = proj.shape[1]
+    return (coefficient_table(options, frames, compute_dtype(proj, target), proj.device),
+            band_offsets(options, frames))
 
 
 @pytest.fixture
@@ -85,7 +104,7 @@ def _assert_d1_matches_reference(proj, target, options):
     """D = 1: cos = +-1 and the exact gradient is 0, so the harness's tolerance (relative to the largest expected
     value, itself round-off) cannot apply; the loss must match and the gradients must be round-off small."""
     options = LossOptions(**options)
-    loss = triton_loss.per_frame_loss(proj, target, options)
+    loss = _per_frame_loss(proj, target, options)
     ref = reference(proj.detach().double(), target.detach().double(), options)
     assert_close_and_finite(loss, ref, f"D = 1 loss {options}")  # the loss dtype's tolerance: fp64 for fp64 inputs
     grads = torch.autograd.grad(loss, (proj, target), torch.rand_like(loss) + 0.5)
@@ -130,7 +149,7 @@ def test_non_contiguous_inputs():
 def test_long_video_takes_the_tiled_path():
     """F > 32 is cut into frame tiles with halo frames; normalize_weights needs Z_f of the halo rows too."""
     options = LossOptions(neighbors=3, neighbor_mode="cumulative", normalize_weights=True)
-    tiling = triton_loss.frame_tiling(37, triton_loss.max_offset(options, 37))
+    tiling = _tiling(options, 37)
     assert tiling.num_tiles > 1 and tiling.halo == 3
     proj, target = _pair((1, 37, 2, 5), torch.float64)
     for kwargs in (dict(neighbors=3, neighbor_mode="cumulative", normalize_weights=True, tau=0.3),
@@ -151,8 +170,7 @@ LARGE_OFFSETS = [((1, 33, 3, 5), dict(neighbors=9, neighbor_mode="cumulative", n
 def test_large_offsets_on_long_videos(shape, options):
     frames = shape[1]
     for dtypes in ((torch.float64, None), (torch.float32, torch.bfloat16)):
-        tiling = triton_loss.frame_tiling(frames, triton_loss.max_offset(LossOptions(**options), frames),
-                                          triton_loss.max_window(*(d or dtypes[0] for d in dtypes)))
+        tiling = _tiling(LossOptions(**options), frames, triton_plan.max_window(*(d or dtypes[0] for d in dtypes)))
         assert tiling.frames <= 32 and tiling.num_tiles > 1
         proj, target = _pair(shape, *dtypes)
         assert_backend_matches_reference("triton", proj, target, **options)
@@ -169,7 +187,7 @@ def test_no_tiling_needs_a_window_over_32_frames():
     for frames in range(1, 301):
         for halo in range(0, frames):
             for window in (16, 32):
-                tiling = triton_loss.frame_tiling(frames, halo, window)
+                tiling = triton_plan.frame_tiling(frames, halo, window)
                 assert tiling.frames in (16, 32) and tiling.frames <= max(window, 16)
                 assert tiling.rows_per_tile * tiling.num_tiles >= frames
                 # every written frame's neighbours lie in the row window (halo) or in the visited shifts
@@ -181,7 +199,7 @@ def test_gradcheck_both_inputs():
     proj, target = _pair((1, 4, 2, 3), torch.float64)
     for options in (LossOptions(neighbors=1, tau=0.7), LossOptions(neighbors=2, neighbor_mode="cumulative",
                                                                     normalize_weights=True)):
-        assert torch.autograd.gradcheck(lambda p, y: triton_loss.per_frame_loss(p, y, options), (proj, target))
+        assert torch.autograd.gradcheck(lambda p, y: _per_frame_loss(p, y, options), (proj, target))
 
 
 def test_clamped_norms_follow_the_clamped_formula():
@@ -199,7 +217,7 @@ def test_bitwise_deterministic():
     runs = []
     for _ in range(2):
         p, y = proj.detach().requires_grad_(True), target.detach().requires_grad_(True)
-        loss = triton_loss.per_frame_loss(p, y, LossOptions(neighbors=2, neighbor_mode="cumulative"))
+        loss = _per_frame_loss(p, y, LossOptions(neighbors=2, neighbor_mode="cumulative"))
         grads = torch.autograd.grad(loss, (p, y), torch.ones_like(loss) * 0.37)
         runs.append((loss, *grads))
     for first, second in zip(*runs):
@@ -217,16 +235,17 @@ def test_every_output_element_is_written():
     for shape, dtypes, options in cases:
         proj, target = _pair(shape, *dtypes)
         proj, target = proj.detach(), target.detach()
-        shapes = triton_loss.stats_shapes(proj, target, options)
+        table, slot_offsets = _table(options, proj, target)
+        shapes = triton_loss.stats_shapes(proj, target, slot_offsets)
         stat_dtype = torch.float64 if torch.float64 in (proj.dtype, target.dtype) else torch.float32
         norms, band, partial = (torch.full(shapes[k], float("nan"), dtype=stat_dtype, device=DEVICE)
                                 for k in ("norms", "band", "partial"))
-        triton_loss.forward_into(proj, target, options, norms, band, partial)
+        triton_loss.forward_into(proj, target, table, slot_offsets, norms, band, partial)
         for name, buffer in (("norms", norms), ("band", band), ("partial", partial)):
             assert not buffer.isnan().any(), f"{name} has unwritten elements"
         grad_loss = torch.rand(shape[:2], dtype=stat_dtype, device=DEVICE) + 0.1
         grad_proj, grad_target = torch.full_like(proj, float("nan")), torch.full_like(target, float("nan"))
-        triton_loss.backward_into(grad_loss, proj, target, norms, band, options, grad_proj, grad_target)
+        triton_loss.backward_into(grad_loss, proj, target, table, slot_offsets, norms, band, grad_proj, grad_target)
         assert not grad_proj.isnan().any() and not grad_target.isnan().any()
 
 
@@ -245,7 +264,7 @@ def test_nan_reaches_exactly_the_frames_that_see_it():
         target[0, 4, 1, 0] = float("nan")
     for options in (LossOptions(neighbors=1), LossOptions(neighbors=2, neighbor_mode="cumulative"),
                     LossOptions(neighbors=1, tau=1e-4)):
-        loss = triton_loss.per_frame_loss(proj, target, options)
+        loss = _per_frame_loss(proj, target, options)
         expected = reference(proj.detach(), target.detach(), options)
         assert torch.equal(loss.isnan(), expected.isnan()), (options, loss)
         assert loss.isnan().any()
@@ -258,27 +277,44 @@ def test_unavailable_reason():
 
 
 def test_opcheck_registered_ops():
-    proj, target = _pair((1, 3, 2, 5))
-    tau, eps = triton_loss.device_scalars(LossOptions(tau=0.7, eps=1e-12), proj)
-    options = (tau, 1, "adjacent", True, eps)
+    proj, target = (x.detach() for x in _pair((1, 3, 2, 5)))
+    options = LossOptions(tau=0.7, neighbors=1, normalize_weights=True)
+    table, slot_offsets = _table(options, proj, target)
+    eps = triton_loss.eps_tensor(options, proj)
     # the ops carry no autograd formula (crepa_kernels.CrossFrameAlignFunction wires their backward), so they are
     # checked on inputs that do not require grad
-    torch.library.opcheck(torch.ops.crepa_kernels.triton_forward.default, (proj.detach(), target.detach(), *options))
-    loss, norms, band = torch.ops.crepa_kernels.triton_forward(proj.detach(), target.detach(), *options)
+    torch.library.opcheck(torch.ops.crepa_kernels.triton_forward.default,
+                          (proj, target, table, list(slot_offsets), eps))
+    loss, norms, band = torch.ops.crepa_kernels.triton_forward(proj, target, table, list(slot_offsets), eps)
     grad_loss = torch.rand_like(loss)
     for target_grad in (True, False):
         torch.library.opcheck(torch.ops.crepa_kernels.triton_backward.default,
-                              (grad_loss, proj.detach(), target.detach(), norms, band, *options, target_grad))
+                              (grad_loss, proj, target, table, norms, band, list(slot_offsets), eps, target_grad))
 
 
-@pytest.mark.parametrize("name,bad", [("tau", torch.tensor(0.7)), ("eps", torch.tensor([1e-12], dtype=torch.float64))],
-                         ids=["tau fp32", "eps 1-d"])
-def test_ops_refuse_tau_and_eps_other_than_0d_fp64_tensors(name, bad):
-    proj, target = _pair((1, 3, 2, 5))
-    scalars = dict(zip(("tau", "eps"), triton_loss.device_scalars(LossOptions(tau=0.7), proj)), **{name: bad})
-    with pytest.raises(ValueError, match=f"{name}: expected a 0-d float64 tensor"):
-        torch.ops.crepa_kernels.triton_forward(proj.detach(), target.detach(), scalars["tau"], 1, "adjacent", True,
-                                               scalars["eps"])
+def test_ops_refuse_eps_other_than_a_0d_fp64_tensor():
+    proj, target = (x.detach() for x in _pair((1, 3, 2, 5)))
+    table, slot_offsets = _table(LossOptions(), proj, target)
+    for bad in (torch.tensor(1e-12), torch.tensor([1e-12], dtype=torch.float64)):
+        with pytest.raises(ValueError, match="eps: expected a 0-d float64 tensor"):
+            torch.ops.crepa_kernels.triton_forward(proj, target, table, list(slot_offsets), bad)
+
+
+@pytest.mark.parametrize("case", ["fp64 table for fp32 inputs", "one column short", "transposed", "slots unsorted"])
+def test_ops_refuse_a_table_that_does_not_fit(case):
+    """The kernels index the table as C[f * W + slot]: a table of another shape, dtype or layout (or slot offsets
+    out of spec.band_offsets' order) is refused before any kernel runs, naming the argument."""
+    proj, target = (x.detach() for x in _pair((1, 3, 2, 5)))
+    options = LossOptions(neighbors=1, normalize_weights=True)
+    table, slot_offsets = _table(options, proj, target)
+    square = torch.rand(3, 3)
+    coefficients, offsets = {"fp64 table for fp32 inputs": (table.double(), slot_offsets),
+                             "one column short": (table[:, :2].contiguous(), slot_offsets),
+                             "transposed": (torch.rand(3, 3).t(), slot_offsets),
+                             "slots unsorted": (table, (0, 1, -1))}[case]
+    with pytest.raises(ValueError, match="coefficients: expected|slot_offsets: expected"):
+        torch.ops.crepa_kernels.triton_forward(proj, target, coefficients, list(offsets),
+                                               triton_loss.eps_tensor(options, proj))
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -288,7 +324,7 @@ def test_torch_compile_fullgraph_matches_eager():
     proj, target = _pair((2, 5, 3, 7))
 
     def loss_fn(p, y):
-        return triton_loss.per_frame_loss(p, y, options)
+        return _per_frame_loss(p, y, options)
 
     compiled = torch.compile(loss_fn, fullgraph=True)
     results = []
@@ -375,29 +411,30 @@ TILING_CASES = [
 @pytest.mark.parametrize("shape,proj_dtype,target_dtype,options", TILING_CASES, ids=str)
 def test_each_program_writes_exactly_its_own_outputs_in_any_order(shape, proj_dtype, target_dtype, options):
     proj, target = (x.detach() for x in _pair(shape, proj_dtype, target_dtype))
-    shapes = triton_loss.stats_shapes(proj, target, options)
+    table, slot_offsets = _table(options, proj, target)
+    shapes = triton_loss.stats_shapes(proj, target, slot_offsets)
     stat_dtype = torch.float64 if torch.float64 in (proj.dtype, target.dtype) else torch.float32
 
     def new_stats():
         return [torch.full(shapes[name], float("nan"), dtype=stat_dtype, device=DEVICE)
                 for name in ("norms", "band", "partial")]
 
-    table = triton_loss.neighbour_table(proj, options, stat_dtype)
     _assert_programs_partition_outputs(
-        lambda outputs: triton_loss.forward_launch(proj, target, options, *outputs, table), new_stats)
+        lambda outputs: triton_loss.forward_launch(proj, target, table, slot_offsets, *outputs), new_stats)
 
     norms, band, partial = new_stats()
-    triton_loss.forward_into(proj, target, options, norms, band, partial)
+    triton_loss.forward_into(proj, target, table, slot_offsets, norms, band, partial)
     grad_loss = torch.rand(shape[:2], dtype=stat_dtype, device=DEVICE) + 0.1
 
     def backward(index, grad_proj, grad_target):
-        return triton_loss.backward_launches(grad_loss, proj, target, norms, band, options, grad_proj, grad_target,
-                                             table)[index]
+        return triton_loss.backward_launches(grad_loss, proj, target, table, slot_offsets, norms, band, grad_proj,
+                                             grad_target)[index]
 
     def new_grads():
         return [torch.full_like(proj, float("nan")), torch.full_like(target, float("nan"))]
 
-    launches = triton_loss.backward_launches(grad_loss, proj, target, norms, band, options, *new_grads(), table)
+    launches = triton_loss.backward_launches(grad_loss, proj, target, table, slot_offsets, norms, band,
+                                             *new_grads())
     for index, launch in enumerate(launches):
         # each launch against the gradients it writes (shifted mode: one each; the other is a never-written stand-in)
         writes = [launch.kwargs["PROJ_GRAD"], launch.kwargs["TARGET_GRAD"]]
@@ -423,7 +460,7 @@ ULP_OPTIONS = [dict(neighbors=1, tau=0.7, reduction="none"),
 @pytest.mark.parametrize("options", ULP_OPTIONS, ids=str)
 @pytest.mark.parametrize("shape", ULP_SHAPES, ids=str)
 def test_bf16_gradients_within_an_ulp_per_element(shape, options, interpreter_bf16_dot):
-    assert triton_loss.dot_dtype("backward", torch.bfloat16, torch.bfloat16) == torch.bfloat16  # the split path
+    assert triton_plan.dot_dtype("backward", torch.bfloat16, torch.bfloat16, triton_loss.BF16_DOT) == torch.bfloat16
     proj, target = _pair(shape, torch.bfloat16)
     loss, grads, grad_output = loss_and_grads(proj, target, "triton", **options)
     expected, expected_grads = reference_in_float64(proj, target, grad_output, **options)
@@ -442,7 +479,8 @@ def test_bf16_split_path_agrees_with_the_fp32_path(shape, interpreter_bf16_dot):
     _, split, _ = loss_and_grads(proj, target, "triton", **options)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(triton_loss, "BF16_DOT", False)
-        assert triton_loss.dot_dtype("backward", torch.bfloat16, torch.bfloat16) == torch.float32
+        assert triton_plan.dot_dtype("backward", torch.bfloat16, torch.bfloat16, triton_loss.BF16_DOT) == \
+            torch.float32
         _, fp32, _ = loss_and_grads(proj, target, "triton", **options)
     for name, from_split, from_fp32 in zip(("proj", "target"), split, fp32):
         assert_within_ulps(from_split, from_fp32.double(), f"grad {name}: split against fp32 path")
@@ -464,3 +502,129 @@ def test_norm_exactly_eps_gets_the_references_gradient(dtype):
     """|x| = eps exactly: the clamped norm's derivative is autograd's for clamp_min there, 0 (no radial term)."""
     proj, target = pair_with_norms_equal_to_eps(dtype, device=DEVICE)
     assert_backend_matches_reference("triton", proj, target, eps=EXACT_NORM_EPS, neighbors=1, reduction="none")
+
+
+# --- the kernels read the coefficient table (issue 22) ------------------------------------------------------------
+# An arbitrary non-negative table, different in every row and derivable from no tau or weight profile (zeros where
+# a slot lands outside the clip): the loss and both gradients must follow it, through the backend protocol.
+
+
+def _random_table(slot_offsets, frames, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    table = torch.rand((frames, len(slot_offsets)), generator=generator, dtype=torch.float64) * 2.0
+    rows = torch.arange(frames)[:, None] + torch.tensor(slot_offsets)[None, :]
+    table[(rows < 0) | (rows >= frames)] = 0.0
+    return table.to(device=DEVICE, dtype=dtype)
+
+
+def _loss_with_table_in_float64(proj, target, table, slot_offsets, eps):
+    """L[b, f] = -1/N sum_n sum_slot C[f, slot] cos(p_bfn, y_b(f+o)n), norms clamped at eps: a float64
+    restatement of the loss for any table."""
+    p, y = proj.double(), target.double()
+    frames = p.shape[1]
+    p_unit = p / p.norm(dim=-1, keepdim=True).clamp_min(eps)
+    y_unit = y / y.norm(dim=-1, keepdim=True).clamp_min(eps)
+    loss = p.new_zeros(p.shape[:2])
+    for slot, offset in enumerate(slot_offsets):
+        first, last = max(0, -offset), min(frames, frames - offset)  # frames f whose f + offset lies in the clip
+        if first >= last:
+            continue
+        cos = (p_unit[:, first:last] * y_unit[:, first + offset:last + offset]).sum(-1).mean(-1)
+        loss = loss + torch.nn.functional.pad(-table.double()[first:last, slot] * cos, (first, frames - last))
+    return loss
+
+
+TABLE_CASES = [
+    ((2, 5, 3, 7), LossOptions(neighbors=2, neighbor_mode="cumulative"), torch.float64),
+    ((1, 6, 5, 33), LossOptions(neighbors=2), torch.float32),
+    ((3, 4, 2, 5), LossOptions(neighbors=0), torch.float64),
+    ((1, 37, 2, 5), LossOptions(neighbors=3, neighbor_mode="cumulative"), torch.float64),  # halo tiling
+    ((1, 61, 2, 3), LossOptions(neighbors=57), torch.float32),  # shifted tiling, adjacent
+    ((1, 33, 2, 3), LossOptions(neighbors=11, neighbor_mode="cumulative"), torch.float64),  # shifted, cumulative
+    ((2, 5, 3, 7), LossOptions(neighbors=1), torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("shape,options,dtype", TABLE_CASES, ids=str)
+def test_kernels_read_an_arbitrary_coefficient_table(shape, options, dtype):
+    proj, target = (x.detach() for x in _pair(shape, dtype, seed=sum(shape)))
+    frames = shape[1]
+    slot_offsets = band_offsets(options, frames)
+    compute = compute_dtype(proj, target)
+    table = _random_table(slot_offsets, frames, compute, seed=frames)
+    assert len(slot_offsets) == 1 or (table[:, 1:] > 0).any()
+    assert len(set(table[:, 0].tolist())) == frames  # no row repeats another
+
+    p64, y64 = (x.double().requires_grad_(True) for x in (proj, target))
+    expected = _loss_with_table_in_float64(p64, y64, table, slot_offsets, options.eps)
+    grad_loss = (torch.rand(shape[:2], generator=torch.Generator().manual_seed(3), dtype=torch.float64) - 0.3) * 3
+    expected_grads = torch.autograd.grad(expected, (p64, y64), grad_loss)
+
+    loss, *saved = triton_loss.forward(proj, target, table, options)
+    assert loss.dtype == compute
+    assert_close_and_finite(loss, expected, f"loss {shape} {options}")
+    for needs_target_grad in (True, False):
+        grads = triton_loss.backward(grad_loss.to(DEVICE, compute), proj, target, table, tuple(saved), options, True,
+                                     needs_target_grad)
+        assert (grads[1] is None) == (not needs_target_grad)
+        for name, grad, wanted in zip(("proj", "target"), grads, expected_grads):
+            if grad is not None:
+                assert grad.dtype == dtype
+                assert_close_and_finite(grad, wanted, f"grad {name} {shape} {options}")
+
+
+def test_another_table_changes_the_result():
+    """The table, not the options, sets the coefficients: scaling one row's neighbour columns changes that frame's
+    loss only."""
+    options = LossOptions(neighbors=1)
+    proj, target = (x.detach() for x in _pair((1, 5, 3, 7), torch.float64))
+    table, _ = _table(options, proj, target)
+    scaled = table.clone()
+    scaled[2, 1:] *= 3.0
+    loss = triton_loss.forward(proj, target, table, options)[0]
+    other = triton_loss.forward(proj, target, scaled, options)[0]
+    changed = (loss != other)[0].tolist()
+    assert changed == [False, False, True, False, False]
+
+
+PLAN_WITHOUT_TRITON = """
+import importlib.abc, sys
+
+class NoTriton(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked for this test)", name=name)
+        return None
+
+sys.meta_path.insert(0, NoTriton())
+import torch
+from crepa_kernels.ops import triton_plan
+from crepa_kernels.ops import triton_loss
+
+plan = triton_plan.plan_kernel("forward", (2, 61, 3600, 1536), torch.bfloat16, torch.bfloat16,
+                               (0, *range(-25, 0), *range(1, 26)), True, (8, 6))
+assert plan.tiling.shifted and plan.band == triton_plan.BandLayout(-25, 1, 51), plan
+assert "triton" not in sys.modules and "crepa_kernels.ops.triton_kernels" not in sys.modules
+assert "not importable" in triton_loss.unavailable_reason(torch.device("cpu"))
+print("ok")
+"""
+
+
+def test_planning_imports_without_triton():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", PLAN_WITHOUT_TRITON], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.parametrize("slot_offsets,band", [((0,), (0, 1, 1)), ((0, -3, 3), (-3, 3, 3)),
+                                               ((0, -2, -1, 1, 2), (-2, 1, 5))])
+def test_band_layout_of_the_table_slots(slot_offsets, band):
+    assert triton_plan.band_layout(slot_offsets) == triton_plan.BandLayout(*band)
+    for bad in ((0, 1, -1), (-1, 0, 1), (0, -3, 1, 3)):
+        with pytest.raises(ValueError, match="slot_offsets"):
+            triton_plan.band_layout(bad)

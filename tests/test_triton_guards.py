@@ -70,8 +70,8 @@ def traces():
 def test_tau_and_eps_reach_the_kernels_from_device_memory(traces, index):
     _, result = traces[index]
     assert result["float_args"] == [], "a float kernel argument pins tau or eps: one graph per value"
-    # the neighbour table kernel reads tau, the forward and backward kernels eps, each from an fp64 scalar tensor
-    assert {"_neighbour_table_kernel", "_crepa_forward_kernel", "_crepa_backward_kernel"} == set(result["kernels"])
+    # tau reaches them inside the coefficient table, eps as an fp64 scalar tensor
+    assert {"_crepa_forward_kernel", "_crepa_backward_kernel"} == set(result["kernels"])
     assert result["scalar_tensors"] == [1] * len(result["kernels"]), result
 
 

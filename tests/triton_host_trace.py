@@ -3,7 +3,7 @@ sizes B, F, N, D and whose tau and eps are symbols of a ShapeEnv, as torch.compi
 
 Run by tests/test_triton_guards.py in a subprocess: without TRITON_INTERPRET, so that the ops are triton_ops and
 wrap_triton yields the traceable launch. Reads a JSON list of cases on stdin, prints one JSON result per case:
-the non-tensor kernel arguments that are floats, the fp64 one-element tensor arguments (tau, eps), every guard the
+the non-tensor kernel arguments that are floats, the fp64 one-element tensor arguments (eps), every guard the
 host code installed (symbols renamed B, F, N, D, tau, eps), and for each binding of other values the guards it
 fails. A case: {"dtypes": [proj, target], "options": {neighbors, neighbor_mode, normalize_weights},
 "capability": [major, minor], "traced": {B, F, N, D, tau, eps}, "bindings": [{B, F, N, D, tau, eps}, ...]}.
@@ -23,8 +23,8 @@ from torch._dynamo.source import ConstantSource  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.fx.experimental.symbolic_shapes import ShapeEnv  # noqa: E402
 
-from crepa_kernels.ops import triton_loss  # noqa: E402
-from crepa_kernels.spec import LossOptions  # noqa: E402
+from crepa_kernels.ops import triton_loss, triton_plan  # noqa: E402
+from crepa_kernels.spec import LossOptions, coefficient_table, compute_dtype  # noqa: E402
 
 NAMES = ("B", "F", "N", "D", "tau", "eps")
 
@@ -46,15 +46,18 @@ def trace(case: dict) -> dict:
     # torch.cuda.device and the capability query need a CUDA driver: the GPU traced for is the case's
     capability = tuple(case["capability"])
     with FakeTensorMode(shape_env=env), \
-            _patched(triton_loss, _run=record, _device_guard=lambda tensor: contextlib.nullcontext(),
-                     device_capability=lambda device: capability):
+            _patched(triton_loss, _run=record, _device_guard=lambda tensor: contextlib.nullcontext()), \
+            _patched(triton_plan, device_capability=lambda device: capability):
         shape = tuple(values[name] for name in "BFND")
         proj = torch.empty(shape, dtype=proj_dtype, device="cuda")
         target = torch.empty(shape, dtype=target_dtype, device="cuda")
-        # the backend's entry points, as CrossFrameAlignFunction calls them: they build the ops' tau and eps
-        loss, *saved = triton_loss.forward(proj, target, options)
+        # the backend's entry points, as CrossFrameAlignFunction calls them, with the call's coefficient table (its
+        # tau symbolic): they build the ops' eps
+        table = coefficient_table(options, shape[1], compute_dtype(proj, target), proj.device)
+        loss, *saved = triton_loss.forward(proj, target, table, options)
         for target_grad in (True, False):
-            triton_loss.backward(torch.empty_like(loss), proj, target, tuple(saved), options, True, target_grad)
+            triton_loss.backward(torch.empty_like(loss), proj, target, table, tuple(saved), options, True,
+                                 target_grad)
     names = {symbol: sympy.Symbol(name) for name, symbol in symbols.items()}
     guards = [guard.expr for guard in env.guards]
     return {

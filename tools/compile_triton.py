@@ -10,14 +10,14 @@ instruction in the PTX, or any compile error.
 The cases cover what real calls specialise on: the frame windows the tiling makes (16 frames, 32 frames in one
 window, in halo mode and in shifted mode), every input dtype and the mixed pairs, the target gradient on and off,
 N divisible by 16 and not, the usual widths D. Neighbour ranges reach the kernels as runtime arguments marked
-do_not_specialize, so they change the specialisation only through the tiling (FRAMES, SHIFTED); tau and eps as
-one-element fp64 tensors (pointer arguments, built on the meta device here), so they never do.
+do_not_specialize, so they change the specialisation only through the tiling (FRAMES, SHIFTED); eps and the
+coefficient table as tensors (pointer arguments, built on the meta device here), so the weights never do.
 
 The token relation distillation kernels (crepa_kernels/ops/relation_triton.py: loss and gradient, RelationCase)
 are compiled too, on VideoREPA's full-resolution sample: bf16 with every pair rule, fp16, fp32 and the fp32
 projector with bf16 features, with the proj gradient alone and with both.
 
-The launches come from crepa_kernels.ops.triton_loss.{table,forward,backward}_launch on meta tensors, with the
+The launches come from crepa_kernels.ops.triton_loss.forward_launch / backward_launches on meta tensors, with the
 launch configuration the dispatcher picks for each architecture (the shifted tiling's differs below sm_90), and the
 signature, constexprs and divisibility attributes from Triton's own JIT binder, so the check compiles exactly
 what the dispatcher would launch on contiguous inputs. Cases that share a specialisation compile once; results
@@ -58,7 +58,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from crepa_kernels import gpu_limits  # noqa: E402
 from crepa_kernels.ops import triton_loss  # noqa: E402
-from crepa_kernels.spec import LossOptions  # noqa: E402
+from crepa_kernels.spec import LossOptions, band_offsets  # noqa: E402
 
 # Maximum shared memory per thread block with the opt-in, in bytes (crepa_kernels/gpu_limits.py: the SM's capacity
 # less the 1 KB reserved per block; CUDA Programming Guide, Ampere / Ada / Hopper tuning guides). Triton's
@@ -81,11 +81,8 @@ FRAME_CASES = (
     (61, dict(neighbors=25, neighbor_mode="cumulative", normalize_weights=True)),
     (61, dict(neighbors=57)),
 )
-# approximate or flush-to-zero floating-point instructions: none may reach the result (issue 12, defect 5). The
-# one allowed: libdevice's fp64 exp (the neighbour table) tests the range of its argument with abs.ftz.f32 on the
-# argument's high word, a branch condition that never becomes a value.
+# approximate or flush-to-zero floating-point instructions: none may reach the result (issue 12, defect 5)
 APPROXIMATE = re.compile(r"\b[a-z0-9]+\.(?:approx|full)\.[a-z0-9.]*|\b[a-z0-9]+\.ftz\.[a-z0-9.]*")
-ALLOWED = {"table": {"abs.ftz.f32"}}
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crepa_kernels" / \
     f"compile_triton-{triton.__version__}-stack.json"  # entries with stack_bytes
 
@@ -169,8 +166,8 @@ def relation_launches(case: RelationCase):
 
 
 def launches(case: Case, arch: int):
-    """(name, launch) for the neighbour table, the forward and both backwards (target gradient on and off), as the
-    dispatcher would launch them on an sm_<arch> GPU."""
+    """(name, launch) for the forward and both backwards (target gradient on and off), as the dispatcher would
+    launch them on an sm_<arch> GPU."""
     if isinstance(case, RelationCase):
         yield from relation_launches(case)
         return
@@ -181,16 +178,17 @@ def launches(case: Case, arch: int):
     proj = torch.empty(shape, dtype=case.proj_dtype, **meta)
     target = torch.empty(shape, dtype=case.target_dtype, **meta)
     stat_dtype = FP64 if FP64 in (case.proj_dtype, case.target_dtype) else FP32
-    shapes = triton_loss.stats_shapes(proj, target, options)
-    norms, band, partial, table = (torch.empty(shapes[k], dtype=stat_dtype, **meta)
-                                   for k in ("norms", "band", "partial", "table"))
+    slot_offsets = band_offsets(options, case.num_frames)
+    shapes = triton_loss.stats_shapes(proj, target, slot_offsets)
+    norms, band, partial = (torch.empty(shapes[k], dtype=stat_dtype, **meta) for k in ("norms", "band", "partial"))
+    coefficients = torch.empty((case.num_frames, len(slot_offsets)), dtype=stat_dtype, **meta)
     grad_loss = torch.empty(shape[:2], dtype=stat_dtype, **meta)
-    yield "table", triton_loss.table_launch(options, case.num_frames, table)
-    yield "forward", triton_loss.forward_launch(proj, target, options, norms, band, partial, table, capability)
+    yield "forward", triton_loss.forward_launch(proj, target, coefficients, slot_offsets, norms, band, partial,
+                                                capability)
     for target_grad in (True, False):
         grad_target = torch.empty_like(target) if target_grad else None
-        for launch in triton_loss.backward_launches(grad_loss, proj, target, norms, band, options,
-                                                    torch.empty_like(proj), grad_target, table, capability):
+        for launch in triton_loss.backward_launches(grad_loss, proj, target, coefficients, slot_offsets, norms, band,
+                                                    torch.empty_like(proj), grad_target, capability):
             yield "backward", launch
 
 
@@ -299,7 +297,7 @@ def failures(results) -> list[str]:
             problems.append(f"{where}: spills {r.spill_stores}/{r.spill_loads} bytes, {r.stack_bytes}-byte stack")
         if r.shared_bytes > r.shared_limit:
             problems.append(f"{where}: {r.shared_bytes} bytes of shared memory > {r.shared_limit}")
-        approximate = set(r.approximate) - ALLOWED.get(r.kernel, set())
+        approximate = set(r.approximate)
         if approximate:
             problems.append(f"{where}: approximate maths in the PTX: {', '.join(sorted(approximate))}")
     return problems

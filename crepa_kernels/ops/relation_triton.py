@@ -28,7 +28,7 @@ import torch
 from ..relation_spec import RelationOptions
 from ..spec import compute_dtype
 from .triton_loss import INTERPRETED, Launch, triton, unavailable_reason as _triton_unavailable_reason
-from .triton_loss import _div  # x / y rounded to nearest ("/" compiles to the approximate div.full.f32)
+from .triton_kernels import _div  # x / y rounded to nearest ("/" compiles to the approximate div.full.f32)
 
 if triton is not None:
     import triton.language as tl
