@@ -23,13 +23,17 @@ COVERING_TESTS = {
     "crepa_kernels/spec.py": ["tests/test_reference.py", "tests/test_api.py", "tests/test_tiny_eps.py"],
     "crepa_kernels/reference.py": ["tests/test_reference.py"],
     # the launch-configuration and guard tests first (seconds), then the kernels under the interpreter (minutes)
-    "crepa_kernels/ops/triton_loss.py": [
+    "crepa_kernels/ops/triton_plan.py": [
         "tests/test_backend_selection.py::test_triton_runs_its_shifted_tiling_on_every_checked_arch",
         "tests/test_backend_selection.py::test_triton_reads_the_capability_once_per_device",
         "tests/test_triton_compile.py::test_shifted_tiling_compiles_without_spills_below_sm_90",
         "tests/test_triton_guards.py",
-        "tests/test_tiny_eps.py",
         "tests/test_triton_backend.py"],
+    "crepa_kernels/ops/triton_loss.py": [
+        "tests/test_triton_compile.py::test_shifted_tiling_compiles_without_spills_below_sm_90",
+        "tests/test_triton_guards.py",
+        "tests/test_triton_backend.py"],
+    "crepa_kernels/ops/triton_kernels.py": ["tests/test_tiny_eps.py", "tests/test_triton_backend.py"],
     "csrc/crepa_cpu.cpp": ["tests/test_cpu_backend.py"],
     "csrc/crepa_math.h": ["tests/test_tiny_eps.py", "tests/test_cpu_backend.py"],
     "crepa_kernels/training/token_grid.py": ["tests/test_training.py", "tests/test_upstream_training.py", "-k",
@@ -84,6 +88,8 @@ SPEC = "crepa_kernels/spec.py"
 EXTENSION = "crepa_kernels/ops/extension.py"
 REFERENCE = "crepa_kernels/reference.py"
 TRITON = "crepa_kernels/ops/triton_loss.py"
+TRITON_KERNELS = "crepa_kernels/ops/triton_kernels.py"
+TRITON_PLAN = "crepa_kernels/ops/triton_plan.py"
 CPU = "csrc/crepa_cpu.cpp"
 MATH = "csrc/crepa_math.h"
 TOKEN_GRID = "crepa_kernels/training/token_grid.py"
@@ -166,47 +172,41 @@ MUTANTS = [
     Mutant("reference-normalize-inverted", REFERENCE, 'if options.normalize_weights:',
            'if not options.normalize_weights:', "normalize_weights inverted"),
     # --- Triton kernels ---------------------------------------------------------------------------------------
-    Mutant("triton-forward-write-mask", TRITON,
-           'writes = row_ok & (rows >= first_row) & (rows < first_row + rows_per_tile)\n        out_ok',
-           'writes = row_ok & (rows >= first_row) & (rows <= first_row + rows_per_tile)\n        out_ok',
+    Mutant("triton-forward-write-mask", TRITON_KERNELS,
+           'writes = row_ok & (rows >= first_row) & (rows < first_row + rows_per_tile)\n    out_ok',
+           'writes = row_ok & (rows >= first_row) & (rows <= first_row + rows_per_tile)\n    out_ok',
            "forward tile also writes its neighbour tile's first row (a race on a GPU)"),
-    Mutant("triton-backward-write-mask", TRITON,
-           'writes = row_ok & (rows >= first_row) & (rows < first_row + rows_per_tile)\n        write_ok',
-           'writes = row_ok & (rows >= first_row) & (rows <= first_row + rows_per_tile)\n        write_ok',
+    Mutant("triton-backward-write-mask", TRITON_KERNELS,
+           'writes = row_ok & (rows >= first_row) & (rows < first_row + rows_per_tile)\n    write_ok',
+           'writes = row_ok & (rows >= first_row) & (rows <= first_row + rows_per_tile)\n    write_ok',
            "backward tile also writes its neighbour tile's first row (a race on a GPU)"),
-    Mutant("triton-split-proj-lo", TRITON,
+    Mutant("triton-split-proj-lo", TRITON_KERNELS,
            'grad_p = _dot_split(a_hi, a_lo, y)',
            'grad_p = tl.dot(a_hi, y, out_dtype=tl.float32)', "bf16 split drops a_lo (grad proj)"),
-    Mutant("triton-split-target-lo", TRITON,
+    Mutant("triton-split-target-lo", TRITON_KERNELS,
            'grad_y = _dot_split(a_t_hi, a_t_lo, p)',
            'grad_y = tl.dot(a_t_hi, p, out_dtype=tl.float32)', "bf16 split drops a_lo (grad target)"),
-    Mutant("triton-radial-term-clamped", TRITON, 'p_scale = tl.where(p_norm > eps,',
+    Mutant("triton-radial-term-clamped", TRITON_KERNELS, 'p_scale = tl.where(p_norm > eps,',
            'p_scale = tl.where(p_norm >= eps,', "radial gradient term kept for clamped norms"),
-    Mutant("triton-neighbour-distance", TRITON, '((distance >= near) & (distance <= far))) & inside',
+    Mutant("triton-neighbour-distance", TRITON_KERNELS, '((distance >= near) & (distance <= far))) & inside',
            '((distance > near) & (distance <= far))) & inside', "nearest neighbour distance dropped"),
-    Mutant("triton-z-edge", TRITON, 'z += tl.where(i - distance >= 0, w, 0.0)',
-           'z += tl.where(i - distance > 0, w, 0.0)', "Z_f misses the neighbour at frame 0"),
-    Mutant("triton-norm-plus-eps", TRITON, 'p_norm = tl.maximum(_sqrt(p_squares, COMPUTE), eps)',
+    Mutant("triton-norm-plus-eps", TRITON_KERNELS, 'p_norm = tl.maximum(_sqrt(p_squares, COMPUTE), eps)',
            'p_norm = _sqrt(p_squares, COMPUTE) + eps', "eps added to |p| instead of clamping it"),
-    Mutant("triton-tau-fp32", TRITON, 'inv_tau = 1.0 / tl.load(tau_ptr)',
-           'inv_tau = 1.0 / tl.load(tau_ptr).to(tl.float32)', "the neighbour weights use tau rounded to fp32"),
-    Mutant("triton-eps-fp32", TRITON, "eps = tl.load(eps_ptr).to(COMPUTE)  # fp64 on the device (scalar_tensor)\n"
-           "        batch, token_block, tile = _work_item(num_batches, num_token_blocks, num_tiles)\n"
-           "        first_row = tile * rows_per_tile\n        window",
+    Mutant("triton-eps-fp32", TRITON_KERNELS,
+           "eps = tl.load(eps_ptr).to(COMPUTE)  # fp64 on the device (scalar_tensor)\n"
+           "    batch, token_block, tile = _work_item(num_batches, num_token_blocks, num_tiles)\n"
+           "    first_row = tile * rows_per_tile\n    window",
            "eps = tl.load(eps_ptr).to(tl.float32).to(COMPUTE)\n"
-           "        batch, token_block, tile = _work_item(num_batches, num_token_blocks, num_tiles)\n"
-           "        first_row = tile * rows_per_tile\n        window",
+           "    batch, token_block, tile = _work_item(num_batches, num_token_blocks, num_tiles)\n"
+           "    first_row = tile * rows_per_tile\n    window",
            "the fp64 forward clamps the norms with eps rounded to fp32"),
-    Mutant("triton-compiled-scalars-filled", TRITON, 'return one * options.tau, one * options.eps',
-           'return scalar_tensor(options.tau, like), scalar_tensor(options.eps, like)',
-           "torch.compile specialises tau and eps: one graph per value"),
+    Mutant("triton-compiled-scalars-filled", TRITON,
+           'return torch.ones((), dtype=torch.float64, device=like.device) * options.eps',
+           'return scalar_tensor(options.eps, like)', "torch.compile specialises eps: one graph per value"),
     Mutant("triton-buffers-is-contiguous", TRITON, 'buffer.stride() != _contiguous_strides(shapes[name])',
            'not buffer.is_contiguous()', "torch.compile guards on one token block: N = 5 after N <= 4 recompiles"),
-    Mutant("triton-window-by-power", TRITON, 'while frames < num_frames:', 'while frames <= num_frames:',
+    Mutant("triton-window-by-power", TRITON_PLAN, 'while frames < num_frames:', 'while frames <= num_frames:',
            "F = 16 takes a 32-frame window: torch.compile guards F < 16, so F = 16 recompiles"),
-    Mutant("triton-halo-z", TRITON, 'for distance in range(near, z_far + 1):',
-           'for distance in range(near, z_far):',
-           "Z_f misses the farthest neighbour"),
     # --- CPU kernel ---------------------------------------------------------------------------------------------
     Mutant("cpu-partial-per-thread", CPU,
            '  for (int64_t begin, end; queue.take(begin, end);) {\n'
@@ -307,17 +307,17 @@ MUTANTS = [
     Mutant("dist-training-shard-sizes", DIST_TRAINING, 'return [base + (rank < extra) for rank in range(world_size)]',
            'return [base + (rank <= extra) for rank in range(world_size)]', "one rank too many gets an extra token"),
     # --- GPU launch planning, checked without a GPU -------------------------------------------------------------
-    Mutant("triton-work-item-order", TRITON, 'return rest // num_tiles, token_block, rest % num_tiles',
+    Mutant("triton-work-item-order", TRITON_KERNELS, 'return rest // num_tiles, token_block, rest % num_tiles',
            'return rest % num_tiles, token_block, rest // num_tiles', "flat work item decoded with batch and tile swapped"),
-    Mutant("triton-shifted-config-never", TRITON, 'and capability < SHIFTED_PIPELINED_CAPABILITY:',
+    Mutant("triton-shifted-config-never", TRITON_PLAN, 'and capability < SHIFTED_PIPELINED_CAPABILITY:',
            'and capability < MIN_CAPABILITY:', "shifted kernels below sm_90 keep sm_90's spilling config"),
-    Mutant("triton-shifted-config-on-sm90", TRITON, 'and capability < SHIFTED_PIPELINED_CAPABILITY:',
+    Mutant("triton-shifted-config-on-sm90", TRITON_PLAN, 'and capability < SHIFTED_PIPELINED_CAPABILITY:',
            'and capability <= SHIFTED_PIPELINED_CAPABILITY:', "sm_90 loses its pipelined config"),
     Mutant("triton-launch-ignores-target-arch", TRITON,
-           '_forward_setup(proj, target, options, capability or device_capability(proj.device))',
-           '_forward_setup(proj, target, options, device_capability(proj.device))',
+           'forward = _kernel_plan("forward", proj, target, slot_offsets, capability or plan.device_capability(',
+           'forward = _kernel_plan("forward", proj, target, slot_offsets, plan.device_capability(',
            "the ahead-of-time check compiles sm_90's forward for every architecture"),
-    Mutant("triton-capability-cached-for-current-device", TRITON,
+    Mutant("triton-capability-cached-for-current-device", TRITON_PLAN,
            'if device.index is None else _cached_capability(device)', 'if False else _cached_capability(device)',
            "torch.device('cuda') cached though the current device can change"),
     Mutant("cuda-plan-backward-smem", CUDA_PLAN,
@@ -573,10 +573,10 @@ MUTANTS += [
     Mutant("i20-math-unresolved-pair-kept", MATH,
            'if (!norm_is_live(raw_p, eps) && !norm_is_live(raw_y, eps) && eps * eps < smallest_normal(eps)) '
            'return T(0);', '', "alpha / eps^2 overflows for a pair of zero vectors: inf * 0 in the gradients"),
-    Mutant("i20-triton-cosine-underflows", TRITON,
+    Mutant("i20-triton-cosine-underflows", TRITON_KERNELS,
            'tl.maximum(p_norm[:, :, None] * y_norm[:, None, :], _smallest_normal(COMPUTE))',
            'p_norm[:, :, None] * y_norm[:, None, :]', "Triton's cosine divides by an underflowed product of norms"),
-    Mutant("i20-triton-a-overflows", TRITON,
+    Mutant("i20-triton-a-overflows", TRITON_KERNELS,
            'return tl.minimum(tl.maximum(a, -_largest_finite(COMPUTE)), _largest_finite(COMPUTE))', 'return a',
            "Triton's A overflows for a pair of zero vectors: inf * 0 in the gradients"),
     Mutant("i20-spec-subnormal-eps-accepted", SPEC, 'if eps < smallest:', 'if eps < smallest / 8:',
@@ -616,4 +616,43 @@ MUTANTS += [
     Mutant("selfflow-trainer-refusal-dropped", TRAIN_DIT,
            'if config.self_flow_mask_ratio and (config.target_source != "ema_teacher"',
            'if False and (config.target_source != "ema_teacher"', "the masking accepted without an EMA teacher"),
+]
+
+# --- issue 22: the Triton kernels read the coefficient table; triton_loss.py split into plan, kernels, ops ---------
+MUTANTS += [
+    Mutant("i22-triton-table-column-mirrored", TRITON_KERNELS,
+           'return tl.where(offset < 0, band_slot + 1, tl.where(offset == 0, 0, band_slot))',
+           'return tl.where(offset > 0, band_slot + 1, tl.where(offset == 0, 0, band_slot))',
+           "a pair reads the coefficient of the opposite offset"),
+    Mutant("i22-triton-forward-table-rows-of-first-tile", TRITON_KERNELS,
+           'out_ok = token_ok[:, None] & writes[None, :]\n    table_rows = table_ptr + rows * num_slots',
+           'out_ok = token_ok[:, None] & writes[None, :]\n    table_rows = table_ptr + window * num_slots',
+           "every frame tile's forward reads the coefficients of the first tile's frames"),
+    Mutant("i22-triton-shifted-target-grad-row-coefficients", TRITON_KERNELS,
+           'a_back = _a_matrix(cols, rows, table_ptr + cols * num_slots,',
+           'a_back = _a_matrix(cols, rows, table_ptr + rows * num_slots,',
+           "shifted mode's target gradient weighs pair (f, k) with row k's coefficients"),
+    Mutant("i22-triton-pair-negative-column", TRITON_KERNELS,
+           'column = tl.where(delta > 0, half + 1 + rank, tl.where(delta < 0, half - rank, 0))',
+           'column = tl.where(delta > 0, half + 1 + rank, tl.where(delta < 0, half + 1 - rank, 0))',
+           "pairs at negative offsets read the next table column"),
+    Mutant("i22-triton-backward-band-slot-as-column", TRITON_KERNELS, 'column = _table_column(slot, offset)',
+           'column = slot', "the backward's radial sums index the table in band order"),
+    Mutant("i22-triton-target-radial-row", TRITON_KERNELS,
+           'c_sources = tl.load(table_ptr + sources * num_slots + column, mask=source_ok, other=0.0)',
+           'c_sources = tl.load(table_ptr + rows * num_slots + column, mask=row_ok, other=0.0)',
+           "s_y weighs cos(p_f, y_k) with row k's coefficient instead of row f's"),
+    Mutant("i22-triton-plan-ragged-token-block", TRITON_PLAN, 'token_blocks = cdiv(num_tokens, config.block_n)',
+           'token_blocks = num_tokens // config.block_n', "the last, partial token block is never launched"),
+    Mutant("i22-triton-plan-nearest-neighbour", TRITON_PLAN,
+           'return (positive[0], positive[-1]) if positive else (1, 0)',
+           'return (positive[-1], positive[-1]) if positive else (1, 0)',
+           "cumulative neighbours keep only the farthest distance"),
+    Mutant("i22-triton-plan-unsorted-slots", TRITON_PLAN,
+           'list(slot_offsets[1:]) != sorted(set(slot_offsets[1:]))', 'False',
+           "slot offsets out of the table's order accepted: the kernels would read the wrong columns"),
+    Mutant("i22-triton-plan-halo-one-sided", TRITON_PLAN, 'return max(abs(offset) for offset in slot_offsets)',
+           'return max(abs(offset) for offset in slot_offsets[:1])', "the tiling ignores the neighbours' reach"),
+    Mutant("i22-triton-table-dtype-unchecked", TRITON, ' or coefficients.dtype != dtype', '',
+           "a table in another dtype than the compute dtype reaches the kernels"),
 ]

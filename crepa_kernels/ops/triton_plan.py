@@ -61,17 +61,18 @@ class BandLayout:
 
 
 def band_layout(slot_offsets: tuple[int, ...]) -> BandLayout:
-    """The band of the table's slot offsets (0, then increasing), which form an arithmetic progression once sorted:
-    (-d, 0, d) for adjacent neighbours, -r..r for cumulative ones, (0) without neighbours."""
+    """The band of the table's slot offsets (0, then increasing): sorted, they are (-d, 0, d) for adjacent
+    neighbours, -r..r for cumulative ones, (0) without neighbours; the kernels rely on that symmetry."""
     if not slot_offsets or slot_offsets[0] != 0 or list(slot_offsets[1:]) != sorted(set(slot_offsets[1:])) \
             or 0 in slot_offsets[1:]:
         raise ValueError(f"slot_offsets: expected 0 then distinct non-zero offsets in increasing order "
                          f"(spec.band_offsets), got {tuple(slot_offsets)}")
     ordered = sorted(slot_offsets)
     step = ordered[1] - ordered[0] if len(ordered) > 1 else 1
-    if any(b - a != step for a, b in zip(ordered, ordered[1:])):
-        raise ValueError(f"slot_offsets: the Triton band needs evenly spaced offsets (adjacent or cumulative "
-                         f"neighbours), got {tuple(slot_offsets)}")
+    if any(b - a != step for a, b in zip(ordered, ordered[1:])) or ordered != [-o for o in reversed(ordered)] \
+            or (step != 1 and len(ordered) > 3):
+        raise ValueError(f"slot_offsets: the Triton kernels take the slots of adjacent (0, -d, d) or cumulative "
+                         f"(0, -r..-1, 1..r) neighbours, got {tuple(slot_offsets)}")
     return BandLayout(ordered[0], step, len(ordered))
 
 
