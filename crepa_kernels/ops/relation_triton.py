@@ -92,6 +92,30 @@ if triton is not None:
         return sim_p, sim_y, inv_p_j, inv_y_j
 
     @triton.jit
+    def _coefficient_product(c, x_ptr, keys, key_ok, dout64, dout_ok, s_t, s_d, SPLIT: tl.constexpr, acc_dtype):
+        """c @ x_J[:, dout chunk]: for bf16 x as hi + lo bf16 halves of c on tensor cores, else in acc_dtype."""
+        x_j = tl.load(x_ptr + keys[:, None] * s_t + dout64[None, :] * s_d, mask=key_ok[:, None] & dout_ok[None, :],
+                      other=0.0)
+        if SPLIT:
+            hi = c.to(tl.bfloat16)
+            lo = (c - hi.to(tl.float32)).to(tl.bfloat16)
+            return tl.dot(hi, x_j, out_dtype=tl.float32) + tl.dot(lo, x_j, out_dtype=tl.float32)
+        else:
+            return tl.dot(c, x_j.to(acc_dtype), input_precision="ieee")
+
+    @triton.jit
+    def _through_normalisation(acc, along, norm_ptr, x_ptr, row_off, rows, row_ok, dout64, out_mask, s_t, s_d, eps,
+                               acc_dtype):
+        """The gradient with respect to x_i of a loss whose gradient with respect to x^_i = x_i / max(|x_i|, eps)
+        is acc (with x^_i . acc = along): (acc - x^_i along) / |x_i|, or acc / eps where the norm is clamped."""
+        norm = tl.load(norm_ptr + row_off, mask=row_ok, other=1.0)
+        inv = _div(1.0, norm, acc_dtype)
+        x_i = tl.load(x_ptr + rows[:, None] * s_t + dout64[None, :] * s_d, mask=out_mask, other=0.0)
+        unit = x_i.to(acc_dtype) * inv[:, None]
+        clamped = norm <= eps
+        return tl.where(clamped[:, None], acc, acc - unit * along[:, None]) * inv[:, None]
+
+    @triton.jit
     def _key_range(i0, T, N, PAIRS: tl.constexpr, BLOCK_I: tl.constexpr):
         if PAIRS == 1:  # spatial: the frames of rows i0 .. i0 + BLOCK_I - 1 only
             last = tl.minimum(i0 + BLOCK_I, T) - 1
@@ -181,46 +205,25 @@ if triton is not None:
             sign = tl.where(delta > margin, 1.0, tl.where(delta < -margin, -1.0, 0.0))
             sign = tl.where(delta != delta, delta, sign)
             coefficient = tl.where(counted, weight * sign, 0.0)
+            # p^_j = p_j / |p_j|: the scale goes on the coefficient
             if GRAD_P:
                 along_p += tl.sum(coefficient * sim_p, axis=1)
-                c_p = coefficient * inv_p_j[None, :]  # p^_j = p_j / |p_j|: the scale goes on the coefficient
-                p_j = tl.load(base_p + keys[:, None] * sp_t + dout64[None, :] * sp_d,
-                              mask=key_ok[:, None] & dout_ok[None, :], other=0.0)
-                if SPLIT_P:
-                    hi = c_p.to(tl.bfloat16)
-                    lo = (c_p - hi.to(tl.float32)).to(tl.bfloat16)
-                    acc_p += tl.dot(hi, p_j, out_dtype=tl.float32) + tl.dot(lo, p_j, out_dtype=tl.float32)
-                else:
-                    acc_p += tl.dot(c_p, p_j.to(acc_dtype), input_precision="ieee")
+                acc_p += _coefficient_product(coefficient * inv_p_j[None, :], base_p, keys, key_ok, dout64, dout_ok,
+                                              sp_t, sp_d, SPLIT_P, acc_dtype)
             if GRAD_Y:
                 along_y -= tl.sum(coefficient * sim_y, axis=1)
-                c_y = coefficient * inv_y_j[None, :]
-                y_j = tl.load(base_y + keys[:, None] * sy_t + dout64[None, :] * sy_d,
-                              mask=key_ok[:, None] & dout_ok[None, :], other=0.0)
-                if SPLIT_Y:
-                    hi = c_y.to(tl.bfloat16)
-                    lo = (c_y - hi.to(tl.float32)).to(tl.bfloat16)
-                    acc_y -= tl.dot(hi, y_j, out_dtype=tl.float32) + tl.dot(lo, y_j, out_dtype=tl.float32)
-                else:
-                    acc_y -= tl.dot(c_y, y_j.to(acc_dtype), input_precision="ieee")
-        # the chain through x^ = x / max(|x|, eps): (u - x^ (x^ . u)) / |x|, or u / eps where clamped
-        out_off = (b.to(tl.int64) * T + rows)[:, None] * dim + dout64[None, :]
+                acc_y -= _coefficient_product(coefficient * inv_y_j[None, :], base_y, keys, key_ok, dout64, dout_ok,
+                                              sy_t, sy_d, SPLIT_Y, acc_dtype)
+        row_off = b.to(tl.int64) * T + rows
+        out_off = row_off[:, None] * dim + dout64[None, :]
         out_mask = row_ok[:, None] & dout_ok[None, :]
         if GRAD_P:
-            norm = tl.load(norm_p_ptr + b.to(tl.int64) * T + rows, mask=row_ok, other=1.0)
-            inv = _div(1.0, norm, acc_dtype)
-            p_i = tl.load(base_p + rows[:, None] * sp_t + dout64[None, :] * sp_d, mask=out_mask, other=0.0)
-            unit = p_i.to(acc_dtype) * inv[:, None]
-            clamped = norm <= eps
-            grad = tl.where(clamped[:, None], acc_p, acc_p - unit * along_p[:, None]) * inv[:, None]
+            grad = _through_normalisation(acc_p, along_p, norm_p_ptr, base_p, row_off, rows, row_ok, dout64,
+                                          out_mask, sp_t, sp_d, eps, acc_dtype)
             tl.store(gp_ptr + out_off, grad, mask=out_mask)
         if GRAD_Y:
-            norm = tl.load(norm_y_ptr + b.to(tl.int64) * T + rows, mask=row_ok, other=1.0)
-            inv = _div(1.0, norm, acc_dtype)
-            y_i = tl.load(base_y + rows[:, None] * sy_t + dout64[None, :] * sy_d, mask=out_mask, other=0.0)
-            unit = y_i.to(acc_dtype) * inv[:, None]
-            clamped = norm <= eps
-            grad = tl.where(clamped[:, None], acc_y, acc_y - unit * along_y[:, None]) * inv[:, None]
+            grad = _through_normalisation(acc_y, along_y, norm_y_ptr, base_y, row_off, rows, row_ok, dout64,
+                                          out_mask, sy_t, sy_d, eps, acc_dtype)
             tl.store(gy_ptr + out_off, grad, mask=out_mask)
 
 
