@@ -79,7 +79,7 @@ def test_auto_falls_back_for_a_call_the_first_backend_refuses(monkeypatch):
 def test_named_backend_refusing_a_call_raises_before_any_kernel(monkeypatch):
     _refuse_when(monkeypatch, extension, lambda p, y, o: y.dtype == torch.bfloat16, "no bf16 targets today")
     ran = []
-    monkeypatch.setattr(extension, "per_frame_loss", lambda *args: ran.append(args))
+    monkeypatch.setattr(extension, "forward", lambda *args: ran.append(args))
     proj, target = random_pair((1, 3, 4, 5), torch.float32, torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"backend='cpu' cannot run this call: no bf16 targets today"):
         cross_frame_align_loss(proj, target, backend="cpu")
@@ -258,10 +258,10 @@ def test_compiled_auto_runs_where_eager_runs_past_a_size_limit(monkeypatch):
     a limit: 4 graphs for 6 calls."""
     original_forward = extension.forward
 
-    def limited_forward(proj, target, options):
+    def limited_forward(proj, target, coefficients, options):
         if _outside_test_limits(proj.shape[1], proj.shape[3]):
             raise NotImplementedError("the test's size limit")
-        per_frame, *saved = original_forward(proj, target, options)
+        per_frame, *saved = original_forward(proj, target, coefficients, options)
         return (2 * per_frame, *saved)  # marks the kernel's results
 
     def limited_reason(proj, target, options):

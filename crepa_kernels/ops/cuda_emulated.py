@@ -163,7 +163,7 @@ def _op_call(eager_op, traced_op, options: LossOptions):
     return eager_op, (options.neighbors, options.neighbor_mode == "cumulative", tau, options.normalize_weights, eps)
 
 
-def forward(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(proj: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """(L [B, F], the per-token statistics the backward reads)."""
     if not torch.compiler.is_compiling():  # traced calls select it inside the traced op, at run time
         _select_device()
@@ -171,7 +171,8 @@ def forward(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> t
     return op(proj, target, *arguments)
 
 
-def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, saved: tuple, options: LossOptions,
+def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor,
+             saved: tuple, options: LossOptions,
              needs_proj_grad: bool, needs_target_grad: bool):
     (stats,) = saved
     if not torch.compiler.is_compiling():

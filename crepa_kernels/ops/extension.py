@@ -282,7 +282,7 @@ def _op_call(eager_op, traced_op, options: LossOptions):
 BACKWARD_READS_STATISTICS = True
 
 
-def forward(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(proj: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """(L [B, F], the per-token statistics the backward reads)."""
     if _module is None:
         _load()
@@ -290,7 +290,8 @@ def forward(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> t
     return op(proj, target, *arguments)
 
 
-def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, saved: tuple, options: LossOptions,
+def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor,
+             saved: tuple, options: LossOptions,
              needs_proj_grad: bool, needs_target_grad: bool):
     """grad_loss [B, F] -> (dL/dproj or None, dL/dtarget or None): the kernel computes only the ones asked for."""
     (stats,) = saved
@@ -298,12 +299,6 @@ def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, 
     grad_proj, grad_target = op(grad_loss, proj, target, stats, *arguments, needs_proj_grad, needs_target_grad)
     return grad_proj if needs_proj_grad else None, grad_target if needs_target_grad else None
 
-
-def per_frame_loss(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:
-    """L [B, F] of this backend, with autograd (through crepa_kernels.CrossFrameAlignFunction)."""
-    from ..function import per_frame_loss_on
-
-    return per_frame_loss_on("cpu" if proj.device.type == "cpu" else "cuda", proj, target, options)
 
 
 def band_width(num_frames: int, neighbors: int, cumulative: bool) -> int:
