@@ -159,7 +159,8 @@ def test_cuda_order_passes_to_the_cuda_kernel_when_triton_refuses(monkeypatch):
 
 def test_triton_runs_its_shifted_tiling_on_every_checked_arch(monkeypatch):
     """F=61 with d=57 takes the shifted tiling, whose kernels spilled on sm_80 to sm_89 with sm_90's launch
-    configuration and were refused there; below sm_90 they now take 2 warps and one stage, which compile clean
+    configuration and were refused there; below sm_90 they now take one stage and 2 warps (the backward 4 on sm_80),
+    which compile clean
     (tools/compile_triton.py, tests/test_triton_compile.py). The capability changes no tile size, so the buffers
     (stats_shapes) and the grid stay those of any other device."""
     options = backends.LossOptions(neighbors=57)
@@ -180,7 +181,9 @@ def test_triton_runs_its_shifted_tiling_on_every_checked_arch(monkeypatch):
                 interpreter = triton_plan.launch_config(kernel, 1536, tiling, dtype)
                 assert (chosen.block_n, chosen.block_d) == (interpreter.block_n, interpreter.block_d)
                 below = capability < (9, 0)
-                assert ((chosen.num_warps, chosen.num_stages) == (2, 1)) == below, (capability, kernel, chosen)
+                # sm_80's backward takes 4 warps: at 2 its fp32 target-gradient kernel spilled 4 bytes
+                warps = 4 if capability < (8, 6) and kernel == "backward" else 2
+                assert ((chosen.num_warps, chosen.num_stages) == (warps, 1)) == below, (capability, kernel, chosen)
                 assert chosen == interpreter or below
                 # the other tilings keep their configuration on every architecture
                 assert triton_plan.launch_config(kernel, 1536, halo, dtype, capability) == \

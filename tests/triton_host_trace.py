@@ -51,9 +51,10 @@ def trace(case: dict) -> dict:
         shape = tuple(values[name] for name in "BFND")
         proj = torch.empty(shape, dtype=proj_dtype, device="cuda")
         target = torch.empty(shape, dtype=target_dtype, device="cuda")
-        # the backend's entry points, as CrossFrameAlignFunction calls them, with the call's coefficient table (its
-        # tau symbolic): they build the ops' eps
-        table = coefficient_table(options, shape[1], compute_dtype(proj, target), proj.device)
+        # the backend's entry points, as CrossFrameAlignFunction calls them, with the call's coefficient table built
+        # as under torch.compile (with torch ops: tau symbolic); they build the ops' eps
+        with _patched(torch.compiler, is_compiling=lambda: True):
+            table = coefficient_table(options, shape[1], compute_dtype(proj, target), proj.device)
         loss, *saved = triton_loss.forward(proj, target, table, options)
         for target_grad in (True, False):
             triton_loss.backward(torch.empty_like(loss), proj, target, table, tuple(saved), options, True,

@@ -104,11 +104,11 @@ if triton is not None:
             return tl.dot(c, x_j.to(acc_dtype), input_precision="ieee")
 
     @triton.jit
-    def _through_normalisation(acc, along, norm_ptr, x_ptr, row_off, rows, row_ok, dout64, out_mask, s_t, s_d, eps,
+    def _through_normalisation(acc, along, norm_ptr, x_ptr, b, T, rows, row_ok, dout64, out_mask, s_t, s_d, eps,
                                acc_dtype):
         """The gradient with respect to x_i of a loss whose gradient with respect to x^_i = x_i / max(|x_i|, eps)
         is acc (with x^_i . acc = along): (acc - x^_i along) / |x_i|, or acc / eps where the norm is clamped."""
-        norm = tl.load(norm_ptr + row_off, mask=row_ok, other=1.0)
+        norm = tl.load(norm_ptr + b.to(tl.int64) * T + rows, mask=row_ok, other=1.0)
         inv = _div(1.0, norm, acc_dtype)
         x_i = tl.load(x_ptr + rows[:, None] * s_t + dout64[None, :] * s_d, mask=out_mask, other=0.0)
         unit = x_i.to(acc_dtype) * inv[:, None]
@@ -214,15 +214,15 @@ if triton is not None:
                 along_y -= tl.sum(coefficient * sim_y, axis=1)
                 acc_y -= _coefficient_product(coefficient * inv_y_j[None, :], base_y, keys, key_ok, dout64, dout_ok,
                                               sy_t, sy_d, SPLIT_Y, acc_dtype)
-        row_off = b.to(tl.int64) * T + rows
-        out_off = row_off[:, None] * dim + dout64[None, :]
+        # the chain through x^ = x / max(|x|, eps)
+        out_off = (b.to(tl.int64) * T + rows)[:, None] * dim + dout64[None, :]
         out_mask = row_ok[:, None] & dout_ok[None, :]
         if GRAD_P:
-            grad = _through_normalisation(acc_p, along_p, norm_p_ptr, base_p, row_off, rows, row_ok, dout64,
+            grad = _through_normalisation(acc_p, along_p, norm_p_ptr, base_p, b, T, rows, row_ok, dout64,
                                           out_mask, sp_t, sp_d, eps, acc_dtype)
             tl.store(gp_ptr + out_off, grad, mask=out_mask)
         if GRAD_Y:
-            grad = _through_normalisation(acc_y, along_y, norm_y_ptr, base_y, row_off, rows, row_ok, dout64,
+            grad = _through_normalisation(acc_y, along_y, norm_y_ptr, base_y, b, T, rows, row_ok, dout64,
                                           out_mask, sy_t, sy_d, eps, acc_dtype)
             tl.store(gy_ptr + out_off, grad, mask=out_mask)
 

@@ -80,22 +80,30 @@ def _table_column(band_slot, offset):
 
 
 @triton.jit
-def _pair_coefficients(rows, cols, table_ptr, num_frames, near, far, num_slots):
+def _pair_coefficients(rows, cols, table_ptr, table_rows, num_frames, near, far, num_slots,
+                       ROW_POINTERS: tl.constexpr):
     """(C[f, k], is_term[f, k]) for row frames f and column frames k ([FRAMES] each): is_term marks the pairs
     that enter L[f] (k = f or a neighbour, both inside [0, F)); C is read from the table there, 0 elsewhere.
 
     The table's columns are offset 0, then -far..-near, then near..far (cumulative: every distance in between;
-    adjacent: near = far), so offset +-distance sits at half +- (distance - near) + (1 or 0): no division. The
-    offsets into the table are int32 (F W < 2^31): fewer registers than int64 offsets or pointers."""
+    adjacent: near = far), so offset +-distance sits at half +- (distance - near) + (1 or 0): no division.
+    Two equivalent address forms, chosen by what compiled without spills (tools/compile_triton.py): the shifted
+    tiling's kernels read through ``table_rows`` (the pointers to the rows' table rows, [FRAMES]); the others
+    through int32 offsets from the table's base (F W < 2^31)."""
     delta = cols[None, :] - rows[:, None]
     distance = tl.abs(delta)
     inside = ((rows >= 0) & (rows < num_frames))[:, None] & ((cols >= 0) & (cols < num_frames))[None, :]
     is_term = ((delta == 0) | ((distance >= near) & (distance <= far))) & inside
     half = num_slots // 2
-    rank = (distance - near).to(tl.int32)
-    column = tl.where(delta > 0, half + 1 + rank, tl.where(delta < 0, half - rank, 0))
-    offsets = (rows * num_slots).to(tl.int32)[:, None] + column
-    return tl.load(table_ptr + offsets, mask=is_term, other=0.0), is_term
+    if ROW_POINTERS:
+        rank = distance - near
+        column = tl.where(delta > 0, half + 1 + rank, tl.where(delta < 0, half - rank, 0))
+        return tl.load(table_rows[:, None] + column, mask=is_term, other=0.0), is_term
+    else:
+        rank = (distance - near).to(tl.int32)
+        column = tl.where(delta > 0, half + 1 + rank, tl.where(delta < 0, half - rank, 0))
+        offsets = (rows * num_slots).to(tl.int32)[:, None] + column
+        return tl.load(table_ptr + offsets, mask=is_term, other=0.0), is_term
 
 
 @triton.jit
@@ -115,11 +123,11 @@ def _row_scale(grad_loss_ptr, batch, frames, frame_ok, num_frames, num_tokens, C
     return _div(-grad_loss, tl.cast(num_tokens, COMPUTE), COMPUTE)
 
 @triton.jit
-def _a_matrix(rows, cols, table_ptr, row_scale, inv_p, inv_y, num_frames, near, far, num_slots,
-              COMPUTE: tl.constexpr):
+def _a_matrix(rows, cols, table_ptr, table_rows, row_scale, inv_p, inv_y, num_frames, near, far, num_slots,
+              SHIFTED: tl.constexpr, COMPUTE: tl.constexpr):
     """A[n, f, k] = alpha[f, k] / (|p_f| |y_k|) (clamped norms) for row frames f and column frames k, held
     within the finite range (tiny eps, above)."""
-    c, _ = _pair_coefficients(rows, cols, table_ptr, num_frames, near, far, num_slots)
+    c, _ = _pair_coefficients(rows, cols, table_ptr, table_rows, num_frames, near, far, num_slots, SHIFTED)
     a = (row_scale[:, None] * c)[None, :, :] * inv_p[:, :, None] * inv_y[:, None, :]
     return tl.minimum(tl.maximum(a, -_largest_finite(COMPUTE)), _largest_finite(COMPUTE))
 
@@ -144,7 +152,7 @@ def _stats(norm_ptr, batch, frames, tokens, ok, num_frames, num_tokens):
 @triton.jit
 def _forward_window(
     weighted, shift, rows, window, row_ok, tokens, token_ok, out_ok, p_row, band_row, batch, target_ptr,
-    sy_b, sy_f, sy_n, sy_d, sp_d, p_norm_ptr, y_norm_ptr, table_ptr, first_frame, shifts,
+    sy_b, sy_f, sy_n, sy_d, sp_d, p_norm_ptr, y_norm_ptr, table_ptr, table_rows, first_frame, shifts,
     num_frames, num_tokens, dim, near, far, eps, slot_first, slot_step, num_slots,
     NATIVE_DOT: tl.constexpr, SHIFTED: tl.constexpr, COMPUTE: tl.constexpr, FRAMES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -177,7 +185,8 @@ def _forward_window(
             else:
                 gram = tl.dot(p_wide, tl.trans(y_wide, (0, 2, 1)), gram, input_precision="ieee",
                               out_dtype=COMPUTE)
-    coefficient, is_term = _pair_coefficients(rows, cols, table_ptr, num_frames, near, far, num_slots)
+    coefficient, is_term = _pair_coefficients(rows, cols, table_ptr, table_rows, num_frames, near, far, num_slots,
+                                              SHIFTED)
     p_norm = tl.maximum(_sqrt(p_squares, COMPUTE), eps)
     y_norm = tl.maximum(_sqrt(y_squares, COMPUTE), eps)
     # [BLOCK_N, f, k]; the floor: tiny eps, above
@@ -227,6 +236,7 @@ def _crepa_forward_kernel(
     # this program writes only its own rows; the halo rows belong to the neighbouring tiles
     writes = row_ok & (rows >= first_row) & (rows < first_row + rows_per_tile)
     out_ok = token_ok[:, None] & writes[None, :]
+    table_rows = table_ptr + rows * num_slots  # C[f, :] of the row frames (shifted mode)
     band_row = band_ptr + batch * num_frames * num_slots * num_tokens + rows[None, :] * num_slots * num_tokens \
         + tokens[:, None]
 
@@ -235,15 +245,15 @@ def _crepa_forward_kernel(
         for shift in range(-shifts, shifts + 1):
             weighted = _forward_window(weighted, shift, rows, window, row_ok, tokens, token_ok, out_ok, p_row,
                                        band_row, batch, target_ptr, sy_b, sy_f, sy_n, sy_d, sp_d, p_norm_ptr,
-                                       y_norm_ptr, table_ptr, first_row - halo, shifts, num_frames, num_tokens,
-                                       dim, near, far, eps, slot_first, slot_step, num_slots, NATIVE_DOT, True,
-                                       COMPUTE, FRAMES, BLOCK_N, BLOCK_D)
+                                       y_norm_ptr, table_ptr, table_rows, first_row - halo, shifts, num_frames,
+                                       num_tokens, dim, near, far, eps, slot_first, slot_step, num_slots,
+                                       NATIVE_DOT, True, COMPUTE, FRAMES, BLOCK_N, BLOCK_D)
     else:  # one window, its own column window (a runtime loop of one window spilled on sm_90)
         weighted = _forward_window(weighted, 0, rows, window, row_ok, tokens, token_ok, out_ok, p_row, band_row,
                                    batch, target_ptr, sy_b, sy_f, sy_n, sy_d, sp_d, p_norm_ptr, y_norm_ptr,
-                                   table_ptr, first_row - halo, shifts, num_frames, num_tokens, dim, near, far,
-                                   eps, slot_first, slot_step, num_slots, NATIVE_DOT, False, COMPUTE, FRAMES,
-                                   BLOCK_N, BLOCK_D)
+                                   table_ptr, table_rows, first_row - halo, shifts, num_frames, num_tokens, dim,
+                                   near, far, eps, slot_first, slot_step, num_slots, NATIVE_DOT, False, COMPUTE,
+                                   FRAMES, BLOCK_N, BLOCK_D)
     partial = tl.sum(tl.where(out_ok, weighted, 0.0), axis=0)
     tl.store(partial_ptr + (batch * num_frames + rows) * num_token_blocks + token_block, partial,
              mask=writes & (batch < num_batches))
@@ -304,7 +314,8 @@ def _crepa_backward_kernel(
     inv_p = _div(one, p_norm, COMPUTE)
     inv_y = _div(one, y_norm, COMPUTE)
     if not SHIFTED:  # the window is its own column window: A once for the whole D sweep
-        a = _a_matrix(rows, rows, table_ptr, row_scale, inv_p, inv_y, num_frames, near, far, num_slots, COMPUTE)
+        a = _a_matrix(rows, rows, table_ptr, table_rows, row_scale, inv_p, inv_y, num_frames, near, far, num_slots,
+                      False, COMPUTE)
         a_t = tl.trans(a, (0, 2, 1))
         if SPLIT_BF16_DOT:
             a_hi = a.to(tl.bfloat16)
@@ -339,8 +350,8 @@ def _crepa_backward_kernel(
                 if PROJ_GRAD:
                     inv_y_cols = _div(one, _stats(y_norm_ptr, batch, cols, tokens, col_stat_ok, num_frames,
                                                   num_tokens), COMPUTE)
-                    a = _a_matrix(rows, cols, table_ptr, row_scale, inv_p, inv_y_cols,
-                                  num_frames, near, far, num_slots, COMPUTE)
+                    a = _a_matrix(rows, cols, table_ptr, table_rows, row_scale, inv_p, inv_y_cols,
+                                  num_frames, near, far, num_slots, True, COMPUTE)
                     y_cols = tl.load(target_ptr + batch * sy_b + tokens[:, None, None] * sy_n
                                      + cols[None, :, None] * sy_f + d[None, None, :] * sy_d, mask=col_load_ok,
                                      other=0.0)
@@ -350,8 +361,8 @@ def _crepa_backward_kernel(
                                                   num_tokens), COMPUTE)
                     col_scale = _row_scale(grad_loss_ptr, batch, cols, col_ok & batch_ok, num_frames,
                                            num_tokens, COMPUTE)
-                    a_back = _a_matrix(cols, rows, table_ptr, col_scale, inv_p_cols, inv_y,
-                                       num_frames, near, far, num_slots, COMPUTE)
+                    a_back = _a_matrix(cols, rows, table_ptr, table_ptr + cols * num_slots, col_scale, inv_p_cols,
+                                       inv_y, num_frames, near, far, num_slots, True, COMPUTE)
                     p_cols = tl.load(proj_ptr + batch * sp_b + tokens[:, None, None] * sp_n
                                      + cols[None, :, None] * sp_f + d[None, None, :] * sp_d, mask=col_load_ok,
                                      other=0.0)

@@ -26,6 +26,7 @@ MAX_GRID_YZ = gpu_limits.MAX_GRID_YZ
 MIN_CAPABILITY = (8, 0)
 # Below this the shifted tiling's kernels take their own launch configuration (launch_config)
 SHIFTED_PIPELINED_CAPABILITY = (9, 0)
+SM_86 = (8, 6)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -202,8 +203,9 @@ def launch_config(kernel: str, dim: int, tiling: FrameTiling, dtype: torch.dtype
     num_stages = 2
     if tiling.shifted and capability is not None and capability < SHIFTED_PIPELINED_CAPABILITY:
         # sm_80-sm_89's ptxas spilled 8-16 bytes with the prefetch stage; of the clean configs, 2 warps issue the
-        # fewest instructions (4 and 8 warps repeat the small 16 x 16 dots and A per warp): same bytes read
-        num_warps, num_stages = 2, 1
+        # fewest instructions (4 and 8 warps repeat the small 16 x 16 dots and A per warp): same bytes read. sm_80's
+        # backward with the target gradient spilled 4 bytes at 2 warps (fp32 dots): 4 warps there
+        num_warps, num_stages = (4 if kernel == "backward" and capability < SM_86 else 2), 1
     return LaunchConfig(block_n=block_n, block_d=block_d, num_warps=num_warps, num_stages=num_stages)
 
 
