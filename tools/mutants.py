@@ -41,7 +41,8 @@ COVERING_TESTS = {
                                              "temporal or spatial or token_grid or upstream"],
     "crepa_kernels/training/teacher.py": ["tests/test_upstream_training.py", "-k", "ema or backbone"],
     "crepa_kernels/training/flow.py": ["tests/test_upstream_training.py", "-k", "self_flow"],
-    "examples/train_dit.py": ["tests/test_upstream_training.py", "-k", "self_flow"],
+    "examples/train_dit.py": ["tests/test_upstream_training.py", "tests/test_training.py", "-k",
+                              "self_flow or neighbor_weights"],
     "crepa_kernels/training/regularizer.py": ["tests/test_wiring.py", "tests/test_properties.py",
                                               "tests/test_boundaries.py", "tests/test_training.py",
                                               "tests/test_training_features.py", "tests/test_upstream_training.py",
@@ -662,6 +663,8 @@ MUTANTS += [
     Mutant("i22-sp-clamp-per-piece", DIST_LOSS,
            'options = dataclasses.replace(options.for_frames(num_frames), clamp_neighbors=False)',
            'options = options.for_frames(num_frames)', "each piece's call clamps to its own frame count"),
+    Mutant("i22-train-dit-weights-dropped", TRAIN_DIT, 'weights=neighbor_weights(config.neighbor_weights), ',
+           '', "train_dit ignores --neighbor-weights"),
 ]
 
 # --- issue 22: the Triton kernels read the coefficient table; triton_loss.py split into plan, kernels, ops ---------
