@@ -33,10 +33,11 @@ def _meta_launches(shape, proj_dtype, target_dtype, options):
                             for k in ("norms", "band", "partial"))
     table = torch.empty((shape[1], len(slot_offsets)), dtype=stat_dtype, device="meta")
     grad_loss = torch.empty(shape[:2], dtype=stat_dtype, device="meta")
-    yield triton_loss.forward_launch(proj, target, table, slot_offsets, norms, band, partial)
+    eps = torch.empty((), dtype=torch.float64, device="meta")
+    yield triton_loss.forward_launch(proj, target, table, slot_offsets, norms, band, partial, eps)
     for grad_target in (torch.empty_like(target), None):
         yield from triton_loss.backward_launches(grad_loss, proj, target, table, slot_offsets, norms, band,
-                                                 torch.empty_like(proj), grad_target)
+                                                 torch.empty_like(proj), grad_target, eps)
 
 
 @pytest.mark.parametrize("shape", HUGE_SHAPES, ids=str)

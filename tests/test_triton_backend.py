@@ -233,12 +233,14 @@ def test_every_output_element_is_written():
         stat_dtype = torch.float64 if torch.float64 in (proj.dtype, target.dtype) else torch.float32
         norms, band, partial = (torch.full(shapes[k], float("nan"), dtype=stat_dtype, device=DEVICE)
                                 for k in ("norms", "band", "partial"))
-        triton_loss.forward_into(proj, target, table, slot_offsets, norms, band, partial)
+        eps = triton_loss.eps_tensor(options, proj)
+        triton_loss.forward_into(proj, target, table, slot_offsets, norms, band, partial, eps)
         for name, buffer in (("norms", norms), ("band", band), ("partial", partial)):
             assert not buffer.isnan().any(), f"{name} has unwritten elements"
         grad_loss = torch.rand(shape[:2], dtype=stat_dtype, device=DEVICE) + 0.1
         grad_proj, grad_target = torch.full_like(proj, float("nan")), torch.full_like(target, float("nan"))
-        triton_loss.backward_into(grad_loss, proj, target, table, slot_offsets, norms, band, grad_proj, grad_target)
+        triton_loss.backward_into(grad_loss, proj, target, table, slot_offsets, norms, band, grad_proj, grad_target,
+                                  eps)
         assert not grad_proj.isnan().any() and not grad_target.isnan().any()
 
 
@@ -412,22 +414,23 @@ def test_each_program_writes_exactly_its_own_outputs_in_any_order(shape, proj_dt
         return [torch.full(shapes[name], float("nan"), dtype=stat_dtype, device=DEVICE)
                 for name in ("norms", "band", "partial")]
 
+    eps = triton_loss.eps_tensor(options, proj)
     _assert_programs_partition_outputs(
-        lambda outputs: triton_loss.forward_launch(proj, target, table, slot_offsets, *outputs), new_stats)
+        lambda outputs: triton_loss.forward_launch(proj, target, table, slot_offsets, *outputs, eps), new_stats)
 
     norms, band, partial = new_stats()
-    triton_loss.forward_into(proj, target, table, slot_offsets, norms, band, partial)
+    triton_loss.forward_into(proj, target, table, slot_offsets, norms, band, partial, eps)
     grad_loss = torch.rand(shape[:2], dtype=stat_dtype, device=DEVICE) + 0.1
 
     def backward(index, grad_proj, grad_target):
         return triton_loss.backward_launches(grad_loss, proj, target, table, slot_offsets, norms, band, grad_proj,
-                                             grad_target)[index]
+                                             grad_target, eps)[index]
 
     def new_grads():
         return [torch.full_like(proj, float("nan")), torch.full_like(target, float("nan"))]
 
     launches = triton_loss.backward_launches(grad_loss, proj, target, table, slot_offsets, norms, band,
-                                             *new_grads())
+                                             *new_grads(), eps)
     for index, launch in enumerate(launches):
         # each launch against the gradients it writes (shifted mode: one each; the other is a never-written stand-in)
         writes = [launch.kwargs["PROJ_GRAD"], launch.kwargs["TARGET_GRAD"]]

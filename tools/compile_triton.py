@@ -183,12 +183,13 @@ def launches(case: Case, arch: int):
     norms, band, partial = (torch.empty(shapes[k], dtype=stat_dtype, **meta) for k in ("norms", "band", "partial"))
     coefficients = torch.empty((case.num_frames, len(slot_offsets)), dtype=stat_dtype, **meta)
     grad_loss = torch.empty(shape[:2], dtype=stat_dtype, **meta)
-    yield "forward", triton_loss.forward_launch(proj, target, coefficients, slot_offsets, norms, band, partial,
+    eps = torch.empty((), dtype=FP64, **meta)
+    yield "forward", triton_loss.forward_launch(proj, target, coefficients, slot_offsets, norms, band, partial, eps,
                                                 capability)
     for target_grad in (True, False):
         grad_target = torch.empty_like(target) if target_grad else None
         for launch in triton_loss.backward_launches(grad_loss, proj, target, coefficients, slot_offsets, norms, band,
-                                                    torch.empty_like(proj), grad_target, capability):
+                                                    torch.empty_like(proj), grad_target, eps, capability):
             yield "backward", launch
 
 

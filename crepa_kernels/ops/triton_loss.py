@@ -182,10 +182,9 @@ def stats_shapes(proj: torch.Tensor, target: torch.Tensor, slot_offsets) -> dict
     return plan.stats_shapes(tuple(proj.shape), _kernel_plan("forward", proj, target, slot_offsets))
 
 
-def forward_launch(proj, target, coefficients, slot_offsets, norms, band, partial, capability=None,
-                   eps=None) -> Launch:
-    """capability: the GPU to launch on (tools/compile_triton.py), else proj's device's (device_capability); eps:
-    a 0-d fp64 tensor (eps_tensor), else 1e-12."""
+def forward_launch(proj, target, coefficients, slot_offsets, norms, band, partial, eps, capability=None) -> Launch:
+    """eps: a 0-d fp64 tensor (eps_tensor); capability: the GPU to launch on (tools/compile_triton.py), else proj's
+    device's (device_capability)."""
     batch, num_frames, num_tokens, dim = proj.shape
     forward = _kernel_plan("forward", proj, target, slot_offsets, capability or plan.device_capability(proj.device))
     tiling, config, band_layout = forward.tiling, forward.config, forward.band
@@ -194,7 +193,7 @@ def forward_launch(proj, target, coefficients, slot_offsets, norms, band, partia
         batch, num_frames, num_tokens, dim,
         *proj.stride(), *target.stride(),
         tiling.rows_per_tile, tiling.halo, tiling.shifts, tiling.num_tiles, forward.token_blocks,
-        forward.near, forward.far, scalar_tensor(1e-12, proj) if eps is None else eps,
+        forward.near, forward.far, eps,
         band_layout.first, band_layout.step, band_layout.slots,
     )
     kwargs = dict(
@@ -205,8 +204,8 @@ def forward_launch(proj, target, coefficients, slot_offsets, norms, band, partia
     return Launch(kernels._crepa_forward_kernel, forward.grid, args, kwargs)
 
 
-def backward_launches(grad_loss, proj, target, coefficients, slot_offsets, norms, band, grad_proj, grad_target,
-                      capability=None, eps=None) -> list[Launch]:
+def backward_launches(grad_loss, proj, target, coefficients, slot_offsets, norms, band, grad_proj, grad_target, eps,
+                      capability=None) -> list[Launch]:
     """The backward: one launch, or in shifted mode one per gradient (each rebuilds its own A per column window;
     both in one program spilled on sm_86/sm_90). grad_target=None: no target gradient. capability, eps: as in
     forward_launch."""
@@ -221,7 +220,7 @@ def backward_launches(grad_loss, proj, target, coefficients, slot_offsets, norms
         batch, num_frames, num_tokens, dim,
         *proj.stride(), *target.stride(), *grad_proj.stride(), *grad_target.stride(),
         tiling.rows_per_tile, tiling.halo, tiling.shifts, tiling.num_tiles, backward.token_blocks,
-        backward.near, backward.far, scalar_tensor(1e-12, proj) if eps is None else eps,
+        backward.near, backward.far, eps,
         band_layout.first, band_layout.step, band_layout.slots,
     )
     kwargs = dict(
@@ -252,9 +251,9 @@ def _run(launch: Launch, device_of: torch.Tensor) -> None:
         torch.library.wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.kwargs)
 
 
-def forward_into(proj, target, coefficients, slot_offsets, norms, band, partial, eps=None) -> None:
+def forward_into(proj, target, coefficients, slot_offsets, norms, band, partial, eps) -> None:
     """Launches the forward kernel, writing every element of norms, band and partial (shapes: stats_shapes). eps:
-    a 0-d fp64 tensor (eps_tensor), else 1e-12."""
+    a 0-d fp64 tensor (eps_tensor)."""
     _check_coefficients(coefficients, proj, target, slot_offsets)
     shapes = stats_shapes(proj, target, slot_offsets)
     for name, buffer in (("norms", norms), ("band", band), ("partial", partial)):
@@ -263,18 +262,18 @@ def forward_into(proj, target, coefficients, slot_offsets, norms, band, partial,
                              f"{tuple(buffer.shape)} with strides {buffer.stride()}")
     if _interpreting_fake(proj):
         return
-    _run(forward_launch(proj, target, coefficients, slot_offsets, norms, band, partial, eps=eps), proj)
+    _run(forward_launch(proj, target, coefficients, slot_offsets, norms, band, partial, eps), proj)
 
 
 def backward_into(grad_loss, proj, target, coefficients, slot_offsets, norms, band, grad_proj, grad_target,
-                  eps=None) -> None:
+                  eps) -> None:
     """Launches the backward kernel; grad_target=None skips the target gradient (a constexpr branch). eps: as in
     forward_into."""
     _check_coefficients(coefficients, proj, target, slot_offsets)
     if _interpreting_fake(proj):
         return
     for launch in backward_launches(grad_loss, proj, target, coefficients, slot_offsets, norms, band, grad_proj,
-                                    grad_target, eps=eps):
+                                    grad_target, eps):
         _run(launch, proj)
 
 
