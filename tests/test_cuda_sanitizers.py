@@ -85,12 +85,13 @@ def run_harness(binary: Path, tmp_path: Path, shape, options: dict, dtype_name: 
     proj, target = random_pair(shape, dtype, seed=81)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     grad_loss = random_grad_output(torch.empty(shape[:2], dtype=acc))
-    for name, tensor in (("proj", proj), ("target", target), ("grad_loss", grad_loss)):
+    coefficients = coefficient_table(loss_options.for_frames(shape[1]), shape[1], acc)
+    for name, tensor in (("proj", proj), ("target", target), ("grad_loss", grad_loss),
+                         ("coefficients", coefficients)):
         (tmp_path / f"{name}.bin").write_bytes(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
     B, F, N, D = shape
     arguments = [str(tmp_path), B, F, N, D, loss_options.neighbors, int(loss_options.neighbor_mode == "cumulative"),
-                 repr(float(loss_options.tau)), int(loss_options.normalize_weights), repr(float(loss_options.eps)),
-                 dtype_name, offset, grid]
+                 repr(float(loss_options.eps)), dtype_name, offset, grid]
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:detect_stack_use_after_return=0",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     run = subprocess.run([str(binary), *map(str, arguments)], capture_output=True, text=True, env=env, timeout=600)
