@@ -87,7 +87,8 @@ def test_each_table_entry_reaches_its_frame(backend):
         expected = table_oracle(proj, target, table, options, grad_loss)
         for name, actual, wanted in zip(("loss", "grad proj", "grad target"), (loss, grad_proj, grad_target),
                                         expected):
-            torch.testing.assert_close(actual, wanted, rtol=1e-12, atol=1e-14, msg=lambda m: f"C[{f}, {slot}] {name}: {m}")
+            torch.testing.assert_close(actual, wanted, rtol=1e-12, atol=1e-14,
+                                       msg=lambda m: f"C[{f}, {slot}] {name}: {m}")
         assert torch.count_nonzero(loss) == 1
 
 

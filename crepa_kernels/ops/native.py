@@ -18,11 +18,7 @@ from ..spec import LossOptions, compute_dtype
 from . import build
 
 
-def _setup(module) -> None:
-    _register_python_parts()
-
-
-_extension = build.Extension("the C++ extension", build.load_native, _setup)
+_extension = build.Extension("the C++ extension", build.load_native, lambda module: _register_python_parts())
 
 
 def _load():
