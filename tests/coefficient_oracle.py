@@ -16,7 +16,7 @@ from crepa_kernels.spec import LossOptions, band_offsets
 def table_loss(proj: torch.Tensor, target: torch.Tensor, table: torch.Tensor, options: LossOptions) -> torch.Tensor:
     """L [B, F] in float64 for [B, F, N, D] inputs and the [F, W] ``table``; options give the slots and eps."""
     frames = proj.shape[1]
-    offsets = band_offsets(options.for_frames(frames), frames)
+    offsets = band_offsets(options, frames)
     assert table.shape == (frames, len(offsets)), (table.shape, offsets)
     p, y, c = proj.double(), target.double(), table.double()
     p = p / p.norm(dim=-1, keepdim=True).clamp_min(options.eps)
@@ -45,7 +45,7 @@ def table_oracle(proj: torch.Tensor, target: torch.Tensor, table: torch.Tensor, 
 def arbitrary_table(options: LossOptions, frames: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     """A random non-negative [F, W] table no tau gives: independent values per row and slot (so a kernel reading
     another row or slot, or computing weights of its own, is wrong), zero where a slot does not land."""
-    offsets = band_offsets(options.for_frames(frames), frames)
+    offsets = band_offsets(options, frames)
     generator = torch.Generator().manual_seed(seed)
     table = torch.rand(frames, len(offsets), generator=generator, dtype=torch.float64) * 2 + 0.1
     for f in range(frames):

@@ -43,7 +43,7 @@ def op_arguments(proj, target, options: LossOptions):
     """The ops' arguments after (proj, target) for these options: the call's coefficient table, neighbors,
     cumulative, eps."""
     frames = proj.shape[1]
-    table = coefficient_table(options.for_frames(frames), frames, compute_dtype(proj, target), proj.device)
+    table = coefficient_table(options, frames, compute_dtype(proj, target), proj.device)
     return table, options.neighbors, options.neighbor_mode == "cumulative", float(options.eps)
 
 

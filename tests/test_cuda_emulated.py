@@ -46,12 +46,12 @@ def module():
 def op_arguments(proj, target, options: LossOptions):
     """The ops' arguments after (proj, target): the call's coefficient table, neighbors, cumulative, eps."""
     frames = proj.shape[1]
-    table = coefficient_table(options.for_frames(frames), frames, compute_dtype(proj, target), proj.device)
+    table = coefficient_table(options, frames, compute_dtype(proj, target), proj.device)
     return table, options.neighbors, options.neighbor_mode == "cumulative", float(options.eps)
 
 
 def emulated_forward(proj, target, **options):
-    options = LossOptions(**options).for_frames(proj.shape[1])
+    options = LossOptions(**options)
     table, *_ = op_arguments(proj, target, options)
     return cuda_emulated.forward(proj.detach(), target.detach(), table, options)
 

@@ -220,7 +220,7 @@ def test_cuda_forward_refuses_before_any_work():
     proj, target = random_pair((1, frames, 3, 16), torch.float64, device="cuda")
     allocated = torch.cuda.memory_allocated()
     with pytest.raises(NotImplementedError, match=f"F={frames}.*{limit} bytes"):
-        table = coefficient_table(options_for(frames, "cumulative").for_frames(frames), frames, torch.float64, "cuda")
+        table = coefficient_table(options_for(frames, "cumulative"), frames, torch.float64, "cuda")
         torch.ops.crepa_kernels.align_forward(proj, target, table, frames, True, 1e-12)
     assert torch.cuda.memory_allocated() == allocated
 

@@ -89,7 +89,7 @@ def run_harness(binary: Path, tmp_path: Path, shape, options: dict, dtype_name: 
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     grad_loss = random_grad_output(torch.empty(shape[:2], dtype=acc))
     if coefficients is None:
-        coefficients = coefficient_table(loss_options.for_frames(shape[1]), shape[1], acc)
+        coefficients = coefficient_table(loss_options, shape[1], acc)
     for name, tensor in (("proj", proj), ("target", target), ("grad_loss", grad_loss),
                          ("coefficients", coefficients)):
         (tmp_path / f"{name}.bin").write_bytes(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())

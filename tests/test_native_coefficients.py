@@ -23,8 +23,8 @@ from harness import TOLERANCES, random_grad_output, random_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND_MODULES = {"cpu": native, "cuda_emulated": cuda_emulated}
-# no neighbours (W = 1: the last table entry is read), adjacent, cumulative, and d >= F (clamped; the band is the
-# whole clip, F * W = 45 entries: more than the 32 threads a CUDA block has at this D)
+# no neighbours (W = 1: the last table entry is read), adjacent, cumulative, and d >= F (the band reaches the whole
+# clip, F * W = 45 entries: more than the 32 threads a CUDA block has at this D)
 BANDS = [LossOptions(neighbors=0), LossOptions(neighbors=2), LossOptions(neighbors=2, neighbor_mode="cumulative"),
          LossOptions(neighbors=9, neighbor_mode="cumulative", eps=1e-8)]
 
@@ -37,8 +37,7 @@ def backend_or_skip(name: str):
 
 
 def run_protocol(module, proj, target, table, options, grad_loss, needs=(True, True)):
-    """forward then backward as crepa_kernels.function calls them (options clamped to the clip)."""
-    options = options.for_frames(proj.shape[1])
+    """forward then backward as crepa_kernels.function calls them."""
     loss, *saved = module.forward(proj, target, table, options)
     grads = module.backward(grad_loss.to(loss.dtype), proj, target, table, tuple(saved), options, *needs)
     return loss, grads
@@ -62,7 +61,7 @@ def test_loss_and_gradients_follow_an_arbitrary_table(backend, proj_dtype, targe
     proj, target = (x.detach() for x in random_pair(shape, proj_dtype, target_dtype, seed=90))
     acc = compute_dtype(proj, target)
     table = arbitrary_table(options, shape[1], acc, seed=91)
-    assert not torch.allclose(table, coefficient_table(options.for_frames(shape[1]), shape[1], acc))
+    assert not torch.allclose(table, coefficient_table(options, shape[1], acc))
     grad_loss = random_grad_output(torch.empty(shape[:2], dtype=acc))
     loss, (grad_proj, grad_target) = run_protocol(module, proj, target, table, options, grad_loss)
     expected_loss, expected_proj, expected_target = table_oracle(proj, target, table, options, grad_loss)
