@@ -1,14 +1,15 @@
 """Backend registry and selection: which backend runs a call, and why.
 
-A backend is a module with these functions (no autograd inside: the one autograd wiring is
-crepa_kernels.function.CrossFrameAlignFunction):
+A backend is a module of crepa_kernels.ops with these functions (no autograd inside: the one autograd wiring is
+crepa_kernels.function):
     unavailable_reason(device: torch.device) -> str | None      # None when it can run on that device at all
     call_unsupported_reason(proj, target, options) -> str | None  # None when it can run this call
-    forward(proj, target, options) -> (L [B, F], *saved)        # saved: per-token statistics its backward reads
+    forward(proj, target, coefficients, options) -> (L [B, F], *saved)  # saved: statistics its backward reads
     BACKWARD_READS_STATISTICS: bool                             # False when saved is always empty
-    backward(grad_L, proj, target, saved, options, needs_proj_grad, needs_target_grad) -> (grad_proj | None,
-                                                                                           grad_target | None)
-with proj and target as spec.as_frames gives them, and, for a backend that refuses some sizes,
+    backward(grad_L, proj, target, coefficients, saved, options, needs_proj_grad, needs_target_grad)
+        -> (grad_proj | None, grad_target | None)
+with proj and target as spec.as_frames gives them, coefficients spec.coefficient_table's for the call (the only
+source of the neighbour weights: no backend computes one), and, for a backend that refuses some sizes,
     size_limits(proj, target, options) -> ((max_dim | None, max_frames), ...) | None
                                         # the F and D it runs for calls like this one (shape None); None: any
 
@@ -16,7 +17,8 @@ with proj and target as spec.as_frames gives them, and, for a backend that refus
 tensor has the same attributes) and a :class:`~crepa_kernels.spec.LossOptions`. ``shape`` is None while
 torch.compile traces (sizes may be symbolic there): the traced sizes are then compared with each backend's
 ``size_limits`` instead, so that a compiled call runs where the eager call runs, and only a call that crosses a
-limit recompiles. ``tau``, ``eps`` and ``reduction`` never decide the backend and are left at their defaults.
+limit recompiles. ``tau``, ``weights``, ``eps`` and ``reduction`` never decide the backend and are left at their
+defaults.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch
 from .spec import LossOptions, as_frames
 
 BACKEND_MODULES = {
-    "reference": "crepa_kernels.reference_backend",
+    "reference": "crepa_kernels.ops.reference",
     "triton": "crepa_kernels.ops.triton_loss",
     "cpu": "crepa_kernels.ops.native",
     "cuda": "crepa_kernels.ops.native",
@@ -44,9 +46,9 @@ BACKEND_DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",), "cuda_emulated": ("c
 ENV_OVERRIDE = "CREPA_KERNELS_BACKEND"
 
 # "auto" tries these in order, per device type. Both GPU backends move the minimum bytes (docs/triton.md,
-# docs/cpp.md); neither has been timed on a GPU yet. Triton goes first: each program takes a block of tokens and
-# forms the frame Gram matrix with tl.dot, while the CUDA kernel takes one token column per thread block and pays
-# a block-wide reduction per statistic. Revisit with benchmarks/bench_loss.py on a GPU.
+# docs/cpp.md). Triton goes first: each program takes a block of tokens and forms the frame Gram matrix with
+# tl.dot, while the CUDA kernel takes one token column per thread block and pays a block-wide reduction per
+# statistic. The order is a design choice, not a measurement; benchmarks/bench_loss.py on a GPU measures it.
 AUTO_ORDER = {
     "cuda": ("triton", "cuda", "reference"),
     "cpu": ("cpu", "reference"),

@@ -1,7 +1,7 @@
 """TokenRelationFunction: the token relation distillation loss as a torch.autograd.Function, on any backend.
 
 The functional form (relation_api.token_relation_loss) and the module (relation_api.TokenRelationLoss) run it too.
-A backend (see relation_reference for the interface) gives the per-frame sums L [B, F]; the reduction and the
+A backend (see ops/relation_reference.py for the interface) gives the per-frame sums L [B, F]; the reduction and the
 scaling of the gradient by the incoming grad_output happen here.
 
 Gradient in the forward pass: with reduction="mean" every frame has the same weight, so a fused backend can produce
@@ -23,7 +23,7 @@ from .relation_spec import (RelationOptions, check_anchors, check_pair_count, ke
 from .spec import as_frames, compute_dtype
 
 RELATION_BACKEND_MODULES = {
-    "reference": "crepa_kernels.relation_reference",
+    "reference": "crepa_kernels.ops.relation_reference",
     "cpu": "crepa_kernels.ops.relation_cpu",
     "triton": "crepa_kernels.ops.relation_triton",
 }

@@ -28,6 +28,10 @@ WEIGHT_PROFILES = ("exponential", "gaussian")
 class LossOptions:
     """The options of one loss call, validated on construction.
 
+    ``clamp_neighbors`` uses d = min(neighbors, F - 1) on each call (:meth:`for_frames`), as SimpleTuner's
+    CrepaRegularizer and takenoko's CrepaHelper do: with d >= F the adjacent pair becomes the frames at distance
+    F - 1 instead of being dropped.
+
     ``weights`` is "exponential" (w = exp(-delta / tau)), "gaussian" (w = exp(-delta^2 / (2 tau^2)): tau is the
     width) or the per-distance weights w[1..neighbors] by hand, given as a 1-D tensor (or sequence) and kept as a
     tuple of floats, so that the options stay hashable; tau is then unused.
@@ -39,6 +43,7 @@ class LossOptions:
     reduction: str = "mean"
     eps: float = 1e-12
     weights: str | tuple[float, ...] = "exponential"
+    clamp_neighbors: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, str):
@@ -46,9 +51,9 @@ class LossOptions:
         check_options(self)
 
     def for_frames(self, num_frames: int) -> LossOptions:
-        """These options with neighbors clamped to num_frames - 1 (and a hand-set profile cut to match): the
-        clamp_neighbors behaviour of SimpleTuner's CrepaRegularizer and takenoko's CrepaHelper."""
-        if self.neighbors <= num_frames - 1:
+        """The options of a call on clips of ``num_frames`` frames: with clamp_neighbors, neighbors clamped to
+        num_frames - 1 (and a hand-set profile cut to match); else these options."""
+        if not self.clamp_neighbors or self.neighbors <= num_frames - 1:
             return self
         weights = self.weights if isinstance(self.weights, str) else self.weights[:num_frames - 1]
         return dataclasses.replace(self, neighbors=num_frames - 1, weights=weights)
@@ -63,22 +68,23 @@ class LossOptions:
 
     def weight(self, offset: int) -> float:
         """w(|k - f|) for a non-zero offset k - f, as the coefficient table holds it before normalisation."""
-        return float(neighbour_weights(self, torch.tensor([abs(offset)], dtype=torch.float64))[0])
+        return neighbour_weights(self, abs(offset), _python_exp)
 
     def frame_coefficients(self, num_frames: int) -> list[list[float]]:
         """C[f][k]: how much cos(p_f, y_k) counts in L[f] (before the -1/N token mean), as a dense [F][F] list.
 
-        C[f][f] = 1 / Z_f and C[f][k] = w(|k - f|) / Z_f for k in K(f); zero elsewhere. The values of
-        :func:`coefficient_table` in fp64, laid out by frame instead of by band slot.
+        C[f][f] = 1 / Z_f and C[f][k] = w(|k - f|) / Z_f for k in K(f); zero elsewhere: the values of
+        :func:`coefficient_table`, laid out by frame instead of by band slot, as Python numbers (the distributed
+        plan and the regulariser's figures read them on the host, also while torch.compile traces).
         """
-        table = coefficient_table(self, num_frames).tolist()
+        rows = _table_rows(self, num_frames)
         offsets = band_offsets(self, num_frames)
         coefficients = []
         for f in range(num_frames):
             row = [0.0] * num_frames
             for slot, offset in enumerate(offsets):
                 if 0 <= f + offset < num_frames:
-                    row[f + offset] = table[f][slot]
+                    row[f + offset] = rows[f][slot]
             coefficients.append(row)
         return coefficients
 
@@ -108,14 +114,39 @@ def weight_profile(weights) -> tuple[float, ...]:
     return tuple(float(value) for value in values)
 
 
-def neighbour_weights(options: LossOptions, distances: torch.Tensor) -> torch.Tensor:
-    """w(delta) at fp64 ``distances`` >= 1, with torch ops: under torch.compile a varying tau stays symbolic."""
+def neighbour_weights(options: LossOptions, distances, exp=torch.exp):
+    """w(delta), the one definition of every weighting, at ``distances`` >= 1: an fp64 tensor with exp=torch.exp,
+    or one Python number with exp=_python_exp."""
     if options.weights == "exponential":
-        return torch.exp(-distances / options.tau)
+        return exp(-distances / options.tau)
     if options.weights == "gaussian":
-        return torch.exp(-(distances * distances) / (2 * options.tau * options.tau))
-    profile = torch.tensor(options.weights, dtype=torch.float64)
-    return profile[distances.long() - 1]
+        scaled = distances / options.tau  # tau once, alone: under torch.compile a product of SymFloats is pinned
+        return exp(-(scaled * scaled) / 2)
+    if isinstance(distances, torch.Tensor):
+        return torch.tensor(options.weights, dtype=torch.float64)[distances.long() - 1]
+    return options.weights[distances - 1]
+
+
+def _python_exp(x):
+    # the C library's exp, as the kernels computed it before the table; while torch.compile traces, e ** x: math.exp
+    # would pin a symbolic tau to its traced value
+    return math.e ** x if torch.compiler.is_compiling() else math.exp(x)
+
+
+def _table_rows(options: LossOptions, num_frames: int) -> list[list[float]]:
+    """coefficient_table's values as Python numbers: per frame its slots' weights over Z_f, Z_f summed in slot
+    order from the frame's own 1."""
+    offsets = band_offsets(options, num_frames)
+    weights = [1.0] + [neighbour_weights(options, abs(o), _python_exp) for o in offsets[1:]]
+    rows = []
+    for f in range(num_frames):
+        row = [w if 0 <= f + o < num_frames else 0.0 for w, o in zip(weights, offsets)]
+        z = 1.0
+        if options.normalize_weights:
+            for w in row[1:]:
+                z = z + w
+        rows.append([w / z for w in row])
+    return rows
 
 
 def band_offsets(options: LossOptions, num_frames: int) -> tuple[int, ...]:
@@ -128,16 +159,20 @@ def coefficient_table(options: LossOptions, num_frames: int, dtype: torch.dtype 
     """C[f, slot], [F, W] contiguous in ``dtype`` on ``device``: what cos(p_f, y_{f + o_slot}) counts in L[f] before
     the -1/N token mean, for the slots of band_offsets. C[f, 0] = 1 / Z_f and C[f, slot] = w(|o_slot|) / Z_f, zero
     where frame f + o_slot lies outside the clip; Z_f = 1 + the weights of frame f's slots with normalize_weights,
-    else 1. Computed in fp64 and rounded once to ``dtype``; every backend reads this table.
+    else 1. Computed in fp64 and rounded once to ``dtype``; every backend reads this table, and no kernel computes
+    a weight of its own.
 
     Eager calls with a float tau reuse one table per (options, F, dtype, device); under torch.compile it is built in
     the graph, with a symbolic tau."""
-    if torch.compiler.is_compiling() or not isinstance(options.tau, (int, float)):
+    if torch.compiler.is_compiling():
         return _build_coefficient_table(options, num_frames, dtype, device)
     return _cached_coefficient_table(options, num_frames, dtype, torch.device(device or "cpu"))
 
 
 def _build_coefficient_table(options: LossOptions, num_frames: int, dtype: torch.dtype, device) -> torch.Tensor:
+    if not torch.compiler.is_compiling():  # eager: the rows in Python floats, exactly as frame_coefficients
+        return torch.tensor(_table_rows(options, num_frames), dtype=torch.float64).to(device=device, dtype=dtype)
+    # torch.compile: the same formula with torch ops, part of the graph, so that tau may stay symbolic
     offsets = torch.tensor(band_offsets(options, num_frames), dtype=torch.float64)
     frames = torch.arange(num_frames, dtype=torch.float64)[:, None]
     lands = (frames + offsets >= 0) & (frames + offsets < num_frames)  # [F, W]
@@ -189,6 +224,9 @@ def check_options(options: LossOptions) -> None:
         raise TypeError(f"eps: expected a positive finite number, got {type(options.eps).__name__} {options.eps!r}")
     if not _is_positive_finite(options.eps):
         raise ValueError(f"eps: expected a positive finite number, got {options.eps!r}")
+    if not isinstance(options.clamp_neighbors, bool):
+        raise TypeError(f"clamp_neighbors: expected a bool, got {type(options.clamp_neighbors).__name__} "
+                        f"{options.clamp_neighbors!r}")
     if isinstance(options.weights, str):
         if options.weights not in WEIGHT_PROFILES:
             raise ValueError(f"weights: expected one of {WEIGHT_PROFILES} or a 1-D tensor of per-distance weights "
@@ -254,6 +292,13 @@ def frames_view(name: str, x, num_frames: int | None) -> torch.Tensor:
     if frames.numel() == 0:
         raise ValueError(f"{name}: expected no empty dimension, got shape {tuple(x.shape)}")
     return frames
+
+
+def frames_shape(x: torch.Tensor, num_frames: int | None) -> tuple[int, int, int, int]:
+    """[B, F, N, D] of an input that frames_view accepted (no checks: it was checked once, at the entry point)."""
+    if x.dim() == 4:
+        return tuple(x.shape)
+    return (x.shape[0], num_frames, x.shape[1] // num_frames, x.shape[2])
 
 
 def as_frames(proj, target, num_frames: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,8 +30,17 @@ def _neighbour_frames(f, num_frames, neighbors, mode):
     return frames
 
 
+def naive_weight(distance, tau, weights):
+    """w(distance) of the weights option: "exponential", "gaussian" (tau the width) or a sequence w[1..d]."""
+    if weights == "exponential":
+        return math.exp(-distance / tau)
+    if weights == "gaussian":
+        return math.exp(-distance * distance / (2.0 * tau * tau))
+    return float(weights[distance - 1])
+
+
 def naive_loss(proj, target, tau=1.0, neighbors=1, neighbor_mode="adjacent", normalize_weights=False,
-               reduction="mean", eps=1e-12):
+               reduction="mean", eps=1e-12, weights="exponential"):
     p = proj.double()
     y = target.double()
     batch, num_frames, num_tokens, _ = p.shape
@@ -42,7 +51,7 @@ def naive_loss(proj, target, tau=1.0, neighbors=1, neighbor_mode="adjacent", nor
             total = _clamped_cosine(p[b, f], y[b, f], eps).sum()
             z = 1.0
             for k in _neighbour_frames(f, num_frames, neighbors, neighbor_mode):
-                w = math.exp(-abs(k - f) / tau)
+                w = naive_weight(abs(k - f), tau, weights)
                 total = total + w * _clamped_cosine(p[b, f], y[b, k], eps).sum()
                 z += w
             if not normalize_weights:

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from crepa_kernels.function import per_frame_loss_on  # noqa: E402
 from crepa_kernels.ops import triton_loss  # noqa: E402
 from crepa_kernels.reference import per_frame_loss as reference  # noqa: E402
 from crepa_kernels.spec import LossOptions  # noqa: E402
@@ -85,7 +86,7 @@ def _assert_d1_matches_reference(proj, target, options):
     """D = 1: cos = +-1 and the exact gradient is 0, so the harness's tolerance (relative to the largest expected
     value, itself round-off) cannot apply; the loss must match and the gradients must be round-off small."""
     options = LossOptions(**options)
-    loss = triton_loss.per_frame_loss(proj, target, options)
+    loss = per_frame_loss_on("triton", proj, target, options)
     ref = reference(proj.detach().double(), target.detach().double(), options)
     assert_close_and_finite(loss, ref, f"D = 1 loss {options}")  # the loss dtype's tolerance: fp64 for fp64 inputs
     grads = torch.autograd.grad(loss, (proj, target), torch.rand_like(loss) + 0.5)
@@ -181,7 +182,7 @@ def test_gradcheck_both_inputs():
     proj, target = _pair((1, 4, 2, 3), torch.float64)
     for options in (LossOptions(neighbors=1, tau=0.7), LossOptions(neighbors=2, neighbor_mode="cumulative",
                                                                     normalize_weights=True)):
-        assert torch.autograd.gradcheck(lambda p, y: triton_loss.per_frame_loss(p, y, options), (proj, target))
+        assert torch.autograd.gradcheck(lambda p, y: per_frame_loss_on("triton", p, y, options), (proj, target))
 
 
 def test_clamped_norms_follow_the_clamped_formula():
@@ -199,7 +200,7 @@ def test_bitwise_deterministic():
     runs = []
     for _ in range(2):
         p, y = proj.detach().requires_grad_(True), target.detach().requires_grad_(True)
-        loss = triton_loss.per_frame_loss(p, y, LossOptions(neighbors=2, neighbor_mode="cumulative"))
+        loss = per_frame_loss_on("triton", p, y, LossOptions(neighbors=2, neighbor_mode="cumulative"))
         grads = torch.autograd.grad(loss, (p, y), torch.ones_like(loss) * 0.37)
         runs.append((loss, *grads))
     for first, second in zip(*runs):
@@ -245,7 +246,7 @@ def test_nan_reaches_exactly_the_frames_that_see_it():
         target[0, 4, 1, 0] = float("nan")
     for options in (LossOptions(neighbors=1), LossOptions(neighbors=2, neighbor_mode="cumulative"),
                     LossOptions(neighbors=1, tau=1e-4)):
-        loss = triton_loss.per_frame_loss(proj, target, options)
+        loss = per_frame_loss_on("triton", proj, target, options)
         expected = reference(proj.detach(), target.detach(), options)
         assert torch.equal(loss.isnan(), expected.isnan()), (options, loss)
         assert loss.isnan().any()
@@ -288,7 +289,7 @@ def test_torch_compile_fullgraph_matches_eager():
     proj, target = _pair((2, 5, 3, 7))
 
     def loss_fn(p, y):
-        return triton_loss.per_frame_loss(p, y, options)
+        return per_frame_loss_on("triton", p, y, options)
 
     compiled = torch.compile(loss_fn, fullgraph=True)
     results = []

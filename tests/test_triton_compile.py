@@ -130,7 +130,7 @@ def test_gpu_compile_with_varying_shapes():
                     reason="needs a CUDA device with >= 40 GB")
 def test_gpu_offsets_beyond_int32():
     """2.15e9 elements per input: the last token columns sit past 2^31 elements and must index correctly."""
-    from crepa_kernels.ops import triton_loss
+    from crepa_kernels.function import per_frame_loss_on
     from crepa_kernels.reference import per_frame_loss as reference
     from crepa_kernels.spec import LossOptions
 
@@ -141,7 +141,7 @@ def test_gpu_offsets_beyond_int32():
     target = (0.7 * proj.detach() + torch.randn(shape, generator=generator, device="cuda",
                                                  dtype=torch.bfloat16)).requires_grad_(True)
     options = LossOptions(neighbors=1)
-    loss = triton_loss.per_frame_loss(proj, target, options)
+    loss = per_frame_loss_on("triton", proj, target, options)
     grad_loss = torch.tensor([[0.3, 1.7, -0.6]], device="cuda")
     grad_proj, grad_target = torch.autograd.grad(loss, (proj, target), grad_loss)
 

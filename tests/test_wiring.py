@@ -39,7 +39,7 @@ from crepa_kernels.training.relation_regularizer import alignment_regularizer
 from crepa_kernels.training.schedule import LambdaSchedule
 from crepa_kernels.training.weighting import reduce_weighted
 from harness import pair_straddling_eps, random_grad_output
-from naive import _clamped_cosine, _neighbour_frames, naive_loss
+from naive import _clamped_cosine, _neighbour_frames, naive_loss, naive_weight
 
 ERRORS = (ValueError, TypeError, RuntimeError, IndexError)
 
@@ -174,6 +174,9 @@ LOSS_CASES = {
     "eps": dict(eps=LOSS_EPS),
     "backend": dict(backend="cuda", _raises=True),  # a CPU call: the named backend must refuse it
     "clamp_neighbors": dict(clamp_neighbors=True, neighbors=9),
+    "weights": [dict(weights="gaussian", tau=0.8, neighbors=2, neighbor_mode="cumulative"),
+                dict(weights=torch.tensor([0.3, 1.4], dtype=torch.float64), neighbors=2, neighbor_mode="cumulative",
+                     normalize_weights=True)],
 }
 
 # --- the regulariser and the transformer wrapper -------------------------------------------------------------------
@@ -380,7 +383,8 @@ def _mirror_alignment(arguments: dict, flags: dict, hidden: list, targets: list,
     if get("clamp_neighbors", False):
         neighbors = min(neighbors, frames - 1)
     loss_options = dict(tau=get("tau", 1.0), neighbors=neighbors, neighbor_mode=get("neighbor_mode", "adjacent"),
-                        normalize_weights=get("normalize_weights", False), eps=eps)
+                        normalize_weights=get("normalize_weights", False), eps=eps,
+                        weights=get("weights", "exponential"))
     weight = get("loss_weight", 0.5)
     schedule = flags.get("_schedule")
     if schedule is not None:
@@ -430,7 +434,7 @@ def _mirror_alignment(arguments: dict, flags: dict, hidden: list, targets: list,
                 for f in range(frames):
                     row_sum = 1.0
                     for k in _neighbour_frames(f, frames, neighbors, loss_options["neighbor_mode"]):
-                        w = math.exp(-abs(k - f) / loss_options["tau"])
+                        w = naive_weight(abs(k - f), loss_options["tau"], loss_options["weights"])
                         total = total + (w * cos[:, f, k] * included[:, f]).sum()
                         weights = weights + w * included[:, f].sum()
                         row_sum += w

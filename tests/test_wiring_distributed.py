@@ -107,6 +107,9 @@ SP_LOSS_CASES = {
                     dict(shard_sizes=SHARDS, target_sharded=True, seq_len=FRAMES * TOKENS, _uneven=True,
                          _sharded_target=True, neighbors=2)],
     "group": dict(group="each rank alone"),
+    "weights": [dict(weights="gaussian", tau=0.8, neighbors=2, neighbor_mode="cumulative"),
+                dict(weights=torch.tensor([0.3, 1.4], dtype=torch.float64), neighbors=2, neighbor_mode="cumulative",
+                     normalize_weights=True)],
 }
 
 SP_TOKENS = 2  # 5 frames x 2 tokens = 10: tensor_split gives 4, 3, 3 tokens, chunk would give 4, 4, 2

@@ -1,12 +1,15 @@
 """``sequence_parallel_align_loss``: the CREPA loss of a sequence sharded across ranks (context parallelism)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..backends import check_backend_name, select_backend
+from ..backends import check_backend_name
+from ..function import per_frame_loss_on
 from ..spec import LossOptions, _check_num_frames, check_floating_tensor, compute_dtype, frames_view, reduce_frames
 from .collectives import exchange_rows, replicated_input, sum_over_ranks
 from .layout import SequenceLayout, any_halo, call_ranges, halo_exchange, plan_rank, piece_range
@@ -26,6 +29,7 @@ def sequence_parallel_align_loss(
     normalize_weights: bool = False,
     reduction: str = "mean",
     eps: float = 1e-12,
+    weights: str | torch.Tensor = "exponential",
     backend: str = "auto",
     target_sharded: bool = False,
     seq_len: int | None = None,
@@ -43,7 +47,8 @@ def sequence_parallel_align_loss(
             default), or, with ``target_sharded=True`` (or a DTensor sharded like ``proj``), this rank's shard,
             shaped like ``proj``; ranks then exchange only the halo of neighbour frames they read.
         num_frames: F.
-        tau, neighbors, neighbor_mode, normalize_weights, reduction, eps, backend: as in cross_frame_align_loss.
+        tau, neighbors, neighbor_mode, normalize_weights, reduction, eps, weights, backend: as in
+            cross_frame_align_loss.
         seq_len: F*N, needed only with a sharded target whose last shards carry padding (otherwise the sum of the
             shard sizes, or the replicated target's length).
         shard_sizes: tokens on each rank, padding included; default: every rank holds as many tokens as this one.
@@ -55,8 +60,20 @@ def sequence_parallel_align_loss(
         of it when replicated, this rank's slice when sharded).
     """
     options = LossOptions(tau=tau, neighbors=neighbors, neighbor_mode=neighbor_mode,
-                          normalize_weights=normalize_weights, reduction=reduction, eps=eps)
+                          normalize_weights=normalize_weights, reduction=reduction, eps=eps, weights=weights)
+    return sequence_parallel_loss(proj, target, options, num_frames=num_frames, backend=backend,
+                                  target_sharded=target_sharded, seq_len=seq_len, shard_sizes=shard_sizes,
+                                  group=group)
+
+
+def sequence_parallel_loss(proj, target, options: LossOptions, *, num_frames: int, backend: str = "auto",
+                           target_sharded: bool = False, seq_len: int | None = None, shard_sizes=None,
+                           group=None) -> torch.Tensor:
+    """sequence_parallel_align_loss with its loss options built and checked already (the regulariser's)."""
     check_backend_name(backend)
+    if num_frames is not None:  # clamped to the whole clip once: the per-piece calls see fewer frames
+        _check_num_frames(num_frames)
+        options = dataclasses.replace(options.for_frames(num_frames), clamp_neighbors=False)
     if num_frames is None:
         raise ValueError("num_frames: expected a positive int (F, the frame count of the whole sequence), got None")
     _check_num_frames(num_frames)
@@ -261,7 +278,7 @@ class _ShardedTarget:
 
 def _fused_loss(proj: torch.Tensor, target: torch.Tensor, options: LossOptions, backend: str) -> torch.Tensor:
     """The per-frame loss of one call on views, by the backend that runs this call (as cross_frame_align_loss)."""
-    return select_backend(backend, proj.device, proj, target, options).per_frame_loss(proj, target, options)
+    return per_frame_loss_on(backend, proj, target, options)
 
 
 def _piece_loss(proj_views, target_source, plan, options: LossOptions, backend: str) -> torch.Tensor:

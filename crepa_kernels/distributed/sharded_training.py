@@ -14,14 +14,17 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
 from ..training.capture import find_blocks
 from ..training.model import CrepaTransformer
 from ..training.projector import ConvProjector
+from ..spec import LossOptions
 from ..training.regularizer import CrepaRegularizer
-from .loss import sequence_parallel_align_loss
+from .loss import sequence_parallel_loss
 
 FSDP_MODES = ("joint", "separate")
 
@@ -99,12 +102,10 @@ class SequenceParallelRegularizer(CrepaRegularizer):
         # one pseudo-frame holding the shard: the base class then leaves the [B, F, N] grid check to the loss
         return super()._project(projector, hidden_states).unsqueeze(1)
 
-    def _per_frame_loss(self, proj: torch.Tensor, target: torch.Tensor, neighbors: int) -> torch.Tensor:
-        o = self.options
+    def _per_frame_loss(self, proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:
         frames, tokens = target.shape[1], target.shape[2]
-        return sequence_parallel_align_loss(
-            proj.flatten(1, 2), target, num_frames=frames, tau=o.tau, neighbors=neighbors,
-            neighbor_mode=o.neighbor_mode, normalize_weights=o.normalize_weights, reduction="none", eps=o.eps,
+        return sequence_parallel_loss(
+            proj.flatten(1, 2), target, dataclasses.replace(options, reduction="none"), num_frames=frames,
             backend=self.backend, group=self.group,
             shard_sizes=context_parallel_shard_sizes(frames * tokens, dist.get_world_size(self.group)),
         )

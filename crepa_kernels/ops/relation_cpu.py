@@ -1,5 +1,5 @@
 """The token relation distillation loss on the C++ extension's CPU kernel (csrc/crepa_relation_cpu.cpp) as a
-backend (interface: crepa_kernels.relation_reference). The extension is loaded by ops.native, as for CREPA."""
+backend (interface: crepa_kernels.ops.relation_reference). The extension is loaded by ops.native, as for CREPA."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""The token relation distillation loss as Triton kernels (backend "triton"; interface: relation_reference).
+"""The token relation distillation loss as Triton kernels (backend "triton"; interface: ops/relation_reference.py).
 
 Only the per-row clamped norms are precomputed (in torch). Then, with T = F N tokens per sample:
 

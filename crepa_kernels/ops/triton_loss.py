@@ -956,12 +956,13 @@ def _op_options(options: LossOptions, like: torch.Tensor) -> tuple:
 BACKWARD_READS_STATISTICS = True
 
 
-def forward(proj: torch.Tensor, target: torch.Tensor, options: LossOptions):
+def forward(proj: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, options: LossOptions):
     """(L [B, F], clamped norms, cosine band): the loss and the per-token statistics the backward reads."""
     return triton_forward(proj, target, *_op_options(options, proj))
 
 
-def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, saved: tuple, options: LossOptions,
+def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor,
+             saved: tuple, options: LossOptions,
              needs_proj_grad: bool, needs_target_grad: bool):
     """grad_loss [B, F] -> (dL/dproj or None, dL/dtarget or None). The kernel always writes grad_proj; the
     target gradient is a constexpr branch, computed only when asked for."""
@@ -970,9 +971,3 @@ def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, 
                                              needs_target_grad)
     return grad_proj if needs_proj_grad else None, grad_target if needs_target_grad else None
 
-
-def per_frame_loss(proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:
-    """L [B, F] (fp32, or fp64 when an input is fp64), with autograd (through crepa_kernels.CrossFrameAlignFunction)."""
-    from ..function import per_frame_loss_on
-
-    return per_frame_loss_on("triton", proj, target, options)

@@ -9,7 +9,6 @@ lambda over training in :mod:`.schedule`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..api import cross_frame_align_loss
+from ..function import per_frame_loss_on
 from ..backends import check_backend_name
 from ..spec import LossOptions
 from .projector import build_projector
@@ -103,6 +102,7 @@ class CrepaRegularizer(nn.Module):
         neighbors: int = 1,
         neighbor_mode: str = "adjacent",
         normalize_weights: bool = False,
+        weights: str | torch.Tensor = "exponential",
         reduction: str = "mean",
         eps: float = 1e-12,
         backend: str = "auto",
@@ -139,9 +139,6 @@ class CrepaRegularizer(nn.Module):
         if not isinstance(spatial_norm_gamma, (int, float)) or not math.isfinite(spatial_norm_gamma):
             raise ValueError(f"spatial_norm_gamma: expected a finite number, got {spatial_norm_gamma!r}")
         self.target_norm, self.spatial_norm_gamma = target_norm, float(spatial_norm_gamma)
-        if not isinstance(clamp_neighbors, bool):
-            raise TypeError(f"clamp_neighbors: expected a bool, got {type(clamp_neighbors).__name__} "
-                            f"{clamp_neighbors!r}")
         if similarity_signal not in SIMILARITY_SIGNALS:
             raise ValueError(f"similarity_signal: expected one of {SIMILARITY_SIGNALS}, got {similarity_signal!r}")
         if not isinstance(skip_nonfinite, bool):
@@ -168,7 +165,7 @@ class CrepaRegularizer(nn.Module):
         self.checkpoint_projector = checkpoint_projector
         self.options = LossOptions(
             tau=tau, neighbors=neighbors, neighbor_mode=neighbor_mode, normalize_weights=normalize_weights,
-            reduction=reduction, eps=eps,
+            reduction=reduction, eps=eps, clamp_neighbors=clamp_neighbors, weights=weights,
         )
         check_backend_name(backend)
         self.backend = backend
@@ -203,9 +200,7 @@ class CrepaRegularizer(nn.Module):
     def options_for(self, frames: int) -> LossOptions:
         """The loss options of a clip of ``frames`` frames: ``neighbors`` clamped to frames - 1 under
         ``clamp_neighbors``."""
-        if self.clamp_neighbors and self.options.neighbors > frames - 1:
-            return dataclasses.replace(self.options, neighbors=frames - 1)
-        return self.options
+        return self.options.for_frames(frames)
 
     def extra_repr(self) -> str:
         return (f"backend={self.backend!r}, {self.options}, layers={self.layer_names}, teachers={self.teacher_names}, "
@@ -233,12 +228,9 @@ class CrepaRegularizer(nn.Module):
         total = counts.sum()
         self.schedule.step((similarities * counts).sum() / total.clamp(min=1), total)
 
-    def _per_frame_loss(self, proj: torch.Tensor, target: torch.Tensor, neighbors: int) -> torch.Tensor:
-        o = self.options  # neighbors: already clamped by the caller
-        return cross_frame_align_loss(
-            proj, target, tau=o.tau, neighbors=neighbors, neighbor_mode=o.neighbor_mode,
-            normalize_weights=o.normalize_weights, reduction="none", eps=o.eps, backend=self.backend,
-        )
+    def _per_frame_loss(self, proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:
+        """L [B, F] of [B, F, N, D] inputs under ``options`` (already clamped to the clip by options_for)."""
+        return per_frame_loss_on(self.backend, proj, target, options)
 
     def _project(self, projector: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_projector and torch.is_grad_enabled():
@@ -318,7 +310,7 @@ class CrepaRegularizer(nn.Module):
                     proj = proj.unflatten(1, grid)
                 proj, target = self._align_grids(proj, target)
                 projected = proj if projected is None else projected
-                per_frame = self._per_frame_loss(proj, target, options.neighbors)
+                per_frame = self._per_frame_loss(proj, target, options)
                 term_loss = reduce_weighted(per_frame, options.reduction, sample_weight, frame_mask)
                 self_sim, neighbor_sim, signal = self._figures(proj, target, per_frame.detach(), frame_mask, options)
                 name = f"{self.layer_names[l]}/{self.teacher_names[t]}"
@@ -412,7 +404,7 @@ class CrepaRegularizer(nn.Module):
         if not options.offsets(frames):  # no neighbours: the loss is the self term alone, Z_f = 1
             self_similarity = mean(-per_frame)
             return self_similarity, None, self_similarity if self.similarity_signal == "self" else signal
-        self_terms = -self._per_frame_loss(proj, target, neighbors=0)  # mean_n cos(p_f, y_f), [B, F]
+        self_terms = -self._per_frame_loss(proj, target, LossOptions(neighbors=0, eps=options.eps))  # mean_n cos(p_f, y_f), [B, F]
         # C[f][f] = 1 / Z_f, C[f][k] = w / Z_f: per frame, Z_f and the total neighbour weight (host constants)
         z = [1.0 / row[f] for f, row in enumerate(coefficients)]
         neighbour_weight = [(sum(row) - row[f]) * z[f] for f, row in enumerate(coefficients)]

@@ -10,6 +10,7 @@ import torch
 from ..api import cross_frame_align_loss
 from ..relation_api import token_relation_loss
 from ..relation_spec import RelationOptions
+from ..spec import LossOptions
 from .regularizer import CrepaRegularizer
 
 ALIGNMENT_LOSSES = ("crepa", "trd")
@@ -37,7 +38,7 @@ class TokenRelationRegularizer(CrepaRegularizer):
     def extra_repr(self) -> str:
         return f"loss='trd', pairs={self.relation.pairs!r}, margin={self.relation.margin}, " + super().extra_repr()
 
-    def _per_frame_loss(self, proj: torch.Tensor, target: torch.Tensor, neighbors: int) -> torch.Tensor:
+    def _per_frame_loss(self, proj: torch.Tensor, target: torch.Tensor, options: LossOptions) -> torch.Tensor:
         frames, tokens = proj.shape[1], proj.shape[2]
         keys = {"all": frames * tokens, "spatial": tokens, "temporal": (frames - 1) * tokens}[self.relation.pairs]
         if keys == 0:
