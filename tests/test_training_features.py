@@ -258,13 +258,13 @@ def test_two_captured_layers_stay_correct_under_gradient_checkpointing(mode):
 
 def test_no_capture_and_no_loss_compute_once_lambda_is_zero(monkeypatch):
     calls = []
-    real_loss = regularizer_module.cross_frame_align_loss
+    real_loss = regularizer_module.per_frame_loss_on
 
-    def counting_loss(*args, **kwargs):
-        calls.append(kwargs.get("neighbors"))
-        return real_loss(*args, **kwargs)
+    def counting_loss(backend, proj, target, options):
+        calls.append(options.neighbors)
+        return real_loss(backend, proj, target, options)
 
-    monkeypatch.setattr(regularizer_module, "cross_frame_align_loss", counting_loss)
+    monkeypatch.setattr(regularizer_module, "per_frame_loss_on", counting_loss)
     torch.manual_seed(7)
     model, _, tokens = _wan()
     schedule = LambdaSchedule(0.5, cutoff_step=1)
