@@ -44,6 +44,7 @@ from torch import nn
 
 from crepa_kernels.backends import select_backend
 from crepa_kernels.distributed.sharded_training import SequenceParallelRegularizer, full_tensor, shard_model, sum_gradients
+from crepa_kernels.spec import WEIGHT_PROFILES
 from crepa_kernels.training import (
     CrepaRegularizer,
     CrepaTransformer,
@@ -138,6 +139,8 @@ class TrainConfig:
     neighbors: int = 1
     neighbor_mode: str = "adjacent"
     normalize_weights: bool = False
+    # the loss's weights: "exponential" (tau), "gaussian" (tau the width), or w[1..neighbors] as "0.5,0.25"
+    neighbor_weights: str = "exponential"
     reduction: str = "mean"
     temporal_mode: str = "mean"
     lr: float = 1e-3
@@ -235,8 +238,8 @@ def build_model(config: TrainConfig, backend: str, device: torch.device, encoder
     regularizer = regularizer_class(
         transformer.config.num_attention_heads * transformer.config.attention_head_dim, encoder_dim,
         loss_weight=build_schedule(config), tau=config.tau, neighbors=config.neighbors,
-        neighbor_mode=config.neighbor_mode, normalize_weights=config.normalize_weights, reduction=config.reduction,
-        backend=backend, projector=config.projector, projector_width=config.projector_width,
+        neighbor_mode=config.neighbor_mode, normalize_weights=config.normalize_weights,
+        weights=neighbor_weights(config.neighbor_weights), reduction=config.reduction, backend=backend, projector=config.projector, projector_width=config.projector_width,
         projector_depth=config.projector_depth, checkpoint_projector=config.checkpoint_projector,
         num_layers=len(blocks), share_projector=config.share_projector,
         layer_names=[f"block{index}" for index in blocks], clamp_neighbors=config.clamp_neighbors,
@@ -268,6 +271,17 @@ def self_targets(config: TrainConfig, model: CrepaTransformer):
         return None, HiddenStateCapture(model.transformer, config.teacher_block)
     teacher = EmaTeacher(model.transformer, config.teacher_momentum)
     return teacher, HiddenStateCapture(teacher.module, config.teacher_block)
+
+
+def neighbor_weights(text: str) -> str | tuple[float, ...]:
+    """--neighbor-weights: a weighting's name, or the weights w[1..d] by hand as comma-separated numbers."""
+    if text in WEIGHT_PROFILES:
+        return text
+    try:
+        return tuple(float(value) for value in text.split(","))
+    except ValueError:
+        raise ValueError(f"--neighbor-weights: expected one of {WEIGHT_PROFILES} or comma-separated numbers "
+                         f"w[1..neighbors], got {text!r}") from None
 
 
 def align_blocks(config: TrainConfig) -> list[int]:

@@ -578,3 +578,16 @@ def test_capture_keeps_the_first_call_of_a_block_called_twice_in_one_forward():
     with HiddenStateCapture(model, index=0) as capture:
         model(x)
         torch.testing.assert_close(capture.pop(), model.blocks[0](x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("flag, expected", [("gaussian", "gaussian"), ("0.5,0.25", (0.5, 0.25))])
+def test_train_dit_neighbor_weights_reach_the_regularizer(flag, expected):
+    """--neighbor-weights: a weighting's name, or w[1..d] as comma-separated numbers, in the regulariser's options."""
+    config, _ = trainer._parse(["--neighbors", "2", "--neighbor-weights", flag])
+    model = trainer.build_model(config, "reference", torch.device("cpu"), encoder_dim=12)
+    assert model.regularizer.options.weights == expected
+
+
+def test_train_dit_bad_neighbor_weights_are_refused():
+    with pytest.raises(ValueError, match="--neighbor-weights: expected one of"):
+        trainer.neighbor_weights("laplace")

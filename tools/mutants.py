@@ -38,7 +38,8 @@ COVERING_TESTS = {
                                              "temporal or spatial or token_grid or upstream"],
     "crepa_kernels/training/teacher.py": ["tests/test_upstream_training.py", "-k", "ema or backbone"],
     "crepa_kernels/training/flow.py": ["tests/test_upstream_training.py", "-k", "self_flow"],
-    "examples/train_dit.py": ["tests/test_upstream_training.py", "-k", "self_flow"],
+    "examples/train_dit.py": ["tests/test_upstream_training.py", "tests/test_training.py", "-k",
+                              "self_flow or neighbor_weights"],
     "crepa_kernels/training/regularizer.py": ["tests/test_wiring.py", "tests/test_properties.py",
                                               "tests/test_boundaries.py", "tests/test_training.py",
                                               "tests/test_training_features.py", "tests/test_upstream_training.py",
@@ -661,6 +662,8 @@ MUTANTS += [
     Mutant("i22-sp-clamp-per-piece", DIST_LOSS,
            'options = dataclasses.replace(options.for_frames(num_frames), clamp_neighbors=False)',
            'options = options.for_frames(num_frames)', "each piece's call clamps to its own frame count"),
+    Mutant("i22-train-dit-weights-dropped", TRAIN_DIT, 'weights=neighbor_weights(config.neighbor_weights), ',
+           '', "train_dit ignores --neighbor-weights"),
     # --- issue 22: the C++ and CUDA kernels read the coefficient table they are handed (killed by
     # tests/test_native_coefficients.py's arbitrary tables and refusals) -----------------------------------------
     Mutant("i22-c-similarity-next-slot", MATH,
