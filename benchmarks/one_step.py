@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from cases import DTYPES
-from crepa_kernels.ops import extension
+from crepa_kernels.ops import native
 
 
 def main(argv=None) -> None:
@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     proj = torch.randn(shape, generator=generator)
     target = (torch.randn(shape, generator=generator) + 0.7 * proj).to(DTYPES[args.dtype])
     proj = proj.to(DTYPES[args.dtype])
-    extension.build_info()  # loads the extension, so its ops exist
+    native.build_info()  # loads the extension, so its ops exist
     options = (args.neighbors, args.mode == "cumulative", 1.0, False, 1e-12)
     loss, stats = torch.ops.crepa_kernels.align_forward(proj, target, *options)
     grad_loss = torch.full_like(loss, 1.0 / loss.numel())

@@ -35,8 +35,8 @@ from .spec import LossOptions, as_frames
 BACKEND_MODULES = {
     "reference": "crepa_kernels.ops.reference",
     "triton": "crepa_kernels.ops.triton_loss",
-    "cpu": "crepa_kernels.ops.extension",
-    "cuda": "crepa_kernels.ops.extension",
+    "cpu": "crepa_kernels.ops.native",
+    "cuda": "crepa_kernels.ops.native",
     # the CUDA kernels on CPU tensors through the HIP CPU Runtime, for testing them: never an "auto" candidate
     "cuda_emulated": "crepa_kernels.ops.cuda_emulated",
 }

@@ -10,7 +10,6 @@ from __future__ import annotations
 MAX_GRID_X = 2**31 - 1
 MAX_GRID_YZ = 65_535
 MAX_THREADS_PER_BLOCK = 1024
-DEFAULT_DYNAMIC_SHARED_BYTES = 48 * 1024
 
 KB = 1024
 # arch -> shared memory one block may use after opting in; examples of each in the comments

@@ -1,4 +1,4 @@
-"""How the extension is compiled: shared by setup.py (ahead of time) and crepa_kernels/ops/extension.py (JIT).
+"""How the extension is compiled: shared by setup.py (ahead of time) and crepa_kernels/ops/build.py (JIT).
 
 Plain Python with no torch import, shipped next to the sources so both paths use the same files and flags.
 """

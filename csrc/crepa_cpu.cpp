@@ -13,6 +13,7 @@
 // Determinism: the loss is summed per fixed block of kTokensPerBlock tokens into a [B, blocks, F] buffer, then
 // over blocks in order; gradients are per column. Nothing depends on which thread computes which chunk.
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -235,17 +236,6 @@ CREPA_ALWAYS_INLINE void prefetch_row(const Strided& x, int64_t b, int64_t f, in
   if (x.stride[3] != 1) return;
   const char* row = static_cast<const char*>(x.data) + element_offset(x, b, f, n) * x.element_size;
   for (int64_t byte = 0; byte < d * x.element_size; byte += kCacheLine) __builtin_prefetch(row + byte, 0, 3);
-}
-
-template <typename acc_t>
-std::vector<acc_t> coefficient_table(const Band& band, double tau, bool normalize_weights) {
-  std::vector<acc_t> table(band.frames * band.width());
-  for (int64_t f = 0; f < band.frames; ++f) {
-    for (int64_t slot = 0; slot < band.width(); ++slot) {
-      table[f * band.width() + slot] = frame_coefficient<acc_t>(band, f, slot, static_cast<acc_t>(tau), normalize_weights);
-    }
-  }
-  return table;
 }
 
 // Row pitch of the conversion scratch: whole cache lines, so no two rows share one.
@@ -471,14 +461,13 @@ bool use_avx2() {
 }
 
 template <typename acc_t>
-void forward_kernel(const at::Tensor& proj, const at::Tensor& target, const Band& band, double tau,
-                    bool normalize_weights, double eps, at::Tensor& loss, at::Tensor& stats) {
+void forward_kernel(const at::Tensor& proj, const at::Tensor& target, const at::Tensor& coefficients,
+                    const Band& band, double eps, at::Tensor& loss, at::Tensor& stats) {
   const int64_t B = proj.size(0), F = proj.size(1), N = proj.size(2);
   const int64_t blocks = (N + kTokensPerBlock - 1) / kTokensPerBlock;
-  const std::vector<acc_t> coefficients = coefficient_table<acc_t>(band, tau, normalize_weights);
   at::Tensor partial_tensor = new_buffer({B, blocks, F}, stats.options());
   const ForwardArgs<acc_t> args{strided(proj), strided(target), band, N, proj.size(3), blocks,
-                                static_cast<acc_t>(eps), coefficients.data(), stats.data_ptr<acc_t>(),
+                                static_cast<acc_t>(eps), coefficients.data_ptr<acc_t>(), stats.data_ptr<acc_t>(),
                                 partial_tensor.data_ptr<acc_t>()};
   auto* blocks_of = &forward_blocks_baseline<acc_t>;
 #if CREPA_AVX2_PATH
@@ -501,15 +490,15 @@ void forward_kernel(const at::Tensor& proj, const at::Tensor& target, const Band
 
 template <typename acc_t>
 void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& proj, const at::Tensor& target,
-                     const at::Tensor& stats, const Band& band, double tau, bool normalize_weights, double eps,
+                     const at::Tensor& stats, const at::Tensor& coefficients, const Band& band, double eps,
                      at::Tensor& grad_proj, at::Tensor& grad_target, bool needs_proj_grad, bool needs_target_grad) {
   const int64_t B = proj.size(0), N = proj.size(2);
-  const std::vector<acc_t> coefficients = coefficient_table<acc_t>(band, tau, normalize_weights);
   const BackwardArgs<acc_t> args{strided(proj), strided(target),
                                  needs_proj_grad ? strided(grad_proj) : Strided{},
                                  needs_target_grad ? strided(grad_target) : Strided{},
                                  band, N, proj.size(3), needs_proj_grad, needs_target_grad,
-                                 static_cast<acc_t>(eps), acc_t(-1) / static_cast<acc_t>(N), coefficients.data(),
+                                 static_cast<acc_t>(eps), acc_t(-1) / static_cast<acc_t>(N),
+                                 coefficients.data_ptr<acc_t>(),
                                  stats.data_ptr<acc_t>(), grad_loss.data_ptr<acc_t>()};
   auto* columns_of = &backward_columns_baseline<acc_t>;
 #if CREPA_AVX2_PATH
@@ -525,46 +514,57 @@ void set_cpu_baseline_forced(bool forced) { baseline_forced.store(forced); }
 
 std::string cpu_kernel_isa() { return use_avx2() ? "avx2" : "baseline"; }
 
+namespace {
+
 std::tuple<at::Tensor, at::Tensor> align_forward_cpu(const at::Tensor& proj, const at::Tensor& target,
-                                                     int64_t neighbors, bool cumulative, double tau,
-                                                     bool normalize_weights, double eps) {
-  check_inputs(proj, target, neighbors, tau, eps);
+                                                     const at::Tensor& coefficients, int64_t neighbors,
+                                                     bool cumulative, double eps) {
+  check_inputs(proj, target, neighbors, eps);
   TORCH_CHECK(proj.device().is_cpu(), "align_forward_cpu: expected CPU tensors");
   const int64_t B = proj.size(0), F = proj.size(1), N = proj.size(2);
   const Band band = Band::make(F, neighbors, cumulative);
-  const auto options = proj.options().dtype(accumulate_type(proj, target));
+  const auto acc = accumulate_type(proj, target);
+  check_coefficients(coefficients, proj, band, acc);
+  const auto options = proj.options().dtype(acc);
   at::Tensor loss = new_buffer({B, F}, options);
   at::Tensor stats = new_buffer({B, N, F, band.stats_per_frame()}, options);
-  if (options.dtype() == at::kDouble) {
-    forward_kernel<double>(proj, target, band, tau, normalize_weights, eps, loss, stats);
+  if (acc == at::kDouble) {
+    forward_kernel<double>(proj, target, coefficients, band, eps, loss, stats);
   } else {
-    forward_kernel<float>(proj, target, band, tau, normalize_weights, eps, loss, stats);
+    forward_kernel<float>(proj, target, coefficients, band, eps, loss, stats);
   }
   return {loss, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> align_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& proj,
                                                       const at::Tensor& target, const at::Tensor& stats,
-                                                      int64_t neighbors, bool cumulative, double tau,
-                                                      bool normalize_weights, double eps, bool needs_proj_grad,
+                                                      const at::Tensor& coefficients, int64_t neighbors,
+                                                      bool cumulative, double eps, bool needs_proj_grad,
                                                       bool needs_target_grad) {
-  check_inputs(proj, target, neighbors, tau, eps);
+  check_inputs(proj, target, neighbors, eps);
   TORCH_CHECK(proj.device().is_cpu(), "align_backward_cpu: expected CPU tensors");
   const Band band = Band::make(proj.size(1), neighbors, cumulative);
   check_backward_inputs(grad_loss, proj, target, stats, band);
   const auto acc = accumulate_type(proj, target);
+  check_coefficients(coefficients, proj, band, acc);
   // [B, F] is tiny; the mean reduction hands it over expanded (stride 0).
   const at::Tensor grad = grad_loss.to(acc).contiguous();
   auto [grad_proj, grad_target] = new_gradients(proj, target, needs_proj_grad, needs_target_grad);
   if (!needs_proj_grad && !needs_target_grad) return {grad_proj, grad_target};
   if (acc == at::kDouble) {
-    backward_kernel<double>(grad, proj, target, stats, band, tau, normalize_weights, eps, grad_proj, grad_target,
+    backward_kernel<double>(grad, proj, target, stats, coefficients, band, eps, grad_proj, grad_target,
                             needs_proj_grad, needs_target_grad);
   } else {
-    backward_kernel<float>(grad, proj, target, stats, band, tau, normalize_weights, eps, grad_proj, grad_target,
+    backward_kernel<float>(grad, proj, target, stats, coefficients, band, eps, grad_proj, grad_target,
                            needs_proj_grad, needs_target_grad);
   }
   return {grad_proj, grad_target};
 }
 
+}  // namespace
 }  // namespace crepa
+
+TORCH_LIBRARY_IMPL(crepa_kernels, CPU, m) {
+  m.impl("align_forward", &crepa::align_forward_cpu);
+  m.impl("align_backward", &crepa::align_backward_cpu);
+}

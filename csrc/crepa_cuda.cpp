@@ -90,13 +90,13 @@ void check_supported(const at::Tensor& proj, const Band& band, at::ScalarType ac
 }
 
 template <typename acc_t>
-void launch_forward_on(const at::Tensor& proj, const at::Tensor& target, const Band& band, double tau,
-                       bool normalize_weights, double eps, at::Tensor& loss, at::Tensor& stats) {
+void launch_forward_on(const at::Tensor& proj, const at::Tensor& target, const at::Tensor& coefficients,
+                       const Band& band, double eps, at::Tensor& loss, at::Tensor& stats) {
   const int64_t B = proj.size(0), F = proj.size(1), N = proj.size(2), D = proj.size(3);
   at::Tensor token_similarity = new_buffer({B, N, F}, loss.options());
   const ForwardLaunch<acc_t> launch{
       .proj = strided(proj), .target = strided(target), .B = B, .N = N, .D = D, .band = band,
-      .tau = static_cast<acc_t>(tau), .eps = static_cast<acc_t>(eps), .normalize_weights = normalize_weights,
+      .coefficients = coefficients.data_ptr<acc_t>(), .eps = static_cast<acc_t>(eps),
       .vector = rows_are_16_byte_aligned(proj) && rows_are_16_byte_aligned(target), .stats = stats.data_ptr<acc_t>(),
       .token_similarity = token_similarity.data_ptr<acc_t>(), .loss = loss.data_ptr<acc_t>()};
   CREPA_CHECK_RUNTIME(launch_forward(launch, kernel_device(proj), current_stream()));
@@ -104,7 +104,7 @@ void launch_forward_on(const at::Tensor& proj, const at::Tensor& target, const B
 
 template <typename acc_t>
 void launch_backward_on(const at::Tensor& grad_loss, const at::Tensor& proj, const at::Tensor& target,
-                        const at::Tensor& stats, const Band& band, double tau, bool normalize_weights, double eps,
+                        const at::Tensor& stats, const at::Tensor& coefficients, const Band& band, double eps,
                         at::Tensor& grad_proj, at::Tensor& grad_target, bool needs_proj_grad,
                         bool needs_target_grad) {
   const bool vector = rows_are_16_byte_aligned(proj) && rows_are_16_byte_aligned(target) &&
@@ -114,56 +114,57 @@ void launch_backward_on(const at::Tensor& grad_loss, const at::Tensor& proj, con
   const BackwardLaunch<acc_t> launch{
       .grad_loss = grad_loss.data_ptr<acc_t>(), .proj = strided(proj), .target = strided(target),
       .stats = stats.data_ptr<acc_t>(), .B = proj.size(0), .N = proj.size(2), .D = proj.size(3), .band = band,
-      .tau = static_cast<acc_t>(tau), .eps = static_cast<acc_t>(eps), .normalize_weights = normalize_weights,
-      .vector = vector, .grad_proj = needs_proj_grad ? strided(grad_proj) : strided(grad_target),
+      .coefficients = coefficients.data_ptr<acc_t>(), .eps = static_cast<acc_t>(eps), .vector = vector, .grad_proj = needs_proj_grad ? strided(grad_proj) : strided(grad_target),
       .grad_target = needs_target_grad ? strided(grad_target) : strided(grad_proj),
       .needs_proj_grad = needs_proj_grad, .needs_target_grad = needs_target_grad};
   CREPA_CHECK_RUNTIME(launch_backward(launch, kernel_device(proj), current_stream()));
 }
 
 std::tuple<at::Tensor, at::Tensor> align_forward_cuda(const at::Tensor& proj, const at::Tensor& target,
-                                                      int64_t neighbors, bool cumulative, double tau,
-                                                      bool normalize_weights, double eps) {
-  check_inputs(proj, target, neighbors, tau, eps);
+                                                      const at::Tensor& coefficients, int64_t neighbors,
+                                                      bool cumulative, double eps) {
+  check_inputs(proj, target, neighbors, eps);
   TORCH_CHECK(on_kernel_device(proj), "align_forward_cuda: expected tensors on ", kKernelDevice, ", got ",
               proj.device());
   const DeviceGuard device_guard(proj.device());
   const int64_t B = proj.size(0), F = proj.size(1), N = proj.size(2);
   const Band band = Band::make(F, neighbors, cumulative);
   const auto acc = accumulate_type(proj, target);
+  check_coefficients(coefficients, proj, band, acc);
   check_supported(proj, band, acc);  // the plan covers the backward too: refused here, before any work
   const auto options = proj.options().dtype(acc);
   at::Tensor loss = new_buffer({B, F}, options);
   at::Tensor stats = new_buffer({B, N, F, band.stats_per_frame()}, options);
   if (acc == at::kDouble) {
-    launch_forward_on<double>(proj, target, band, tau, normalize_weights, eps, loss, stats);
+    launch_forward_on<double>(proj, target, coefficients, band, eps, loss, stats);
   } else {
-    launch_forward_on<float>(proj, target, band, tau, normalize_weights, eps, loss, stats);
+    launch_forward_on<float>(proj, target, coefficients, band, eps, loss, stats);
   }
   return {loss, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> align_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& proj,
                                                        const at::Tensor& target, const at::Tensor& stats,
-                                                       int64_t neighbors, bool cumulative, double tau,
-                                                       bool normalize_weights, double eps, bool needs_proj_grad,
+                                                       const at::Tensor& coefficients, int64_t neighbors,
+                                                       bool cumulative, double eps, bool needs_proj_grad,
                                                        bool needs_target_grad) {
-  check_inputs(proj, target, neighbors, tau, eps);
+  check_inputs(proj, target, neighbors, eps);
   TORCH_CHECK(on_kernel_device(proj), "align_backward_cuda: expected tensors on ", kKernelDevice, ", got ",
               proj.device());
   const DeviceGuard device_guard(proj.device());
   const Band band = Band::make(proj.size(1), neighbors, cumulative);
   check_backward_inputs(grad_loss, proj, target, stats, band);
   const auto acc = accumulate_type(proj, target);
+  check_coefficients(coefficients, proj, band, acc);
   check_supported(proj, band, acc);  // passes whenever the forward did
   const at::Tensor grad = grad_loss.to(acc).contiguous();  // [B, F]; expanded (stride 0) after a mean
   auto [grad_proj, grad_target] = new_gradients(proj, target, needs_proj_grad, needs_target_grad);
   if (!needs_proj_grad && !needs_target_grad) return {grad_proj, grad_target};
   if (acc == at::kDouble) {
-    launch_backward_on<double>(grad, proj, target, stats, band, tau, normalize_weights, eps, grad_proj, grad_target,
+    launch_backward_on<double>(grad, proj, target, stats, coefficients, band, eps, grad_proj, grad_target,
                                needs_proj_grad, needs_target_grad);
   } else {
-    launch_backward_on<float>(grad, proj, target, stats, band, tau, normalize_weights, eps, grad_proj, grad_target,
+    launch_backward_on<float>(grad, proj, target, stats, coefficients, band, eps, grad_proj, grad_target,
                               needs_proj_grad, needs_target_grad);
   }
   return {grad_proj, grad_target};

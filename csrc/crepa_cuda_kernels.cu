@@ -155,21 +155,22 @@ __device__ __forceinline__ acc_t thread_dot(const Strided& x, int64_t x_row, con
   return partial;
 }
 
+// The call's [F][W] coefficient table from global memory into the block's shared copy, strided over the threads; the
+// caller's next barrier makes it visible. Every coefficient is read many times per block, so it is read from global
+// memory once.
 template <typename acc_t>
-__device__ void fill_coefficients(acc_t* coefficients, const Band& band, acc_t tau, bool normalize_weights) {
-  const int64_t width = band.width();
-  for (int64_t e = threadIdx.x; e < band.frames * width; e += blockDim.x) {
-    coefficients[e] = frame_coefficient<acc_t>(band, e / width, e % width, tau, normalize_weights);
-  }
+__device__ __forceinline__ void copy_coefficients(acc_t* shared, const acc_t* __restrict__ table, const Band& band) {
+  const int64_t count = band.frames * band.width();
+  for (int64_t e = threadIdx.x; e < count; e += blockDim.x) shared[e] = table[e];
 }
 
 // Block i takes token column first_column + i (B * N beyond the grid limit takes several launches: a grid-stride
 // loop instead doubled the scalar kernel's registers). The column's stats are written to `stats` and read back
-// from there after the barriers (they stay in L1/L2), so shared memory holds only the band's coefficient table and
-// the warps' partial sums.
+// from there after the barriers (they stay in L1/L2), so shared memory holds only the block's copy of the coefficient
+// table and the warps' partial sums.
 template <typename acc_t, bool kVector>
 __global__ void forward_kernel(Strided proj, Strided target, int64_t first_column, int64_t N, int64_t D, Band band,
-                               acc_t tau, bool normalize_weights, acc_t eps, acc_t* __restrict__ stats,
+                               const acc_t* __restrict__ table, acc_t eps, acc_t* __restrict__ stats,
                                acc_t* __restrict__ token_similarity) {
   CREPA_DYNAMIC_SHARED(unsigned char, shared_bytes);
   const int64_t F = band.frames, W = band.width(), S = band.stats_per_frame();
@@ -181,7 +182,7 @@ __global__ void forward_kernel(Strided proj, Strided target, int64_t first_colum
   const int64_t p_column = b * proj.stride[0] + n * proj.stride[2];
   const int64_t y_column = b * target.stride[0] + n * target.stride[2];
   acc_t* token = stats + column * F * S;  // [F][S]
-  fill_coefficients(coefficients, band, tau, normalize_weights);  // first read after the frames' barriers
+  copy_coefficients(coefficients, table, band);  // first read after the frames' barriers
 
   for (int64_t f = 0; f < F; ++f) {
     const int64_t p_row = p_column + f * proj.stride[1];
@@ -243,7 +244,7 @@ __global__ void reduce_tokens_kernel(const acc_t* __restrict__ token_similarity,
 template <typename acc_t, bool kVector>
 __global__ void backward_kernel(const acc_t* __restrict__ grad_loss, Strided proj, Strided target,
                                 const acc_t* __restrict__ stats, int64_t first_column, int64_t N, int64_t D, Band band,
-                                acc_t tau, bool normalize_weights, acc_t eps, acc_t scale, Strided grad_proj,
+                                const acc_t* __restrict__ table, acc_t eps, acc_t scale, Strided grad_proj,
                                 Strided grad_target, bool needs_proj_grad, bool needs_target_grad) {
   CREPA_DYNAMIC_SHARED(unsigned char, shared_bytes);
   const int64_t F = band.frames, W = band.width(), S = band.stats_per_frame();
@@ -255,7 +256,7 @@ __global__ void backward_kernel(const acc_t* __restrict__ grad_loss, Strided pro
   const int64_t b = column / N, n = column % N;
   const acc_t* grad_row = grad_loss + b * F;
   const acc_t* token = stats + column * F * S;  // [F][S], read through L1
-  fill_coefficients(coefficients, band, tau, normalize_weights);
+  copy_coefficients(coefficients, table, band);
   __syncthreads();
   for (int64_t f = threadIdx.x; f < F; f += blockDim.x) {
     proj_self[f] = proj_self_coefficient(token, coefficients, grad_row, band, f, scale, eps);
@@ -365,7 +366,7 @@ cudaError_t launch_forward_columns(const ForwardLaunch<acc_t>& a, const CudaKern
     const int64_t first = first_column_of(plan, index);
     const unsigned blocks = static_cast<unsigned>(std::min(plan.grid, columns - first));
     CREPA_LAUNCH(kernel, blocks, plan.threads, plan.shared_bytes, stream, a.proj, a.target, first, a.N, a.D, a.band,
-                 a.tau, a.normalize_weights, a.eps, a.stats, a.token_similarity);
+                 a.coefficients, a.eps, a.stats, a.token_similarity);
     CREPA_RETURN_IF_ERROR(cudaGetLastError());
   }
   return cudaSuccess;
@@ -382,7 +383,7 @@ cudaError_t launch_backward_columns(const BackwardLaunch<acc_t>& a, const CudaKe
     const int64_t first = first_column_of(plan, index);
     const unsigned blocks = static_cast<unsigned>(std::min(plan.grid, columns - first));
     CREPA_LAUNCH(kernel, blocks, plan.threads, plan.shared_bytes, stream, a.grad_loss, a.proj, a.target, a.stats,
-                 first, a.N, a.D, a.band, a.tau, a.normalize_weights, a.eps, scale, a.grad_proj, a.grad_target,
+                 first, a.N, a.D, a.band, a.coefficients, a.eps, scale, a.grad_proj, a.grad_target,
                  a.needs_proj_grad, a.needs_target_grad);
     CREPA_RETURN_IF_ERROR(cudaGetLastError());
   }

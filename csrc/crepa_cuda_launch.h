@@ -26,8 +26,9 @@ struct ForwardLaunch {
   Strided proj, target;
   int64_t B, N, D;
   Band band;
-  acc_t tau, eps;
-  bool normalize_weights, vector;
+  const acc_t* coefficients;  // [F, W], contiguous, on the device: the table C of crepa_math.h
+  acc_t eps;
+  bool vector;
   acc_t* stats;             // [B, N, F, 2 + W], written
   acc_t* token_similarity;  // [B, N, F] scratch
   acc_t* loss;              // [B, F], written
@@ -40,8 +41,9 @@ struct BackwardLaunch {
   const acc_t* stats;  // what the forward wrote
   int64_t B, N, D;
   Band band;
-  acc_t tau, eps;
-  bool normalize_weights, vector;
+  const acc_t* coefficients;  // [F, W], as the forward's
+  acc_t eps;
+  bool vector;
   Strided grad_proj, grad_target;  // contiguous; an unused one is any view of the other, never written
   bool needs_proj_grad, needs_target_grad;
 };

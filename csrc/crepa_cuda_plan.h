@@ -1,6 +1,6 @@
 // The CUDA kernels' launch configuration, computed on the host from the sizes alone.
 //
-// crepa_cuda_kernels.cu launches with it, and the Python module exposes it (crepa_kernels.ops.extension.cuda_launch_plan,
+// crepa_cuda_kernels.cu launches with it, and the Python module exposes it (crepa_kernels.ops.native.cuda_launch_plan,
 // also in CPU-only builds), so the grid and shared-memory limits are tested for any shape without a GPU.
 //
 //   forward   one block per token column (b, n); past the grid's x limit, several launches of at most `grid`

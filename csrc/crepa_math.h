@@ -5,6 +5,9 @@
 // order). Everything below is scalar maths on those stats, so the CPU tests cover the CUDA kernel's formulas.
 //
 //   cos(a, b) = a.b / (max(|a|, eps) max(|b|, eps))          (F.normalize; the clamped norm is a constant)
+//   C[f][slot] = the coefficient table the caller passes in (crepa_kernels.spec.coefficient_table, [F][W] in the
+//                accumulation dtype): 1/Z_f for slot 0, w(|o_slot|)/Z_f for a neighbour, 0 where f + o_slot is
+//                outside [0, F). The kernels only read it: no weight, exponential or Z_f is computed here.
 //   L[b, f]   = -(1/N) sum_n sum_slot C[f][slot] cos(p_f, y_{f+o_slot})
 //   alpha     = -grad_L[b, f] C[f][slot] / N
 //   grad p_f  = sum_slot alpha y_k / (np_f ny_k) - [|p_f| > eps] (sum_slot alpha cos_fk) p_f / np_f^2
@@ -39,8 +42,6 @@ constexpr int64_t kProjNorm = 0;
 constexpr int64_t kTargetNorm = 1;
 constexpr int64_t kFirstDot = 2;
 
-CREPA_HD float exp_of(float x) { return expf(x); }
-CREPA_HD double exp_of(double x) { return exp(x); }
 CREPA_HD float sqrt_of(float x) { return sqrtf(x); }
 CREPA_HD double sqrt_of(double x) { return sqrt(x); }
 CREPA_HD float smallest_normal(float) { return FLT_MIN; }
@@ -84,26 +85,6 @@ struct Band {
 };
 
 template <typename T>
-CREPA_HD T neighbour_weight(int64_t offset, T tau) {
-  const T distance = static_cast<T>(offset < 0 ? -offset : offset);
-  return exp_of(-distance / tau);
-}
-
-// C[f][slot]: how much cos(p_f, y_{f+o_slot}) counts in L[f] before the -1/N token mean; 0 off the frame range.
-template <typename T>
-CREPA_HD T frame_coefficient(const Band& band, int64_t frame, int64_t slot, T tau, bool normalize_weights) {
-  if (!band.lands(frame, slot)) return T(0);
-  T weight_sum = T(1);
-  if (normalize_weights) {
-    for (int64_t s = 1; s < band.width(); ++s) {
-      if (band.lands(frame, s)) weight_sum += neighbour_weight(band.offset(s), tau);
-    }
-  }
-  const T weight = slot == 0 ? T(1) : neighbour_weight(band.offset(slot), tau);
-  return weight / weight_sum;
-}
-
-template <typename T>
 CREPA_HD T clamped_norm(T raw_norm, T eps) {
   return raw_norm > eps ? raw_norm : eps;
 }
@@ -130,8 +111,8 @@ CREPA_HD T pair_gradient_coefficient(T alpha, T raw_p, T raw_y, T eps) {
   return divide_by_norms(alpha, clamped_norm(raw_p, eps), clamped_norm(raw_y, eps));
 }
 
-// Per-token helpers. `stats` is one token's [frames][stats_per_frame] block, `coefficients` the band's
-// [frames][width] table of frame_coefficient, `grad_loss` the [frames] row of grad_L for the token's batch element,
+// Per-token helpers. `stats` is one token's [frames][stats_per_frame] block, `coefficients` the [frames][width]
+// table C (see the top of this file), `grad_loss` the [frames] row of grad_L for the token's batch element,
 // `scale` = -1/N.
 
 template <typename T>

@@ -1,4 +1,5 @@
-// Op schemas, shared argument checks, and the Python module (build information and the test-only poison switch).
+// Op schemas, shared argument checks, and the Python module (build information and the test-only switches). The
+// kernels register their implementations beside them: crepa_cpu.cpp (CPU), crepa_cuda.cpp (CUDA).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -90,7 +91,7 @@ static void check_floating(const at::Tensor& x, const char* name) {
               ": expected float32, float64, bfloat16 or float16, got ", t);
 }
 
-void check_inputs(const at::Tensor& proj, const at::Tensor& target, int64_t neighbors, double tau, double eps) {
+void check_inputs(const at::Tensor& proj, const at::Tensor& target, int64_t neighbors, double eps) {
   TORCH_CHECK(proj.dim() == 4, "proj: expected [B, F, N, D], got ", proj.sizes());
   TORCH_CHECK(proj.sizes() == target.sizes(), "proj and target: expected the same shape, got ", proj.sizes(),
               " and ", target.sizes());
@@ -99,7 +100,20 @@ void check_inputs(const at::Tensor& proj, const at::Tensor& target, int64_t neig
   check_floating(proj, "proj");
   check_floating(target, "target");
   TORCH_CHECK(neighbors >= 0, "neighbors: expected >= 0, got ", neighbors);
-  TORCH_CHECK(tau > 0 && eps > 0, "tau and eps: expected > 0, got ", tau, " and ", eps);
+  TORCH_CHECK(eps > 0, "eps: expected > 0, got ", eps);
+}
+
+void check_coefficients(const at::Tensor& coefficients, const at::Tensor& proj, const Band& band, at::ScalarType acc) {
+  const int64_t F = band.frames, W = band.width();
+  TORCH_CHECK_VALUE(coefficients.dim() == 2 && coefficients.size(0) == F && coefficients.size(1) == W,
+                    "coefficients: expected the [F, W] = [", F, ", ", W, "] table of this call's band, got ",
+                    coefficients.sizes());
+  TORCH_CHECK_VALUE(coefficients.scalar_type() == acc, "coefficients: expected ", acc,
+                    " (the accumulation dtype of these inputs), got ", coefficients.scalar_type());
+  TORCH_CHECK_VALUE(coefficients.device() == proj.device(), "coefficients: expected the inputs' device ",
+                    proj.device(), ", got ", coefficients.device());
+  TORCH_CHECK_VALUE(coefficients.is_contiguous(), "coefficients: expected a contiguous tensor, got strides ",
+                    coefficients.strides());
 }
 
 void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& proj, const at::Tensor& target,
@@ -131,11 +145,6 @@ void check_plan_arguments(int64_t B, int64_t F, int64_t N, int64_t D, int64_t ne
 TORCH_LIBRARY(crepa_kernels, m) {
   m.def(crepa::kAlignForwardSchema);
   m.def(crepa::kAlignBackwardSchema);
-}
-
-TORCH_LIBRARY_IMPL(crepa_kernels, CPU, m) {
-  m.impl("align_forward", &crepa::align_forward_cpu);
-  m.impl("align_backward", &crepa::align_backward_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from crepa_kernels import available_backends, cross_frame_align_loss, explain_backend
 from crepa_kernels import backends, gpu_limits
-from crepa_kernels.ops import extension, triton_loss, triton_plan
+from crepa_kernels.ops import native, triton_loss, triton_plan
 from harness import assert_close_and_finite, random_pair
 
 CPU_KERNEL = available_backends("cpu")["cpu"] is True
@@ -54,7 +54,7 @@ def _record_warnings(fn):
 
 @needs_cpu_kernel
 def test_auto_falls_back_for_a_call_the_first_backend_refuses(monkeypatch):
-    seen = _refuse_when(monkeypatch, extension, lambda p, y, o: o.neighbors == 2 and p.shape[2] == 5)
+    seen = _refuse_when(monkeypatch, native, lambda p, y, o: o.neighbors == 2 and p.shape[2] == 5)
     proj, target = random_pair((2, 6, 5, 7))
 
     def loss(neighbors):
@@ -77,9 +77,9 @@ def test_auto_falls_back_for_a_call_the_first_backend_refuses(monkeypatch):
 
 @needs_cpu_kernel
 def test_named_backend_refusing_a_call_raises_before_any_kernel(monkeypatch):
-    _refuse_when(monkeypatch, extension, lambda p, y, o: y.dtype == torch.bfloat16, "no bf16 targets today")
+    _refuse_when(monkeypatch, native, lambda p, y, o: y.dtype == torch.bfloat16, "no bf16 targets today")
     ran = []
-    monkeypatch.setattr(extension, "forward", lambda *args: ran.append(args))
+    monkeypatch.setattr(native, "forward", lambda *args: ran.append(args))
     proj, target = random_pair((1, 3, 4, 5), torch.float32, torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"backend='cpu' cannot run this call: no bf16 targets today"):
         cross_frame_align_loss(proj, target, backend="cpu")
@@ -144,7 +144,7 @@ def test_cuda_order_passes_to_the_cuda_kernel_when_triton_refuses(monkeypatch):
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     _refuse_when(monkeypatch, triton_loss, lambda p, y, o: o.neighbors > 4, "window too wide for the test")
-    monkeypatch.setattr(extension, "call_unsupported_reason", lambda p, y, o: None)
+    monkeypatch.setattr(native, "call_unsupported_reason", lambda p, y, o: None)
     device = torch.device("cuda", 0)
     key = ((1, 33, 10, 64), torch.bfloat16, torch.bfloat16, True, False, 9, "cumulative", False, ())
     choice = backends._choose("auto", None, device, key)
@@ -228,16 +228,16 @@ def test_cuda_kernel_reasons_follow_its_launch_plan(monkeypatch):
     cuda = torch.device("cuda")
     options = backends.LossOptions(neighbors=25, neighbor_mode="cumulative")
     spec = backends.InputSpec((1, 61, 100, 1024), torch.float32, cuda, True)
-    assert extension.call_unsupported_reason(spec, spec, options) is None
+    assert native.call_unsupported_reason(spec, spec, options) is None
     wide = backends.InputSpec((1, 300, 100, 1024), torch.float32, cuda, True)
-    reason = extension.call_unsupported_reason(wide, wide, backends.LossOptions(neighbors=299, neighbor_mode="cumulative"))
+    reason = native.call_unsupported_reason(wide, wide, backends.LossOptions(neighbors=299, neighbor_mode="cumulative"))
     assert "F=300" in reason and "101376 bytes" in reason
     huge = backends.InputSpec((2, 13, 2**30, 8), torch.bfloat16, cuda, True)
-    assert extension.call_unsupported_reason(huge, huge, backends.LossOptions()) is None
+    assert native.call_unsupported_reason(huge, huge, backends.LossOptions()) is None
     tracing = backends.InputSpec(None, torch.bfloat16, cuda, True)
-    assert extension.call_unsupported_reason(tracing, tracing, backends.LossOptions()) is None
+    assert native.call_unsupported_reason(tracing, tracing, backends.LossOptions()) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    assert "7.5" in extension.call_unsupported_reason(spec, spec, options)
+    assert "7.5" in native.call_unsupported_reason(spec, spec, options)
 
 
 # --- under torch.compile: a backend's size limits (issue 20, defect 3) -------------------------------------------
@@ -259,7 +259,7 @@ def test_compiled_auto_runs_where_eager_runs_past_a_size_limit(monkeypatch):
     the CUDA forward does. Compiled with dynamic shapes, every call must run on the backend eager selection picks
     (the patched kernel doubles its loss, so a wrong graph shows in the value) and recompile only when it crosses
     a limit: 4 graphs for 6 calls."""
-    original_forward = extension.forward
+    original_forward = native.forward
 
     def limited_forward(proj, target, coefficients, options):
         if _outside_test_limits(proj.shape[1], proj.shape[3]):
@@ -272,9 +272,9 @@ def test_compiled_auto_runs_where_eager_runs_past_a_size_limit(monkeypatch):
             return "past the test's size limit"
         return None
 
-    monkeypatch.setattr(extension, "forward", limited_forward)
-    monkeypatch.setattr(extension, "call_unsupported_reason", limited_reason)
-    monkeypatch.setattr(extension, "size_limits", lambda proj, target, options: TEST_SIZE_LIMITS)
+    monkeypatch.setattr(native, "forward", limited_forward)
+    monkeypatch.setattr(native, "call_unsupported_reason", limited_reason)
+    monkeypatch.setattr(native, "size_limits", lambda proj, target, options: TEST_SIZE_LIMITS)
     traced = []
     original_resolve = backends._resolve
 
@@ -338,7 +338,7 @@ def test_traced_selection_sees_the_cuda_kernels_shared_memory_limit(monkeypatch)
         backends._size_limits.cache_clear()
         for dtype in (torch.float64, torch.bfloat16):
             accumulation = torch.float64 if dtype == torch.float64 else torch.float32
-            limits = extension.cuda_size_limits(options, accumulation, properties.shared_memory_per_block_optin)
+            limits = native.cuda_size_limits(options, accumulation, properties.shared_memory_per_block_optin)
             frames_at_steps = {frames for _, frames in limits}
             dims = [1, 255, 256, 257, 1536, 4096] + [dim + extra for dim, _ in limits if dim for extra in (0, 1)]
             for dim in dims:

@@ -11,9 +11,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from crepa_kernels import cross_frame_align_loss
-from crepa_kernels.ops import extension
+from crepa_kernels.ops import native
 from crepa_kernels.reference import per_frame_loss as reference_per_frame_loss
-from crepa_kernels.spec import LossOptions
+from crepa_kernels.spec import LossOptions, coefficient_table, compute_dtype
 from harness import (
     EXACT_NORM_EPS,
     EXTREME_TAUS,
@@ -29,7 +29,7 @@ from harness import (
     reference_in_float64,
 )
 
-reason = extension.unavailable_reason(torch.device("cpu"))
+reason = native.unavailable_reason(torch.device("cpu"))
 pytestmark = pytest.mark.skipif(reason is not None, reason=f"C++ extension unavailable: {reason}")
 
 # D = 1 makes every cosine +-1 and every gradient exactly 0: relative comparisons there compare rounding noise,
@@ -39,9 +39,12 @@ MIXED_DTYPES = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)
                 (torch.float64, torch.float32)]
 
 
-def ops_args(options: LossOptions):
-    return (options.neighbors, options.neighbor_mode == "cumulative", float(options.tau), options.normalize_weights,
-            float(options.eps))
+def op_arguments(proj, target, options: LossOptions):
+    """The ops' arguments after (proj, target) for these options: the call's coefficient table, neighbors,
+    cumulative, eps."""
+    frames = proj.shape[1]
+    table = coefficient_table(options, frames, compute_dtype(proj, target), proj.device)
+    return table, options.neighbors, options.neighbor_mode == "cumulative", float(options.eps)
 
 
 @pytest.mark.parametrize("options", OPTION_GRID, ids=str)
@@ -136,9 +139,10 @@ def test_backward_computes_only_the_gradients_asked_for(proj_grad, target_grad):
 
 def test_backward_op_asked_for_nothing_returns_empty_gradients():
     proj, target = random_pair((1, 3, 2, 5), torch.float32, seed=30)
-    loss, stats = torch.ops.crepa_kernels.align_forward(proj.detach(), target.detach(), 1, False, 1.0, False, 1e-12)
+    args = op_arguments(proj, target, LossOptions(neighbors=1))
+    loss, stats = torch.ops.crepa_kernels.align_forward(proj.detach(), target.detach(), *args)
     grad_proj, grad_target = torch.ops.crepa_kernels.align_backward(
-        torch.ones_like(loss), proj.detach(), target.detach(), stats, 1, False, 1.0, False, 1e-12, False, False)
+        torch.ones_like(loss), proj.detach(), target.detach(), stats, *args, False, False)
     assert grad_proj.shape == (0,) and grad_target.shape == (0,)
 
 
@@ -159,18 +163,18 @@ def cpu_flags() -> set[str]:
 @pytest.mark.skipif(platform.machine() != "x86_64" or not cpu_flags(), reason="reads x86-64 /proc/cpuinfo flags")
 def test_avx2_build_runs_where_the_cpu_has_avx2_and_fma():
     expected = "avx2" if {"avx2", "fma"} <= cpu_flags() else "baseline"
-    assert extension.build_info()["cpu_isa"] == expected
+    assert native.build_info()["cpu_isa"] == expected
 
 
 @pytest.fixture
 def baseline_isa():
     """Runs the baseline-ISA build of the CPU kernels, which CPUs with AVX2 + FMA would otherwise never run."""
-    extension.set_cpu_baseline_forced(True)
+    native.set_cpu_baseline_forced(True)
     try:
-        assert extension.build_info()["cpu_isa"] == "baseline"
+        assert native.build_info()["cpu_isa"] == "baseline"
         yield
     finally:
-        extension.set_cpu_baseline_forced(False)
+        native.set_cpu_baseline_forced(False)
 
 
 @pytest.mark.parametrize("options", OPTION_GRID[1::5], ids=str)
@@ -261,7 +265,7 @@ def test_gradcheck_float64(options):
 def run_everything(proj, target, **options):
     loss = cross_frame_align_loss(proj, target, backend="cpu", reduction="none", **options)
     grads = torch.autograd.grad(loss, [proj, target], random_grad_output(loss))
-    _, stats = torch.ops.crepa_kernels.align_forward(proj, target, *ops_args(LossOptions(**options)))
+    _, stats = torch.ops.crepa_kernels.align_forward(proj, target, *op_arguments(proj, target, LossOptions(**options)))
     return (loss, stats, *grads)
 
 
@@ -288,11 +292,11 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, isa, request
 
 @pytest.fixture
 def poisoned_buffers():
-    extension.set_poison_buffers(True)
+    native.set_poison_buffers(True)
     try:
         yield
     finally:
-        extension.set_poison_buffers(False)
+        native.set_poison_buffers(False)
 
 
 def vma_flags(address: int) -> list[str]:
@@ -320,7 +324,7 @@ def test_gradient_buffers_ask_for_huge_pages():
 
 
 def test_poisoning_really_fills_buffers(poisoned_buffers):
-    assert torch.isnan(extension._load().new_buffer_for_test([3, 5])).all()
+    assert torch.isnan(native._load().new_buffer_for_test([3, 5])).all()
 
 
 @pytest.mark.parametrize("options", [OPTION_GRID[0], OPTION_GRID[6], OPTION_GRID[19], OPTION_GRID[-1]], ids=str)
@@ -329,14 +333,15 @@ def test_every_output_element_is_written(poisoned_buffers, shape, options):
     """Outputs, stats and partial sums start as NaN: any element a kernel skips poisons a result."""
     proj, target = random_pair(shape, torch.float32, seed=19)
     assert_backend_matches_reference("cpu", proj, target, **options)
-    _, stats = torch.ops.crepa_kernels.align_forward(proj, target, *ops_args(LossOptions(**options)))
+    _, stats = torch.ops.crepa_kernels.align_forward(proj, target, *op_arguments(proj, target, LossOptions(**options)))
     assert torch.isfinite(stats).all()
 
 
 def test_stats_layout():
     """stats[b, n, f] = [|p_f|, |y_f|, p_f . y_{f+o} for each band slot (0 where f + o is off the range)]."""
     proj, target = random_pair((1, 4, 3, 6), torch.float64, seed=20)
-    _, stats = torch.ops.crepa_kernels.align_forward(proj, target, 1, True, 1.0, False, 1e-12)
+    _, stats = torch.ops.crepa_kernels.align_forward(
+        proj, target, *op_arguments(proj, target, LossOptions(neighbors=1, neighbor_mode="cumulative")))
     p, y = proj.detach()[0].transpose(0, 1), target.detach()[0].transpose(0, 1)  # [N, F, D]
     assert stats.shape == (1, 3, 4, 2 + 3)
     torch.testing.assert_close(stats[0, :, :, 0], p.norm(dim=-1))
@@ -351,7 +356,9 @@ def test_stats_layout():
 @pytest.mark.parametrize("neighbors,cumulative", [(0, False), (2, False), (9, False), (2, True), (9, True)])
 def test_opcheck(neighbors, cumulative):
     proj, target = random_pair((2, 5, 3, 7), torch.float32, seed=21)
-    args = (neighbors, cumulative, 0.7, True, 1e-12)
+    options = LossOptions(neighbors=neighbors, neighbor_mode="cumulative" if cumulative else "adjacent", tau=0.7,
+                          normalize_weights=True)
+    args = op_arguments(proj, target, options)
     torch.library.opcheck(torch.ops.crepa_kernels.align_forward.default, (proj, target, *args))
     loss, stats = torch.ops.crepa_kernels.align_forward(proj, target, *args)
     grad_loss = random_grad_output(loss)
@@ -363,7 +370,7 @@ def test_opcheck(neighbors, cumulative):
 def test_band_width_matches_the_kernel():
     for frames, neighbors, cumulative in itertools.product([1, 2, 5], [0, 1, 3, 9], [False, True]):
         options = LossOptions(neighbors=neighbors, neighbor_mode="cumulative" if cumulative else "adjacent")
-        assert extension.band_width(frames, neighbors, cumulative) == 1 + len(options.offsets(frames))
+        assert native.band_width(frames, neighbors, cumulative) == 1 + len(options.offsets(frames))
 
 
 @pytest.mark.parametrize("proj_grad,target_grad", GRAD_FLAGS, ids=str)
@@ -396,10 +403,10 @@ def test_torch_compile_fullgraph(proj_grad, target_grad):
 
 
 def test_unavailable_reasons():
-    assert extension.unavailable_reason(torch.device("cpu")) is None
-    assert "not meta" in extension.unavailable_reason(torch.device("meta"))
-    cuda_reason = extension.unavailable_reason(torch.device("cuda"))
-    assert (cuda_reason is None) == (extension.build_info()["cuda"] and torch.cuda.is_available())
+    assert native.unavailable_reason(torch.device("cpu")) is None
+    assert "not meta" in native.unavailable_reason(torch.device("meta"))
+    cuda_reason = native.unavailable_reason(torch.device("cuda"))
+    assert (cuda_reason is None) == (native.build_info()["cuda"] and torch.cuda.is_available())
 
 
 # --- beyond 2^31 elements per input -------------------------------------------------------------------------
@@ -459,7 +466,7 @@ def test_inputs_beyond_two_to_the_31_elements():
 
 # --- CUDA (skipped without a GPU) -------------------------------------------------------------------------------
 
-cuda_reason = extension.unavailable_reason(torch.device("cuda"))
+cuda_reason = native.unavailable_reason(torch.device("cuda"))
 needs_cuda = pytest.mark.skipif(cuda_reason is not None, reason=f"CUDA kernel unavailable: {cuda_reason}")
 
 

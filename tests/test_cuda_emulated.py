@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from crepa_kernels import available_backends, backends, cross_frame_align_loss, explain_backend, gpu_limits
-from crepa_kernels.ops import cuda_emulated, extension
-from crepa_kernels.spec import LossOptions
+from crepa_kernels.ops import cuda_emulated, native
+from crepa_kernels.spec import LossOptions, coefficient_table, compute_dtype
 from harness import (
     EXACT_NORM_EPS,
     EXTREME_TAUS,
@@ -43,13 +43,17 @@ def module():
     return cuda_emulated.require()
 
 
-def ops_args(options: LossOptions):
-    return (options.neighbors, options.neighbor_mode == "cumulative", float(options.tau), options.normalize_weights,
-            float(options.eps))
+def op_arguments(proj, target, options: LossOptions):
+    """The ops' arguments after (proj, target): the call's coefficient table, neighbors, cumulative, eps."""
+    frames = proj.shape[1]
+    table = coefficient_table(options, frames, compute_dtype(proj, target), proj.device)
+    return table, options.neighbors, options.neighbor_mode == "cumulative", float(options.eps)
 
 
 def emulated_forward(proj, target, **options):
-    return cuda_emulated.forward(proj.detach(), target.detach(), LossOptions(**options))
+    options = LossOptions(**options)
+    table, *_ = op_arguments(proj, target, options)
+    return cuda_emulated.forward(proj.detach(), target.detach(), table, options)
 
 
 def counts() -> dict:
@@ -193,7 +197,7 @@ def test_gradcheck_float64(options):
 def test_backward_computes_only_the_gradients_asked_for(proj_grad, target_grad):
     proj, target = (x.detach() for x in random_pair((2, 5, 3, 16), torch.float32, torch.bfloat16, seed=58))
     loss, stats = emulated_forward(proj, target, neighbors=2, neighbor_mode="cumulative")
-    args = ops_args(LossOptions(neighbors=2, neighbor_mode="cumulative"))
+    args = op_arguments(proj, target, LossOptions(neighbors=2, neighbor_mode="cumulative"))
     grad_proj, grad_target = torch.ops.crepa_kernels_emulated.align_backward(
         random_grad_output(loss), proj, target, stats, *args, proj_grad, target_grad)
     assert grad_proj.shape == (proj.shape if proj_grad else (0,))
@@ -355,7 +359,7 @@ def test_bitwise_deterministic_across_runs_and_block_orders(dtype):
 
 
 def plan_bytes(shape, options: LossOptions, acc: torch.dtype) -> int:
-    plan = extension.cuda_launch_plan(shape, options, acc)
+    plan = native.cuda_launch_plan(shape, options, acc)
     return max(plan["forward"]["shared_bytes"], plan["backward"]["shared_bytes"])
 
 
@@ -367,7 +371,7 @@ def test_more_than_48_kb_of_shared_memory_runs_on_both_paths(shape, neighbors, d
     in, which a GPU, and the emulated runtime, refuse."""
     options = dict(neighbors=neighbors, neighbor_mode="cumulative")
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert plan_bytes(shape, LossOptions(**options), acc) > gpu_limits.DEFAULT_DYNAMIC_SHARED_BYTES
+    assert plan_bytes(shape, LossOptions(**options), acc) > 48 * 1024  # what a kernel gets without the opt-in
     proj, target = random_pair(shape, dtype, seed=67)
     module().reset_runtime_counts()
     assert_backend_matches_reference(BACKEND, proj, target, **options)
@@ -438,8 +442,8 @@ def test_auto_never_picks_it():
 
 def test_without_the_runtime_the_reason_is_given(monkeypatch, tmp_path):
     monkeypatch.setenv("HIP_CPU_ROOT", str(tmp_path))
-    monkeypatch.setattr(cuda_emulated, "_module", None)
-    monkeypatch.setattr(cuda_emulated, "_load_error", None)
+    loaded = cuda_emulated._extension.module
+    cuda_emulated._extension.forget()
     backends._unavailable_reason.cache_clear()
     try:
         why = available_backends("cpu")[BACKEND]
@@ -449,6 +453,8 @@ def test_without_the_runtime_the_reason_is_given(monkeypatch, tmp_path):
         with pytest.raises(RuntimeError, match="HIP CPU Runtime was not found"):
             cross_frame_align_loss(proj, target, backend=BACKEND)
     finally:
+        cuda_emulated._extension.forget()
+        cuda_emulated._extension.module = loaded
         backends._unavailable_reason.cache_clear()
         backends._resolve.cache_clear()
 

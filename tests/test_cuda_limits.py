@@ -1,7 +1,7 @@
 """The CUDA kernels' launch configuration against the hardware limits of every checked architecture, without a GPU.
 
 The grid, block and dynamic shared memory come from the C++ planner the CUDA launcher itself uses
-(csrc/crepa_cuda_plan.h, exposed as extension.cuda_launch_plan in every build of the extension). What no GPU here
+(csrc/crepa_cuda_plan.h, exposed as native.cuda_launch_plan in every build of the extension). What no GPU here
 can show: that the kernels use exactly that much shared memory (read the layout comments in csrc/crepa_cuda_kernels.cu) and that
 the opt-in call succeeds (the GPU tests at the end).
 """
@@ -15,10 +15,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from crepa_kernels import LossOptions, backends, gpu_limits
-from crepa_kernels.ops import extension
+from crepa_kernels.ops import native
+from crepa_kernels.spec import coefficient_table
 from harness import assert_backend_matches_reference, random_pair
 
-reason = extension.unavailable_reason(torch.device("cpu"))
+reason = native.unavailable_reason(torch.device("cpu"))
 pytestmark = pytest.mark.skipif(reason is not None, reason=f"C++ extension unavailable: {reason}")
 
 ACC_BYTES = {torch.float32: 4, torch.float64: 8}
@@ -46,7 +47,7 @@ def expected_threads(dim: int) -> int:
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_plan_fits_the_grid_and_block_limits(shape, neighbors, mode, acc):
     B, F, N, D = shape
-    plan = extension.cuda_launch_plan(shape, options_for(neighbors, mode), acc)
+    plan = native.cuda_launch_plan(shape, options_for(neighbors, mode), acc)
     assert set(plan) == {"forward", "reduce", "backward"}
     for kernel in ("forward", "backward", "reduce"):
         launch = plan[kernel]
@@ -70,9 +71,9 @@ def test_plan_shared_memory_is_the_kernels_layout(shape, neighbors, mode, acc):
     """forward: [F][W] coefficients + [warps][S] warp sums; backward: [F][W] + [F] + [F] self + [2][W] direct."""
     _, F, _, D = shape
     options = options_for(neighbors, mode)
-    width = extension.band_width(F, neighbors, mode == "cumulative")
+    width = native.band_width(F, neighbors, mode == "cumulative")
     stats_per_frame = 2 + width
-    plan = extension.cuda_launch_plan(shape, options, acc)
+    plan = native.cuda_launch_plan(shape, options, acc)
     warps = expected_threads(D) // 32
     assert plan["forward"]["shared_bytes"] == (F * width + warps * stats_per_frame) * ACC_BYTES[acc]
     assert plan["backward"]["shared_bytes"] == (F * width + 2 * F + 2 * width) * ACC_BYTES[acc]
@@ -84,9 +85,9 @@ def test_every_shape_runs_within_the_limit_or_is_refused(arch):
     checked = refused = 0
     for shape, (neighbors, mode), acc in itertools.product(SHAPES, NEIGHBOURS, ACC_BYTES):
         options = options_for(neighbors, mode)
-        plan = extension.cuda_launch_plan(shape, options, acc)
+        plan = native.cuda_launch_plan(shape, options, acc)
         need = max(plan["forward"]["shared_bytes"], plan["backward"]["shared_bytes"])
-        why = extension.cuda_shape_unsupported_reason(shape, options, acc, limit)
+        why = native.cuda_shape_unsupported_reason(shape, options, acc, limit)
         if why is None:
             assert need <= limit, (shape, options, acc)
             checked += 1
@@ -105,13 +106,13 @@ def test_the_issue_shapes_now_run_forward_and_backward(arch, dim):
         for neighbors in reaches:
             shape = (2, frames, 3600, dim)
             options = options_for(neighbors, "cumulative")
-            assert extension.cuda_shape_unsupported_reason(shape, options, acc, limit) is None, (shape, neighbors)
+            assert native.cuda_shape_unsupported_reason(shape, options, acc, limit) is None, (shape, neighbors)
 
 
 def largest_full_band(limit: int, acc: torch.dtype, dim: int = 3072) -> int:
     """The most frames the CUDA kernels accept with every frame a neighbour of every other (cumulative, d = F)."""
     frames = 1
-    while extension.cuda_shape_unsupported_reason((1, frames + 1, 1, dim), options_for(frames + 1, "cumulative"),
+    while native.cuda_shape_unsupported_reason((1, frames + 1, 1, dim), options_for(frames + 1, "cumulative"),
                                                   acc, limit) is None:
         frames += 1
     return frames
@@ -128,11 +129,11 @@ def test_largest_full_bands_per_architecture():
 
 def test_refusal_names_the_limit_and_the_shape():
     options = options_for(299, "cumulative")
-    why = extension.cuda_shape_unsupported_reason((1, 300, 17, 200), options, torch.float64, 101376)
+    why = native.cuda_shape_unsupported_reason((1, 300, 17, 200), options, torch.float64, 101376)
     assert why is not None
     for part in ("F=300", "cumulative", "299 frames", "599 slots", "D=200", "fp64", "101376 bytes"):
         assert part in why, (part, why)
-    plan = extension.cuda_launch_plan((1, 300, 17, 200), options, torch.float64)
+    plan = native.cuda_launch_plan((1, 300, 17, 200), options, torch.float64)
     need = max(plan["forward"]["shared_bytes"], plan["backward"]["shared_bytes"])
     assert f"needs {need} bytes" in why
 
@@ -140,44 +141,44 @@ def test_refusal_names_the_limit_and_the_shape():
 def test_plan_arguments_are_checked():
     options = options_for(1, "adjacent")
     with pytest.raises(ValueError, match="expected positive sizes"):
-        extension.cuda_launch_plan((1, 0, 3, 4), options, torch.float32)
+        native.cuda_launch_plan((1, 0, 3, 4), options, torch.float32)
     with pytest.raises(ValueError, match="accumulation dtype"):
-        extension.cuda_launch_plan((1, 2, 3, 4), options, torch.bfloat16)
+        native.cuda_launch_plan((1, 2, 3, 4), options, torch.bfloat16)
     with pytest.raises(ValueError, match=r"expected \[B, F, N, D\]"):
-        extension.cuda_launch_plan((2, 3, 4), options, torch.float32)
+        native.cuda_launch_plan((2, 3, 4), options, torch.float32)
 
 
 @pytest.fixture
 def grid_limit():
     """Caps the blocks per launch (test switch); restores CUDA's limit afterwards."""
-    yield extension.set_cuda_grid_limit
-    extension.set_cuda_grid_limit(0)
+    yield native.set_cuda_grid_limit
+    native.set_cuda_grid_limit(0)
 
 
 def test_a_capped_grid_takes_several_launches(grid_limit):
     """The several-launch path of B * N > 2^31 - 1, on small sizes: 2 * 10 columns in launches of 7, 7 and 6."""
     options = options_for(2, "cumulative")
     grid_limit(7)
-    plan = extension.cuda_launch_plan((2, 5, 10, 33), options, torch.float32)
+    plan = native.cuda_launch_plan((2, 5, 10, 33), options, torch.float32)
     for kernel in ("forward", "backward"):
         assert (plan[kernel]["grid"], plan[kernel]["launches"]) == (7, 3)
     assert (plan["reduce"]["grid"], plan["reduce"]["launches"]) == (7, 1)  # grid-strides over B * F = 10
     grid_limit(0)
-    plan = extension.cuda_launch_plan((2, 5, 10, 33), options, torch.float32)
+    plan = native.cuda_launch_plan((2, 5, 10, 33), options, torch.float32)
     assert (plan["forward"]["grid"], plan["forward"]["launches"], plan["reduce"]["grid"]) == (20, 1, 10)
     with pytest.raises(ValueError, match="blocks: expected 0"):
         grid_limit(-1)
 
 
 def test_a_stale_build_says_to_rebuild(monkeypatch):
-    monkeypatch.setattr(extension, "_module", types.SimpleNamespace(__file__="old/_C.so"))
+    monkeypatch.setattr(native._extension, "module", types.SimpleNamespace(__file__="old/_C.so"))
     with pytest.raises(RuntimeError, match="old/_C.so has no cuda_launch_plan.*rebuild"):
-        extension.cuda_launch_plan((1, 2, 3, 4), options_for(1, "adjacent"), torch.float32)
+        native.cuda_launch_plan((1, 2, 3, 4), options_for(1, "adjacent"), torch.float32)
 
 
 def test_call_unsupported_reason_is_none_on_cpu():
     proj, target = random_pair((1, 300, 2, 3), torch.float64)
-    assert extension.call_unsupported_reason(proj, target, options_for(299, "cumulative")) is None
+    assert native.call_unsupported_reason(proj, target, options_for(299, "cumulative")) is None
 
 
 @pytest.mark.parametrize("arch", gpu_limits.CHECKED_ARCHS)
@@ -197,8 +198,8 @@ def test_call_unsupported_reason_on_cuda_tensors_uses_the_device_limit(arch, mon
                 target = torch.empty(shape, dtype=target_dtype, device="cuda")
             # the kernels' static shared memory (the driver's reservation, from sm_90 on) is not theirs to use
             dynamic_limit = limit - gpu_limits.RESERVED_SHARED_BYTES_IN_CUBIN[arch]
-            expected = extension.cuda_shape_unsupported_reason(shape, options, acc, dynamic_limit)
-            assert extension.call_unsupported_reason(proj, target, options) == expected
+            expected = native.cuda_shape_unsupported_reason(shape, options, acc, dynamic_limit)
+            assert native.call_unsupported_reason(proj, target, options) == expected
             # F=120 needs 118 KB in fp32 (235 KB in fp64), F=300 far more
             fits = frames <= 61 or (frames == 120 and acc == torch.float32 and limit >= 160 * 1024)
             assert (expected is None) == fits, (frames, acc, expected)
@@ -206,7 +207,7 @@ def test_call_unsupported_reason_on_cuda_tensors_uses_the_device_limit(arch, mon
 
 # --- on a GPU ---------------------------------------------------------------------------------------------------
 
-cuda_reason = extension.unavailable_reason(torch.device("cuda"))
+cuda_reason = native.unavailable_reason(torch.device("cuda"))
 needs_cuda = pytest.mark.skipif(cuda_reason is not None, reason=f"CUDA kernel unavailable: {cuda_reason}")
 
 
@@ -214,12 +215,13 @@ needs_cuda = pytest.mark.skipif(cuda_reason is not None, reason=f"CUDA kernel un
 @pytest.mark.gpu
 def test_cuda_forward_refuses_before_any_work():
     limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
-    frames = next(f for f in range(2, 1000) if extension.cuda_shape_unsupported_reason(
+    frames = next(f for f in range(2, 1000) if native.cuda_shape_unsupported_reason(
         (1, f, 3, 16), options_for(f, "cumulative"), torch.float64, limit))
     proj, target = random_pair((1, frames, 3, 16), torch.float64, device="cuda")
     allocated = torch.cuda.memory_allocated()
     with pytest.raises(NotImplementedError, match=f"F={frames}.*{limit} bytes"):
-        torch.ops.crepa_kernels.align_forward(proj, target, frames, True, 1.0, False, 1e-12)
+        table = coefficient_table(options_for(frames, "cumulative"), frames, torch.float64, "cuda")
+        torch.ops.crepa_kernels.align_forward(proj, target, table, frames, True, 1e-12)
     assert torch.cuda.memory_allocated() == allocated
 
 
@@ -237,12 +239,12 @@ def _accumulation(dtype: torch.dtype) -> torch.dtype:
 def test_the_wide_band_cases_pass_48_kb_and_fit_every_architecture(dim):
     for frames, neighbors, dtype in WIDE_BAND_CASES:
         shape, options = (2, frames, 3, dim), options_for(neighbors, "cumulative")
-        plan = extension.cuda_launch_plan(shape, options, _accumulation(dtype))
+        plan = native.cuda_launch_plan(shape, options, _accumulation(dtype))
         for kernel in ("forward", "backward"):
-            assert plan[kernel]["shared_bytes"] > gpu_limits.DEFAULT_DYNAMIC_SHARED_BYTES, (frames, dtype, kernel)
+            assert plan[kernel]["shared_bytes"] > 48 * 1024, (frames, dtype, kernel)  # past the no-opt-in default
         for arch in gpu_limits.CHECKED_ARCHS:
             limit = gpu_limits.SHARED_BYTES_PER_BLOCK_OPTIN[arch] - gpu_limits.RESERVED_SHARED_BYTES_IN_CUBIN[arch]
-            assert extension.cuda_shape_unsupported_reason(shape, options, _accumulation(dtype), limit) is None
+            assert native.cuda_shape_unsupported_reason(shape, options, _accumulation(dtype), limit) is None
 
 
 @needs_cuda
@@ -277,15 +279,15 @@ def test_size_limits_are_the_refusal_whatever_b_and_n(arch, acc):
     limit = gpu_limits.SHARED_BYTES_PER_BLOCK_OPTIN[arch]
     for neighbors, mode in NEIGHBOURS:
         options = options_for(neighbors, mode)
-        limits = extension.cuda_size_limits(options, acc, limit)
+        limits = native.cuda_size_limits(options, acc, limit)
         assert [dim for dim, _ in limits[:-1]] == sorted(dim for dim, _ in limits[:-1]) and limits[-1][0] is None
         edges = {frames + extra for _, frames in limits for extra in (0, 1)} | {dim + extra for dim, _ in limits
                                                                                if dim for extra in (0, 1)}
         for frames, dim in itertools.product(sorted({1, 2, 61, 128, 300} | edges), (1, 5, 256, 257, 1536, 4097)):
             fits = backends.within_size_limits(limits, frames, dim)
             for batch, tokens in ((1, 1), (3, 3600), (2**31 + 3, 2**33 + 5)):
-                why = extension.cuda_shape_unsupported_reason((batch, frames, tokens, dim), options, acc, limit)
+                why = native.cuda_shape_unsupported_reason((batch, frames, tokens, dim), options, acc, limit)
                 assert (why is None) == fits, (options, frames, dim, batch, tokens, limits)
     # the issue's case: fp64, cumulative d=64, F=128 fits sm_90 but not the 99 KB of sm_86
-    limits = extension.cuda_size_limits(options_for(64, "cumulative"), torch.float64, limit)
+    limits = native.cuda_size_limits(options_for(64, "cumulative"), torch.float64, limit)
     assert backends.within_size_limits(limits, 128, 1536) == (arch == "sm_90")

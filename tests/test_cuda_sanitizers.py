@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from crepa_kernels.spec import LossOptions
+from coefficient_oracle import arbitrary_table, table_oracle
+from crepa_kernels.spec import LossOptions, coefficient_table
 from harness import assert_close_and_finite, random_grad_output, random_pair, reference_in_float64
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,18 +80,22 @@ CASES = [
 ]
 
 
-def run_harness(binary: Path, tmp_path: Path, shape, options: dict, dtype_name: str, offset: int, grid: int):
+def run_harness(binary: Path, tmp_path: Path, shape, options: dict, dtype_name: str, offset: int, grid: int,
+                coefficients: torch.Tensor | None = None):
+    """Runs the harness on fresh inputs with ``coefficients`` as the table (default: spec.coefficient_table's)."""
     dtype = DTYPES[dtype_name]
     loss_options = LossOptions(**options)
     proj, target = random_pair(shape, dtype, seed=81)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     grad_loss = random_grad_output(torch.empty(shape[:2], dtype=acc))
-    for name, tensor in (("proj", proj), ("target", target), ("grad_loss", grad_loss)):
+    if coefficients is None:
+        coefficients = coefficient_table(loss_options, shape[1], acc)
+    for name, tensor in (("proj", proj), ("target", target), ("grad_loss", grad_loss),
+                         ("coefficients", coefficients)):
         (tmp_path / f"{name}.bin").write_bytes(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
     B, F, N, D = shape
     arguments = [str(tmp_path), B, F, N, D, loss_options.neighbors, int(loss_options.neighbor_mode == "cumulative"),
-                 repr(float(loss_options.tau)), int(loss_options.normalize_weights), repr(float(loss_options.eps)),
-                 dtype_name, offset, grid]
+                 repr(float(loss_options.eps)), dtype_name, offset, grid]
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:detect_stack_use_after_return=0",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     run = subprocess.run([str(binary), *map(str, arguments)], capture_output=True, text=True, env=env, timeout=600)
@@ -119,3 +124,16 @@ def test_kernels_are_clean_under_asan_and_ubsan(harness, tmp_path, shape, option
     assert_close_and_finite(out["loss"], expected, f"loss {shape} {dtype_name}")
     for name, expected_grad in (("grad_proj", expected_proj), ("grad_target", expected_target)):
         assert_close_and_finite(out[name], expected_grad, f"{name} {shape} {dtype_name}")
+
+
+@pytest.mark.parametrize("dtype_name", ["f32", "bf16"])
+def test_an_arbitrary_table_under_the_sanitizers(harness, tmp_path, dtype_name):
+    """A random table no tau gives, in a heap block of exactly [F, W]: read whole, and nothing past it."""
+    shape, band = (2, 6, 3, 13), dict(neighbors=3, neighbor_mode="cumulative")
+    options = LossOptions(**band)
+    table = arbitrary_table(options, shape[1], torch.float32, seed=82)
+    proj, target, grad_loss, _, out = run_harness(harness, tmp_path, shape, band, dtype_name, 0, 0, coefficients=table)
+    expected_loss, expected_proj, expected_target = table_oracle(proj, target, table, options, grad_loss)
+    assert_close_and_finite(out["loss"], expected_loss, f"loss {dtype_name}")
+    assert_close_and_finite(out["grad_proj"], expected_proj, f"grad_proj {dtype_name}")
+    assert_close_and_finite(out["grad_target"], expected_target, f"grad_target {dtype_name}")

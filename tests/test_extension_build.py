@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from crepa_kernels import gpu_limits
-from crepa_kernels.ops import extension
+from crepa_kernels.ops import build, native
 
 ROOT = Path(__file__).resolve().parent.parent
-build_config = extension._build_config(ROOT / "csrc")
-reason = extension.unavailable_reason(torch.device("cpu"))
+build_config = build.build_config(ROOT / "csrc")
+reason = native.unavailable_reason(torch.device("cpu"))
 pytestmark = pytest.mark.skipif(reason is not None, reason=f"C++ extension unavailable: {reason}")
 
 
 def test_build_info():
-    info = extension.build_info()
+    info = native.build_info()
     assert set(info) == {"cuda", "openmp", "torch", "cpu_isa"}
     assert info["cpu_isa"] in ("avx2", "baseline")
     assert info["openmp"], "without -fopenmp at::parallel_for runs on one thread"
@@ -28,9 +28,9 @@ def test_build_info():
 
 
 def test_sources_for_the_jit_fallback_are_found():
-    csrc = extension._csrc_dir()
+    csrc = build.csrc_dir()
     assert csrc is not None
-    config = extension._build_config(csrc)
+    config = build.build_config(csrc)
     for source in config.sources(with_cuda=True, csrc=csrc):
         assert Path(source).exists(), source
     assert (csrc / "crepa_math.h").exists() and (csrc / "crepa_ops.h").exists()
@@ -79,7 +79,7 @@ def test_nvcc_supports_every_listed_arch():
 
 def _installed_cuda_code() -> tuple[set[str], set[str]]:
     spec = importlib.util.find_spec("crepa_kernels._C")
-    if spec is None or not extension.build_info()["cuda"]:
+    if spec is None or not native.build_info()["cuda"]:
         return set(), set()
     check = _check_cuda_build()
     return check.embedded_code(check.find_cuobjdump(), Path(spec.origin))

@@ -339,15 +339,15 @@ def test_cpu_kernel_writes_every_output_element():
     # with poisoning on, every buffer the C++ kernel allocates starts as NaN (the Triton backend's always do)
     if "cpu" not in FUSED:
         pytest.skip("the cpu backend is unavailable here")
-    from crepa_kernels.ops import extension
+    from crepa_kernels.ops import native
 
-    extension.set_poison_buffers(True)
+    native.set_poison_buffers(True)
     try:
         for pairs in ("spatial", "all"):
             _compare("cpu", (2, 3, 50, 6), pairs, 0.1, None, "none")
             _compare("cpu", (2, 3, 50, 6), pairs, 0.0, torch.tensor([3, 77, 149]), "mean")
     finally:
-        extension.set_poison_buffers(False)
+        native.set_poison_buffers(False)
 
 
 # In a subprocess: this pytest process has TRITON_INTERPRET=1, under which @triton.jit kernels cannot be compiled.

@@ -35,7 +35,6 @@ def test_grid_block_and_default_limits_are_the_documented_ones():
     assert gpu_limits.MAX_GRID_X == 2**31 - 1
     assert gpu_limits.MAX_GRID_YZ == 65535
     assert gpu_limits.MAX_THREADS_PER_BLOCK == 1024
-    assert gpu_limits.DEFAULT_DYNAMIC_SHARED_BYTES == 48 * KB
 
 
 def test_every_checked_arch_has_its_limits():

@@ -441,7 +441,7 @@ def test_lockstep_fused_cpu_backend_matches_reference(reference_run):
     if reason is not True:
         pytest.skip(f"cpu backend unavailable: {reason}")
     fused = trainer.train(SMALL, "cpu")
-    assert fused.backend == "crepa_kernels.ops.extension"
+    assert fused.backend == "crepa_kernels.ops.native"
     assert reference_run.backend == "crepa_kernels.ops.reference"
     for record in fused.records:
         assert all(math.isfinite(record[k]) for k in ("loss", "align_loss", "grad_norm", "projector_grad_norm",

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "csrc"))
 import build_config  # noqa: E402  (csrc/build_config.py: the architecture list setup.py builds)
 
 from crepa_kernels import gpu_limits  # noqa: E402
-from crepa_kernels.ops import extension  # noqa: E402
+from crepa_kernels.ops import native  # noqa: E402
 from crepa_kernels.spec import LossOptions  # noqa: E402
 
 KERNELS = ("forward_kernel", "backward_kernel", "reduce_tokens_kernel")
@@ -131,7 +131,7 @@ def max_dynamic_shared(kernel: str, limit: int) -> int:
 
 
 def shared_need(shape, options: LossOptions, acc: torch.dtype) -> int:
-    plan = extension.cuda_launch_plan(shape, options, acc)
+    plan = native.cuda_launch_plan(shape, options, acc)
     return max(plan["forward"]["shared_bytes"], plan["backward"]["shared_bytes"])
 
 
@@ -150,7 +150,7 @@ def preset_lines() -> list[str]:
 def widest_full_band(limit: int, acc: torch.dtype, dim: int = 2048) -> int:
     """The most frames the kernels accept with every frame a neighbour of every other (cumulative d = F - 1)."""
     frames = 1
-    while extension.cuda_shape_unsupported_reason((1, frames + 1, 1, dim), LossOptions(
+    while native.cuda_shape_unsupported_reason((1, frames + 1, 1, dim), LossOptions(
             neighbors=frames, neighbor_mode="cumulative"), acc, limit) is None:
         frames += 1
     return frames

@@ -35,8 +35,9 @@ COVERING_TESTS = {
         "tests/test_triton_guards.py",
         "tests/test_triton_backend.py"],
     "crepa_kernels/ops/triton_kernels.py": ["tests/test_tiny_eps.py", "tests/test_triton_backend.py"],
-    "csrc/crepa_cpu.cpp": ["tests/test_cpu_backend.py"],
-    "csrc/crepa_math.h": ["tests/test_tiny_eps.py", "tests/test_cpu_backend.py"],
+    "csrc/crepa_cpu.cpp": ["tests/test_native_coefficients.py", "tests/test_cpu_backend.py"],
+    "csrc/crepa_math.h": ["tests/test_native_coefficients.py", "tests/test_tiny_eps.py", "tests/test_cpu_backend.py"],
+    "csrc/crepa_ops.cpp": ["tests/test_native_coefficients.py", "-k", "refused"],
     "crepa_kernels/training/token_grid.py": ["tests/test_training.py", "tests/test_upstream_training.py", "-k",
                                              "temporal or spatial or token_grid or upstream"],
     "crepa_kernels/training/teacher.py": ["tests/test_upstream_training.py", "-k", "ema or backbone"],
@@ -55,7 +56,7 @@ COVERING_TESTS = {
     "crepa_kernels/distributed/layout.py": ["tests/test_distributed_plan.py"],
     "crepa_kernels/distributed/collectives.py": ["tests/test_distributed_plan.py", "tests/test_distributed.py"],
     "crepa_kernels/backends.py": ["tests/test_api.py", "tests/test_backend_selection.py"],
-    "crepa_kernels/ops/extension.py": ["tests/test_cuda_limits.py", "tests/test_backend_selection.py"],
+    "crepa_kernels/ops/native.py": ["tests/test_cuda_limits.py", "tests/test_backend_selection.py"],
     "crepa_kernels/distributed/sharded_training.py": ["tests/test_wiring_distributed.py", "tests/test_properties.py",
                                               "tests/test_boundaries.py", "tests/test_distributed_training.py", "-k",
                                               "shard_sizes or sequence_parallel or context_parallel"],
@@ -63,7 +64,8 @@ COVERING_TESTS = {
                                     "tests/test_gpu_limits.py"],
     "csrc/crepa_cuda_plan.h": ["tests/test_cuda_limits.py"],
     # the CUDA kernels and their glue execute in the cuda_emulated backend's JIT build and the sanitizer harness
-    "csrc/crepa_cuda_kernels.cu": ["tests/test_cuda_emulated.py", "tests/test_cuda_sanitizers.py"],
+    "csrc/crepa_cuda_kernels.cu": ["tests/test_native_coefficients.py", "tests/test_cuda_emulated.py",
+                                   "tests/test_cuda_sanitizers.py"],
     "csrc/crepa_cuda.cpp": ["tests/test_cuda_emulated.py"],
     "crepa_kernels/training/capture.py": ["tests/test_boundaries.py", "tests/test_training.py", "-k",
                                           "capture or checkpoint or hook"],
@@ -90,7 +92,7 @@ COVERING_TESTS = {
 }
 
 SPEC = "crepa_kernels/spec.py"
-EXTENSION = "crepa_kernels/ops/extension.py"
+NATIVE = "crepa_kernels/ops/native.py"
 REFERENCE = "crepa_kernels/reference.py"
 TRITON = "crepa_kernels/ops/triton_loss.py"
 TRITON_KERNELS = "crepa_kernels/ops/triton_kernels.py"
@@ -113,6 +115,7 @@ GPU_LIMITS = "crepa_kernels/gpu_limits.py"
 CUDA_PLAN = "csrc/crepa_cuda_plan.h"
 CUDA_KERNELS = "csrc/crepa_cuda_kernels.cu"
 CUDA_GLUE = "csrc/crepa_cuda.cpp"
+OPS = "csrc/crepa_ops.cpp"
 FUNCTION = "crepa_kernels/function.py"
 REFERENCE_BACKWARD = "crepa_kernels/ops/reference.py"
 API = "crepa_kernels/api.py"
@@ -254,10 +257,6 @@ MUTANTS = [
            "eps added to the norm instead of clamping it"),
     Mutant("math-cumulative-offset", MATH, 'return slot <= reach ? slot - reach - 1 : slot - reach;',
            'return slot < reach ? slot - reach - 1 : slot - reach;', "cumulative slot offsets shifted"),
-    Mutant("math-z-out-of-range", MATH, 'if (band.lands(frame, s)) weight_sum += neighbour_weight(band.offset(s), tau);',
-           'weight_sum += neighbour_weight(band.offset(s), tau);', "Z_f counts neighbours outside [0, F)"),
-    Mutant("math-weight-times-tau", MATH, 'return exp_of(-distance / tau);', 'return exp_of(-distance * tau);',
-           "weight exp(-d tau)"),
     Mutant("math-target-self-norm", MATH, 'return alpha_cos / (ny * ny);', 'return alpha_cos / ny;',
            "radial term of grad y divided by |y| once"),
     # --- training helpers -------------------------------------------------------------------------------------
@@ -549,9 +548,9 @@ MUTANTS += [
            'partial[threadIdx.x] += partial[threadIdx.x + width];',
            "a tree level reads the level below before it is summed"),
     Mutant("cuda-barrier-backward-table", CUDA_KERNELS,
-           '  fill_coefficients(coefficients, band, tau, normalize_weights);\n  __syncthreads();',
-           '  fill_coefficients(coefficients, band, tau, normalize_weights);',
-           "self coefficients computed from a coefficient table still being written"),
+           '  copy_coefficients(coefficients, table, band);\n  __syncthreads();',
+           '  copy_coefficients(coefficients, table, band);',
+           "self coefficients computed from a coefficient table still being copied"),
     Mutant("cuda-barrier-backward-proj-stage", CUDA_KERNELS,
            '    __syncthreads();  // this frame\'s direct coefficients',
            '    // this frame\'s direct coefficients', "grad proj rows built from coefficients not yet written"),
@@ -587,9 +586,9 @@ MUTANTS += [
            "under torch.compile auto ignores the sizes a backend refuses"),
     Mutant("i20-size-step-exclusive", BACKENDS, 'if max_dim is None or dim <= max_dim:',
            'if max_dim is None or dim < max_dim:', "a size-limit step ends one D early"),
-    Mutant("i20-size-limits-one-frame-more", EXTENSION, 'steps.append((dim, frames))',
+    Mutant("i20-size-limits-one-frame-more", NATIVE, 'steps.append((dim, frames))',
            'steps.append((dim, frames + 1))', "the CUDA size limits accept one frame the refusal does not"),
-    Mutant("i20-size-limits-ignore-dim", EXTENSION, 'if frames == 0 or fits(frames, _PROBE_MAX_SIZE):',
+    Mutant("i20-size-limits-ignore-dim", NATIVE, 'if frames == 0 or fits(frames, _PROBE_MAX_SIZE):',
            'if True:', "the CUDA size limits read at D = 1 hold for every D"),
     Mutant("i20-math-product-underflows", MATH, 'return product >= smallest_normal(product) ? x / product : x / a / b;',
            'return x / product;', "cosine and coefficients divide by an underflowed product of norms"),
@@ -665,6 +664,36 @@ MUTANTS += [
            'options = options.for_frames(num_frames)', "each piece's call clamps to its own frame count"),
     Mutant("i22-train-dit-weights-dropped", TRAIN_DIT, 'weights=neighbor_weights(config.neighbor_weights), ',
            '', "train_dit ignores --neighbor-weights"),
+    # --- issue 22: the C++ and CUDA kernels read the coefficient table they are handed (killed by
+    # tests/test_native_coefficients.py's arbitrary tables and refusals) -----------------------------------------
+    Mutant("i22-c-similarity-next-slot", MATH,
+           'similarity += coefficients[frame * band.width() + slot] * slot_cosine(stats, band, frame, slot, eps);',
+           'similarity += coefficients[frame * band.width() + (slot + 1) % band.width()] * '
+           'slot_cosine(stats, band, frame, slot, eps);', "the loss weighs a slot's cosine with the next slot's C"),
+    Mutant("i22-c-alpha-next-frame", MATH, 'return scale * grad_loss[frame] * coefficients[frame * band.width() + slot];',
+           'return scale * grad_loss[frame] * coefficients[((frame + 1) % band.frames) * band.width() + slot];',
+           "the gradients read C from the next frame's row"),
+    Mutant("i22-c-cuda-copy-skips-last", CUDA_KERNELS,
+           'for (int64_t e = threadIdx.x; e < count; e += blockDim.x) shared[e] = table[e];',
+           'for (int64_t e = threadIdx.x; e + 1 < count; e += blockDim.x) shared[e] = table[e];',
+           "the block's shared copy of C misses its last entry"),
+    Mutant("i22-c-cuda-copy-one-pass", CUDA_KERNELS,
+           'for (int64_t e = threadIdx.x; e < count; e += blockDim.x) shared[e] = table[e];',
+           'if (threadIdx.x < count) shared[threadIdx.x] = table[threadIdx.x];',
+           "the shared copy of C covers one entry per thread: tables larger than the block are cut"),
+    Mutant("i22-c-check-shape-rows", OPS, 'coefficients.dim() == 2 && coefficients.size(0) == F && coefficients.size(1) == W',
+           'coefficients.dim() == 2 && coefficients.size(1) == W', "a table with the wrong number of frames is read"),
+    Mutant("i22-c-check-contiguous", OPS,
+           'TORCH_CHECK_VALUE(coefficients.is_contiguous(), "coefficients: expected a contiguous tensor',
+           'TORCH_CHECK_VALUE(true, "coefficients: expected a contiguous tensor',
+           "a transposed table is read as if contiguous"),
+    Mutant("i22-c-check-device", OPS, 'TORCH_CHECK_VALUE(coefficients.device() == proj.device(),',
+           'TORCH_CHECK_VALUE(true,', "a table on another device is handed to the kernel"),
+    Mutant("i22-c-cpu-backward-unchecked", CPU,
+           '  check_backward_inputs(grad_loss, proj, target, stats, band);\n  const auto acc = accumulate_type(proj, target);\n'
+           '  check_coefficients(coefficients, proj, band, acc);\n  // [B, F] is tiny',
+           '  check_backward_inputs(grad_loss, proj, target, stats, band);\n  const auto acc = accumulate_type(proj, target);\n'
+           '  // [B, F] is tiny', "the CPU backward reads any table it is given"),
 ]
 
 # --- issue 22: the Triton kernels read the coefficient table; triton_loss.py split into plan, kernels, ops ---------

@@ -122,8 +122,8 @@ def build_extension(scratch: Path) -> str | None:
 
 def loaded_extension(scratch: Path) -> str:
     """The file of the crepa_kernels._C that the tests would load from the scratch copy."""
-    probe = ("from crepa_kernels.ops import extension; import crepa_kernels._C as c; "
-             "assert extension._load() is c, extension._load_error; print(c.__file__)")
+    probe = ("from crepa_kernels.ops import native; import crepa_kernels._C as c; "
+             "assert native._load() is c, native._extension.error; print(c.__file__)")
     run = subprocess.run([sys.executable, "-c", probe], cwd=scratch, env=test_env(scratch), capture_output=True,
                          text=True)
     if run.returncode != 0:

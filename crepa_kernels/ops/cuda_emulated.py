@@ -14,77 +14,36 @@ $HIP_CPU_ROOT, else ../shared/third_party/hip-cpu beside the checkout (csrc/buil
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import threading
 
 import torch
 
 from .. import gpu_limits
 from ..spec import LossOptions, compute_dtype
-from . import extension
-
-logger = logging.getLogger(__name__)
+from . import build, native
 
 ARCH_VARIABLE = "CREPA_KERNELS_EMULATED_ARCH"
 DEFAULT_ARCH = "sm_90"
-SUPPORTED_DTYPES = extension.SUPPORTED_DTYPES
+SUPPORTED_DTYPES = native.SUPPORTED_DTYPES
 
-_lock = threading.Lock()
-_module = None
-_load_error: str | None = None
 _devices: dict[str, int] = {}  # arch -> emulated device number
 _arch: str | None = None  # set_arch's choice; None: the environment variable, else DEFAULT_ARCH
 
 
-def _build():
-    csrc = extension._csrc_dir()
-    if csrc is None:
-        raise RuntimeError(f"no C++ sources in {[str(c) for c in extension._CSRC_CANDIDATES]}")
-    config = extension._build_config(csrc)
-    root = config.hip_cpu_root(csrc)
-    if root is None:
-        raise RuntimeError(f"the HIP CPU Runtime was not found: set ${config.HIP_CPU_ROOT_VARIABLE} to its folder "
-                           f"(holding include/hip/hip_runtime.h) or place it in ../shared/third_party/hip-cpu beside "
-                           f"the checkout ({csrc.parent.parent / 'shared' / 'third_party' / 'hip-cpu'})")
-    from torch.utils import cpp_extension
-
-    logger.warning("crepa_kernels: building the emulated CUDA kernels against %s (first use: about a minute, then "
-                   "cached)", root)
-    return cpp_extension.load(
-        name="crepa_kernels_jit_cuda_emulated",
-        sources=config.emulated_sources(csrc),
-        extra_cflags=config.EMULATED_CXX_FLAGS,
-        extra_include_paths=[str(csrc), str(root / "include")],
-        with_cuda=False,
-        verbose=False,
-    )
+def _setup(module) -> None:
+    """One emulated GPU per architecture, the current one selected, and the ops' fake implementations."""
+    for arch, optin in gpu_limits.SHARED_BYTES_PER_BLOCK_OPTIN.items():
+        _devices[arch] = module.add_device(optin, gpu_limits.RESERVED_SHARED_BYTES_IN_CUBIN[arch])
+    module.set_current_device(_devices[current_arch()])
+    _register_python_parts()
 
 
-def _load():
-    """The emulated extension, loaded once; on failure None, with the reason in _load_error."""
-    global _module, _load_error
-    with _lock:
-        if _module is not None or _load_error is not None:
-            return _module
-        try:
-            module = _build()
-            for arch, optin in gpu_limits.SHARED_BYTES_PER_BLOCK_OPTIN.items():
-                _devices[arch] = module.add_device(optin, gpu_limits.RESERVED_SHARED_BYTES_IN_CUBIN[arch])
-            module.set_current_device(_devices[current_arch()])
-            _register_python_parts()
-            _module = module
-        except Exception as error:  # a build failure is a reason, not a crash
-            _load_error = f"the emulated CUDA extension failed to build or load: {type(error).__name__}: {error}"
-        return _module
+_extension = build.Extension("the emulated CUDA extension", build.load_emulated, _setup)
 
 
 def require():
     """The loaded emulated extension module (test switches, runtime counts); raises with the reason it cannot load."""
-    module = _load()
-    if module is None:
-        raise RuntimeError(_load_error)
-    return module
+    return _extension.require()
 
 
 def _check_arch(arch, source: str) -> str:
@@ -127,14 +86,14 @@ def _select_device() -> None:
 def dynamic_shared_limit(arch: str, dtype: torch.dtype) -> int:
     """The dynamic shared memory the kernels accumulating in ``dtype`` may use on ``arch``: the refusal's and the
     opt-in's one number (the device's limit less the kernels' static shared memory)."""
-    return require().dynamic_shared_limit(_devices[_check_arch(arch, "arch")], extension._accumulation_bytes(dtype))
+    return require().dynamic_shared_limit(_devices[_check_arch(arch, "arch")], native.accumulation_bytes(dtype))
 
 
 def unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"the emulated CUDA kernels run on CPU tensors, not {device.type}"
-    if _load() is None:
-        return _load_error
+    if _extension.load() is None:
+        return _extension.error
     return None
 
 
@@ -147,7 +106,7 @@ def call_unsupported_reason(proj, target, options: LossOptions) -> str | None:
     if proj.shape is None:
         return None
     dtype = compute_dtype(proj, target)
-    reason = extension.cuda_shape_unsupported_reason(proj.shape, options, dtype,
+    reason = native.cuda_shape_unsupported_reason(proj.shape, options, dtype,
                                                      dynamic_shared_limit(current_arch(), dtype))
     return None if reason is None else f"{reason} (emulating {current_arch()})"
 
@@ -155,59 +114,51 @@ def call_unsupported_reason(proj, target, options: LossOptions) -> str | None:
 BACKWARD_READS_STATISTICS = True
 
 
-def _op_call(eager_op, traced_op, options: LossOptions):
-    tau, eps = options.tau, options.eps
-    if torch.compiler.is_compiling():
-        eager_op = traced_op
-        tau, eps = (torch.ones((), dtype=torch.float64) * value for value in (tau, eps))  # stays symbolic
-    return eager_op, (options.neighbors, options.neighbor_mode == "cumulative", tau, options.normalize_weights, eps)
-
-
-def forward(proj: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L [B, F], the per-token statistics the backward reads)."""
-    if not torch.compiler.is_compiling():  # traced calls select it inside the traced op, at run time
-        _select_device()
-    op, arguments = _op_call(torch.ops.crepa_kernels_emulated.align_forward, align_forward_traced, options)
-    return op(proj, target, *arguments)
+def forward(proj: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor,
+            options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L [B, F], the per-token statistics the backward reads), as native.forward."""
+    if torch.compiler.is_compiling():  # the traced op selects the device at run time
+        return align_forward_traced(proj, target, coefficients, *native.op_options(options))
+    _select_device()
+    return torch.ops.crepa_kernels_emulated.align_forward(proj, target, coefficients, *native.op_options(options))
 
 
 def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor,
-             saved: tuple, options: LossOptions,
-             needs_proj_grad: bool, needs_target_grad: bool):
+             saved: tuple, options: LossOptions, needs_proj_grad: bool, needs_target_grad: bool):
     (stats,) = saved
-    if not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        op = align_backward_traced
+    else:
         _select_device()
-    op, arguments = _op_call(torch.ops.crepa_kernels_emulated.align_backward, align_backward_traced, options)
-    grad_proj, grad_target = op(grad_loss, proj, target, stats, *arguments, needs_proj_grad, needs_target_grad)
+        op = torch.ops.crepa_kernels_emulated.align_backward
+    grad_proj, grad_target = op(grad_loss, proj, target, stats, coefficients, *native.op_options(options),
+                                needs_proj_grad, needs_target_grad)
     return grad_proj if needs_proj_grad else None, grad_target if needs_target_grad else None
 
 
-# As extension.py's: under torch.compile, tau and eps reach the op as 0-d float64 CPU tensors. These ops also select
-# the emulated architecture, so that it is read at run time, not when the graph is traced.
+# As native.py's: under torch.compile, eps reaches the op as a 0-d float64 CPU tensor. These ops also select the
+# emulated architecture, so that it is read at run time, not when the graph is traced.
 @torch.library.custom_op("crepa_kernels_emulated::align_forward_traced", mutates_args=())
-def align_forward_traced(proj: torch.Tensor, target: torch.Tensor, neighbors: int, cumulative: bool,
-                         tau: torch.Tensor, normalize_weights: bool, eps: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def align_forward_traced(proj: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, neighbors: int,
+                         cumulative: bool, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _select_device()
-    return torch.ops.crepa_kernels_emulated.align_forward(proj, target, neighbors, cumulative, tau.item(),
-                                                          normalize_weights, eps.item())
+    return torch.ops.crepa_kernels_emulated.align_forward(proj, target, coefficients, neighbors, cumulative,
+                                                          eps.item())
 
 
 @torch.library.custom_op("crepa_kernels_emulated::align_backward_traced", mutates_args=())
 def align_backward_traced(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
-                          neighbors: int, cumulative: bool, tau: torch.Tensor, normalize_weights: bool,
-                          eps: torch.Tensor, needs_proj_grad: bool, needs_target_grad: bool
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          coefficients: torch.Tensor, neighbors: int, cumulative: bool, eps: torch.Tensor,
+                          needs_proj_grad: bool, needs_target_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _select_device()
-    return torch.ops.crepa_kernels_emulated.align_backward(grad_loss, proj, target, stats, neighbors, cumulative,
-                                                           tau.item(), normalize_weights, eps.item(), needs_proj_grad,
-                                                           needs_target_grad)
+    return torch.ops.crepa_kernels_emulated.align_backward(grad_loss, proj, target, stats, coefficients, neighbors,
+                                                           cumulative, eps.item(), needs_proj_grad, needs_target_grad)
 
 
-align_forward_traced.register_fake(extension._align_forward_fake)
-align_backward_traced.register_fake(extension._align_backward_fake)
+align_forward_traced.register_fake(native.align_forward_fake)
+align_backward_traced.register_fake(native.align_backward_fake)
 
 
 def _register_python_parts() -> None:
-    torch.library.register_fake("crepa_kernels_emulated::align_forward", extension._align_forward_fake)
-    torch.library.register_fake("crepa_kernels_emulated::align_backward", extension._align_backward_fake)
+    torch.library.register_fake("crepa_kernels_emulated::align_forward", native.align_forward_fake)
+    torch.library.register_fake("crepa_kernels_emulated::align_backward", native.align_backward_fake)

@@ -1,20 +1,20 @@
 """The token relation distillation loss on the C++ extension's CPU kernel (csrc/crepa_relation_cpu.cpp) as a
-backend (interface: crepa_kernels.ops.relation_reference). The extension is loaded by ops.extension, as for CREPA."""
+backend (interface: crepa_kernels.ops.relation_reference). The extension is loaded by ops.native, as for CREPA."""
 from __future__ import annotations
 
 import torch
 
 from ..relation_spec import RelationOptions
 from ..spec import compute_dtype
-from . import extension
+from . import native
 
-SUPPORTED_DTYPES = extension.SUPPORTED_DTYPES
+SUPPORTED_DTYPES = native.SUPPORTED_DTYPES
 
 
 def unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"the 'cpu' backend runs on cpu tensors, not {device.type}"
-    reason = extension.unavailable_reason(device)
+    reason = native.unavailable_reason(device)
     if reason is None and not hasattr(torch.ops.crepa_kernels, "relation_cpu"):
         return "the loaded C++ extension was built from older sources without relation_cpu; rebuild it"
     return reason

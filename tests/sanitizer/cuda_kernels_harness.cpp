@@ -3,11 +3,12 @@
 // a row, a chunk or a tensor is reported. tests/test_cuda_sanitizers.py builds it, writes the inputs, runs it, and
 // compares what it writes with the float64 reference.
 //
-//   harness DIR B F N D NEIGHBORS CUMULATIVE TAU NORMALIZE EPS DTYPE OFFSET GRID_LIMIT
+//   harness DIR B F N D NEIGHBORS CUMULATIVE EPS DTYPE OFFSET GRID_LIMIT
 //
 // DIR/proj.bin, DIR/target.bin: [B, F, N, D] contiguous, in DTYPE (f32, f64, bf16, f16), placed OFFSET elements into
 // their heap blocks (a multiple of 8 keeps rows 16-byte aligned when D % 8 == 0: the vector path; else the element
-// path); DIR/grad_loss.bin: [B, F] in the accumulation type. Writes DIR/loss.bin, stats.bin, grad_proj.bin,
+// path); DIR/grad_loss.bin: [B, F] and DIR/coefficients.bin: the [F, W] coefficient table, both in the accumulation
+// type (the table in a block of exactly its size, so a read past it is reported too). Writes DIR/loss.bin, stats.bin, grad_proj.bin,
 // grad_target.bin. GRID_LIMIT > 0 caps the blocks per launch (the several-launch path).
 #include <cmath>
 #include <cstdio>
@@ -62,12 +63,14 @@ void check(cudaError_t error, const char* what) {
 }
 
 template <typename acc_t>
-int run(const std::string& dir, int64_t B, int64_t F, int64_t N, int64_t D, const crepa::Band& band, double tau,
-        bool normalize, double eps, crepa::Dtype dtype, int64_t element_bytes, int64_t offset) {
+int run(const std::string& dir, int64_t B, int64_t F, int64_t N, int64_t D, const crepa::Band& band, double eps,
+        crepa::Dtype dtype, int64_t element_bytes, int64_t offset) {
   const int64_t numel = B * F * N * D, S = band.stats_per_frame();
   auto proj_block = read_block(dir + "/proj.bin", numel, element_bytes, offset);
   auto target_block = read_block(dir + "/target.bin", numel, element_bytes, offset);
   auto grad_loss = read_block(dir + "/grad_loss.bin", B * F, sizeof(acc_t), 0);
+  auto table = read_block(dir + "/coefficients.bin", F * band.width(), sizeof(acc_t), 0);
+  const acc_t* coefficients = reinterpret_cast<const acc_t*>(table.get());
   const crepa::Strided proj{proj_block.get() + offset * element_bytes, {F * N * D, N * D, D, 1}, dtype};
   const crepa::Strided target{target_block.get() + offset * element_bytes, {F * N * D, N * D, D, 1}, dtype};
   const bool vector = D % crepa::kCudaChunk == 0 && (offset * element_bytes) % 16 == 0;
@@ -75,9 +78,8 @@ int run(const std::string& dir, int64_t B, int64_t F, int64_t N, int64_t D, cons
   auto loss = nan_block<acc_t>(B * F);
   auto stats = nan_block<acc_t>(B * N * F * S);
   auto token_similarity = nan_block<acc_t>(B * N * F);
-  const crepa::ForwardLaunch<acc_t> forward{proj, target, B, N, D, band, static_cast<acc_t>(tau),
-                                            static_cast<acc_t>(eps), normalize, vector, stats.get(),
-                                            token_similarity.get(), loss.get()};
+  const crepa::ForwardLaunch<acc_t> forward{proj, target, B, N, D, band, coefficients, static_cast<acc_t>(eps),
+                                            vector, stats.get(), token_similarity.get(), loss.get()};
   check(crepa::launch_forward(forward, 0, nullptr), "forward");
 
   // gradients in the inputs' dtype, NaN-filled (all-ones bit patterns are NaN in every float format)
@@ -88,9 +90,9 @@ int run(const std::string& dir, int64_t B, int64_t F, int64_t N, int64_t D, cons
   const crepa::Strided grad_proj_view{grad_proj.get(), {F * N * D, N * D, D, 1}, dtype};
   const crepa::Strided grad_target_view{grad_target.get(), {F * N * D, N * D, D, 1}, dtype};
   const crepa::BackwardLaunch<acc_t> backward{reinterpret_cast<const acc_t*>(grad_loss.get()), proj, target,
-                                              stats.get(), B, N, D, band, static_cast<acc_t>(tau),
-                                              static_cast<acc_t>(eps), normalize, vector, grad_proj_view,
-                                              grad_target_view, true, true};
+                                              stats.get(), B, N, D, band, coefficients,
+                                              static_cast<acc_t>(eps), vector, grad_proj_view, grad_target_view,
+                                              true, true};
   check(crepa::launch_backward(backward, 0, nullptr), "backward");
 
   write_block(dir + "/loss.bin", loss.get(), B * F * sizeof(acc_t));
@@ -104,19 +106,18 @@ int run(const std::string& dir, int64_t B, int64_t F, int64_t N, int64_t D, cons
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 14) fail("usage: harness DIR B F N D NEIGHBORS CUMULATIVE TAU NORMALIZE EPS DTYPE OFFSET GRID_LIMIT");
+  if (argc != 12) fail("usage: harness DIR B F N D NEIGHBORS CUMULATIVE EPS DTYPE OFFSET GRID_LIMIT");
   const std::string dir = argv[1];
   const int64_t B = std::atoll(argv[2]), F = std::atoll(argv[3]), N = std::atoll(argv[4]), D = std::atoll(argv[5]);
   const crepa::Band band = crepa::Band::make(F, std::atoll(argv[6]), std::atoi(argv[7]) != 0);
-  const double tau = std::atof(argv[8]), eps = std::atof(argv[10]);
-  const bool normalize = std::atoi(argv[9]) != 0;
-  const std::string dtype = argv[11];
-  const int64_t offset = std::atoll(argv[12]);
-  crepa::set_cuda_grid_limit(std::atoll(argv[13]));
+  const double eps = std::atof(argv[8]);
+  const std::string dtype = argv[9];
+  const int64_t offset = std::atoll(argv[10]);
+  crepa::set_cuda_grid_limit(std::atoll(argv[11]));
   crepa::emulated::set_current_device(crepa::emulated::add_device(227 * 1024, 1024));  // sm_90
-  if (dtype == "f32") return run<float>(dir, B, F, N, D, band, tau, normalize, eps, crepa::Dtype::kFloat, 4, offset);
-  if (dtype == "f64") return run<double>(dir, B, F, N, D, band, tau, normalize, eps, crepa::Dtype::kDouble, 8, offset);
-  if (dtype == "bf16") return run<float>(dir, B, F, N, D, band, tau, normalize, eps, crepa::Dtype::kBFloat16, 2, offset);
-  if (dtype == "f16") return run<float>(dir, B, F, N, D, band, tau, normalize, eps, crepa::Dtype::kHalf, 2, offset);
+  if (dtype == "f32") return run<float>(dir, B, F, N, D, band, eps, crepa::Dtype::kFloat, 4, offset);
+  if (dtype == "f64") return run<double>(dir, B, F, N, D, band, eps, crepa::Dtype::kDouble, 8, offset);
+  if (dtype == "bf16") return run<float>(dir, B, F, N, D, band, eps, crepa::Dtype::kBFloat16, 2, offset);
+  if (dtype == "f16") return run<float>(dir, B, F, N, D, band, eps, crepa::Dtype::kHalf, 2, offset);
   fail("unknown dtype " + dtype);
 }

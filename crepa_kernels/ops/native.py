@@ -1,118 +1,34 @@
-"""The C++/CUDA extension as the "cpu" and "cuda" backends.
+"""The compiled kernels as the "cpu" and "cuda" backends.
 
 One pair of ops, ``torch.ops.crepa_kernels.align_forward`` / ``align_backward``, dispatches on the device to the
-fused CPU kernel or the CUDA kernel (csrc/). This module loads the extension (the prebuilt ``crepa_kernels._C``, or a
-JIT build of the shipped sources on first use), gives the ops fake (meta) implementations for torch.compile, and
-exposes them as a backend's ``forward`` / ``backward`` pair. The ops have no autograd formula of their own:
-crepa_kernels.CrossFrameAlignFunction is the one place that wires a backward to a forward.
+fused CPU kernel (csrc/crepa_cpu.cpp) or the CUDA kernels (csrc/crepa_cuda.cpp). This module gives the ops fake
+(meta) implementations for torch.compile, exposes them as a backend's ``forward`` / ``backward`` pair (the protocol
+of crepa_kernels.backends), and holds the CUDA launch plan, its size limits and the test switches. The ops have no
+autograd formula of their own: crepa_kernels.CrossFrameAlignFunction is the one place that wires a backward to a
+forward. Loading (the prebuilt ``crepa_kernels._C``, or a JIT build on first use) is ops/build.py's.
 
-Nothing is compiled at import: only ``unavailable_reason`` or ``forward`` load the extension.
+Nothing is compiled at import: only ``unavailable_reason``, ``forward`` or the planning functions load the extension.
 """
 from __future__ import annotations
-
-import importlib.util
-import logging
-import os
-import threading
-from pathlib import Path
 
 import torch
 
 from .. import gpu_limits
 from ..spec import LossOptions, compute_dtype
-
-logger = logging.getLogger(__name__)
-
-_PACKAGE = Path(__file__).resolve().parent.parent
-# A wheel ships the sources as package data; a source checkout has them at the top level.
-_CSRC_CANDIDATES = (_PACKAGE / "csrc", _PACKAGE.parent / "csrc")
-
-_lock = threading.Lock()
-_module = None
-_load_error: str | None = None
+from . import build
 
 
-def _csrc_dir() -> Path | None:
-    for candidate in _CSRC_CANDIDATES:
-        if (candidate / "build_config.py").exists():
-            return candidate
-    return None
-
-
-def _build_config(csrc: Path):
-    spec = importlib.util.spec_from_file_location("crepa_kernels_build_config", csrc / "build_config.py")
-    config = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(config)
-    return config
-
-
-def _jit_build():
-    """Compiles the shipped sources with ninja into torch's extension cache (rebuilt only when they change)."""
-    csrc = _csrc_dir()
-    if csrc is None:
-        raise RuntimeError(f"no prebuilt crepa_kernels._C and no C++ sources in {[str(c) for c in _CSRC_CANDIDATES]}")
-    config = _build_config(csrc)
-    home = config.cuda_home()
-    if home:
-        os.environ.setdefault("CUDA_HOME", home)  # before cpp_extension settles its own guess at import
-    from torch.utils import cpp_extension
-
-    home = home or cpp_extension.CUDA_HOME
-    with_cuda = bool(torch.cuda.is_available() and torch.version.cuda and home)
-    if with_cuda:
-        cpp_extension.CUDA_HOME = home
-    name = "crepa_kernels_jit_cuda" if with_cuda else "crepa_kernels_jit_cpu"
-    logger.warning("crepa_kernels: no prebuilt extension; loading the JIT build %s (compiled from %s on first use, "
-                   "about a minute, then cached)", name, csrc)
-    return cpp_extension.load(
-        name=name,
-        sources=config.sources(with_cuda, csrc),
-        extra_cflags=config.CXX_FLAGS + ([config.CUDA_DEFINE] if with_cuda else []),
-        extra_cuda_cflags=config.NVCC_FLAGS + [config.CUDA_DEFINE],
-        extra_ldflags=config.LINK_FLAGS,
-        extra_include_paths=[str(csrc)],
-        with_cuda=with_cuda,
-        verbose=False,
-    )
-
-
-def _check_prebuilt_is_ours() -> None:
-    """ImportError unless crepa_kernels._C is a file of this package: an editable install's import finder maps
-    the name to the checkout it was installed from, whose build lacks this checkout's sources. Checked before the
-    import, since a loaded extension has registered its ops for good."""
-    spec = importlib.util.find_spec(f"{__package__.rpartition('.')[0]}._C")
-    if spec is None or spec.origin is None:
-        raise ImportError("no prebuilt crepa_kernels._C")
-    if Path(spec.origin).resolve().parent != _PACKAGE:
-        raise ImportError(f"crepa_kernels._C resolves to {spec.origin}, outside this package {_PACKAGE}")
+_extension = build.Extension("the C++ extension", build.load_native, lambda module: _register_python_parts())
 
 
 def _load():
-    """The extension module, loaded once; on failure None, with the reason in _load_error."""
-    global _module, _load_error
-    with _lock:
-        if _module is not None or _load_error is not None:
-            return _module
-        try:
-            try:
-                _check_prebuilt_is_ours()
-                from .. import _C as module
-            except ImportError as prebuilt_error:  # absent, another checkout's, or built against another torch
-                logger.debug("crepa_kernels._C not importable: %s", prebuilt_error)
-                module = _jit_build()
-            _register_python_parts()
-            _module = module
-        except Exception as error:  # a build failure is a reason to fall back, not a crash
-            _load_error = f"the C++ extension failed to build or load: {type(error).__name__}: {error}"
-        return _module
+    """The extension module, loaded once; on failure None, with the reason in _extension.error."""
+    return _extension.load()
 
 
 def _require():
     """The loaded extension module; raises with the reason it cannot load."""
-    module = _load()
-    if module is None:
-        raise RuntimeError(_load_error)
-    return module
+    return _extension.require()
 
 
 def build_info() -> dict:
@@ -125,8 +41,7 @@ def build_info() -> dict:
 
 def set_poison_buffers(enabled: bool) -> None:
     """Test switch: every buffer the kernels allocate starts as NaN, so an unwritten element shows."""
-    build_info()
-    _module.set_poison_buffers(enabled)
+    _require().set_poison_buffers(enabled)
 
 
 def set_cuda_grid_limit(blocks: int) -> None:
@@ -137,24 +52,24 @@ def set_cuda_grid_limit(blocks: int) -> None:
 
 def set_cpu_baseline_forced(forced: bool) -> None:
     """Test switch: the CPU kernels run their baseline-ISA build even where the AVX2 + FMA build could."""
-    build_info()
-    _module.set_cpu_baseline_forced(forced)
+    _require().set_cpu_baseline_forced(forced)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
     if device.type not in ("cpu", "cuda"):
         return f"the C++ extension has kernels for CPU and CUDA, not {device.type}"
-    if _load() is None:
-        return _load_error
+    module = _load()
+    if module is None:
+        return _extension.error
     if device.type == "cuda":
-        if not _module.build_info()["cuda"]:
+        if not module.build_info()["cuda"]:
             return "the C++ extension was compiled without CUDA (set FORCE_CUDA=1 or install nvcc and reinstall)"
         if not torch.cuda.is_available():
             return "no CUDA device is available"
     return None
 
 
-def _accumulation_bytes(dtype: torch.dtype) -> int:
+def accumulation_bytes(dtype: torch.dtype) -> int:
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype: expected the accumulation dtype, torch.float32 or torch.float64, got {dtype}")
     return 8 if dtype == torch.float64 else 4
@@ -164,7 +79,7 @@ def _plan_arguments(shape, options: LossOptions, dtype: torch.dtype) -> tuple:
     if len(shape) != 4:
         raise ValueError(f"shape: expected [B, F, N, D], got {tuple(shape)}")
     cumulative = options.neighbor_mode == "cumulative"
-    return (*(int(size) for size in shape), options.neighbors, cumulative, _accumulation_bytes(dtype))
+    return (*(int(size) for size in shape), options.neighbors, cumulative, accumulation_bytes(dtype))
 
 
 def _planner(name: str):
@@ -270,35 +185,36 @@ def size_limits(proj, target, options: LossOptions) -> tuple[tuple[int | None, i
     return cuda_size_limits(options, compute_dtype(proj, target), _shared_limit(proj.device))
 
 
-def _op_call(eager_op, traced_op, options: LossOptions):
-    """The op to call and its option arguments (neighbors, cumulative, tau, normalize_weights, eps)."""
-    tau, eps = options.tau, options.eps
+def op_options(options: LossOptions) -> tuple:
+    """The ops' option arguments (neighbors, cumulative, eps). Under torch.compile eps is a 0-d float64 CPU tensor
+    for the *_traced ops (see below)."""
+    eps = options.eps
     if torch.compiler.is_compiling():
-        eager_op = traced_op
-        tau, eps = (torch.ones((), dtype=torch.float64) * value for value in (tau, eps))  # stays symbolic
-    return eager_op, (options.neighbors, options.neighbor_mode == "cumulative", tau, options.normalize_weights, eps)
+        eps = torch.ones((), dtype=torch.float64) * eps  # stays symbolic
+    return options.neighbors, options.neighbor_mode == "cumulative", eps
 
 
 BACKWARD_READS_STATISTICS = True
 
 
-def forward(proj: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L [B, F], the per-token statistics the backward reads)."""
-    if _module is None:
-        _load()
-    op, arguments = _op_call(torch.ops.crepa_kernels.align_forward, align_forward_traced, options)
-    return op(proj, target, *arguments)
+def forward(proj: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor,
+            options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L [B, F], the per-token statistics the backward reads), with the neighbour weights read from
+    ``coefficients`` (spec.coefficient_table of this call)."""
+    if _extension.module is None:
+        _extension.load()
+    op = align_forward_traced if torch.compiler.is_compiling() else torch.ops.crepa_kernels.align_forward
+    return op(proj, target, coefficients, *op_options(options))
 
 
 def backward(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor,
-             saved: tuple, options: LossOptions,
-             needs_proj_grad: bool, needs_target_grad: bool):
+             saved: tuple, options: LossOptions, needs_proj_grad: bool, needs_target_grad: bool):
     """grad_loss [B, F] -> (dL/dproj or None, dL/dtarget or None): the kernel computes only the ones asked for."""
     (stats,) = saved
-    op, arguments = _op_call(torch.ops.crepa_kernels.align_backward, align_backward_traced, options)
-    grad_proj, grad_target = op(grad_loss, proj, target, stats, *arguments, needs_proj_grad, needs_target_grad)
+    op = align_backward_traced if torch.compiler.is_compiling() else torch.ops.crepa_kernels.align_backward
+    grad_proj, grad_target = op(grad_loss, proj, target, stats, coefficients, *op_options(options), needs_proj_grad,
+                                needs_target_grad)
     return grad_proj if needs_proj_grad else None, grad_target if needs_target_grad else None
-
 
 
 def band_width(num_frames: int, neighbors: int, cumulative: bool) -> int:
@@ -308,7 +224,8 @@ def band_width(num_frames: int, neighbors: int, cumulative: bool) -> int:
     return 3 if 0 < neighbors < num_frames else 1
 
 
-def _align_forward_fake(proj, target, neighbors, cumulative, tau, normalize_weights, eps):
+# Shapes and dtypes only: the C++ ops check the arguments when they run.
+def align_forward_fake(proj, target, coefficients, neighbors, cumulative, eps):
     batch, frames, tokens, _ = proj.shape
     dtype = compute_dtype(proj, target)
     stats_per_frame = 2 + band_width(frames, neighbors, cumulative)
@@ -318,39 +235,37 @@ def _align_forward_fake(proj, target, neighbors, cumulative, tau, normalize_weig
     )
 
 
-def _align_backward_fake(grad_loss, proj, target, stats, neighbors, cumulative, tau, normalize_weights, eps,
-                         needs_proj_grad, needs_target_grad):
+def align_backward_fake(grad_loss, proj, target, stats, coefficients, neighbors, cumulative, eps, needs_proj_grad,
+                        needs_target_grad):
     def gradient(x, needed):
         return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))
 
     return gradient(proj, needs_proj_grad), gradient(target, needs_target_grad)
 
 
-# Under torch.compile a tau or eps that changes between calls is a symbolic float. AOTAutograd keeps it symbolic
-# only inside tensor arithmetic: one reaching an op's float (or Scalar) argument is pinned to the traced value, so
-# each new tau would recompile. Under torch.compile the calls therefore go through these ops, which take tau and eps
-# as 0-d float64 CPU tensors (read on the host, no device synchronisation) and call the C++ ops.
+# Under torch.compile an eps that changes between calls is a symbolic float. AOTAutograd keeps it symbolic only
+# inside tensor arithmetic: one reaching an op's float (or Scalar) argument is pinned to the traced value, so each
+# new eps would recompile. Under torch.compile the calls therefore go through these ops, which take eps as a 0-d
+# float64 CPU tensor (read on the host, no device synchronisation) and call the C++ ops. The coefficient table is a
+# tensor of the graph already (a varying tau stays symbolic in it).
 @torch.library.custom_op("crepa_kernels::align_forward_traced", mutates_args=())
-def align_forward_traced(proj: torch.Tensor, target: torch.Tensor, neighbors: int, cumulative: bool,
-                         tau: torch.Tensor, normalize_weights: bool, eps: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.crepa_kernels.align_forward(proj, target, neighbors, cumulative, tau.item(), normalize_weights,
-                                                 eps.item())
+def align_forward_traced(proj: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, neighbors: int,
+                         cumulative: bool, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.crepa_kernels.align_forward(proj, target, coefficients, neighbors, cumulative, eps.item())
 
 
 @torch.library.custom_op("crepa_kernels::align_backward_traced", mutates_args=())
 def align_backward_traced(grad_loss: torch.Tensor, proj: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
-                          neighbors: int, cumulative: bool, tau: torch.Tensor, normalize_weights: bool,
-                          eps: torch.Tensor, needs_proj_grad: bool, needs_target_grad: bool
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.crepa_kernels.align_backward(grad_loss, proj, target, stats, neighbors, cumulative, tau.item(),
-                                                  normalize_weights, eps.item(), needs_proj_grad, needs_target_grad)
+                          coefficients: torch.Tensor, neighbors: int, cumulative: bool, eps: torch.Tensor,
+                          needs_proj_grad: bool, needs_target_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.crepa_kernels.align_backward(grad_loss, proj, target, stats, coefficients, neighbors, cumulative,
+                                                  eps.item(), needs_proj_grad, needs_target_grad)
 
 
-align_forward_traced.register_fake(_align_forward_fake)
-align_backward_traced.register_fake(_align_backward_fake)
+align_forward_traced.register_fake(align_forward_fake)
+align_backward_traced.register_fake(align_backward_fake)
 
 
 def _register_python_parts() -> None:
-    torch.library.register_fake("crepa_kernels::align_forward", _align_forward_fake)
-    torch.library.register_fake("crepa_kernels::align_backward", _align_backward_fake)
+    torch.library.register_fake("crepa_kernels::align_forward", align_forward_fake)
+    torch.library.register_fake("crepa_kernels::align_backward", align_backward_fake)
