@@ -9,9 +9,9 @@ from crepa_kernels import CrossFrameAlignFunction, CrossFrameAlignLoss, LossOpti
 from crepa_kernels import cross_frame_align_loss
 from crepa_kernels.backends import select_backend
 from crepa_kernels.function import prepare
-from crepa_kernels.reference import per_frame_loss as reference_per_frame_loss
 from crepa_kernels.spec import band_offsets, coefficient_table
 from crepa_kernels.training import CrepaRegularizer
+from coefficient_oracle import arbitrary_table, table_oracle
 from harness import assert_close_and_finite, random_grad_output, random_pair
 from naive import naive_loss, naive_weight
 
@@ -130,31 +130,22 @@ def test_every_backend_gets_the_same_coefficients_bit_for_bit(monkeypatch, dtype
             assert table.dtype == dtype and torch.equal(table, expected), backend
 
 
-def _arbitrary_table(options: LossOptions, num_frames: int, seed: int) -> torch.Tensor:
-    """A table no weighting gives: random positive entries, different per frame, zero where a slot lands outside."""
-    generator = torch.Generator().manual_seed(seed)
-    lands = coefficient_table(options, num_frames) != 0
-    return torch.where(lands, torch.rand(lands.shape, generator=generator, dtype=torch.float64) * 2 + 0.1, 0.0)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("neighbor_mode", ["adjacent", "cumulative"])
 def test_every_backend_reads_the_table_it_is_given(backend, neighbor_mode):
     """Each backend's forward and backward run with an arbitrary table (per-frame values that no tau, weights or
-    normalisation produce) and match the reference formula with that table in float64: the kernels read the table
-    and compute no coefficient of their own."""
+    normalisation produce) and match the loss restated in float64 for that table: the kernels read the table and
+    compute no coefficient of their own. (tests/test_native_coefficients.py and the Triton tests go further for
+    their kernels.)"""
     options = LossOptions(neighbors=2, neighbor_mode=neighbor_mode)
     shape = (2, 5, 3, 9)
     proj, target = random_pair(shape, torch.float32, seed=11)
-    table = _arbitrary_table(options, shape[1], seed=12)
+    table = arbitrary_table(options, shape[1], torch.float32, seed=12)
     module = select_backend(backend, proj.device)
-    per_frame, *saved = module.forward(proj, target, table.float(), options)
+    per_frame, *saved = module.forward(proj, target, table, options)
     grad_output = random_grad_output(per_frame, seed=13)
-    grads = module.backward(grad_output.contiguous(), proj, target, table.float(), tuple(saved), options, True, True)
-
-    p64, y64 = proj.double().requires_grad_(True), target.double().requires_grad_(True)
-    expected = reference_per_frame_loss(p64, y64, options, table)
-    expected_grads = torch.autograd.grad(expected, (p64, y64), grad_output.double())
+    grads = module.backward(grad_output.contiguous(), proj, target, table, tuple(saved), options, True, True)
+    expected, *expected_grads = table_oracle(proj, target, table, options, grad_output)
     assert_close_and_finite(per_frame, expected, f"{backend} loss")
     for name, grad, expected_grad in zip(("proj", "target"), grads, expected_grads):
         assert_close_and_finite(grad, expected_grad, f"{backend} grad {name}")
@@ -177,7 +168,7 @@ def _forms(weights):
     }
 
 
-@pytest.mark.parametrize("weights", ["gaussian", torch.tensor(PROFILE)], ids=["gaussian", "tensor"])
+@pytest.mark.parametrize("weights", ["gaussian", torch.tensor(PROFILE, dtype=torch.float64)], ids=["gaussian", "tensor"])
 def test_weights_on_every_form(weights):
     forms = _forms(weights)
     expected = forms.pop("naive")
@@ -200,7 +191,7 @@ def test_clamp_neighbors_cuts_a_profile_to_the_clip():
     """clamp_neighbors on a 3-frame clip with neighbors=4: d = 2, and w[1..2] of the profile apply."""
     proj, target = random_pair((1, 3, 2, 4), torch.float64, seed=7)
     loss = cross_frame_align_loss(proj, target, neighbors=4, neighbor_mode="cumulative", clamp_neighbors=True,
-                                  weights=torch.tensor([0.3, 0.9, 5.0, 7.0]))
+                                  weights=torch.tensor([0.3, 0.9, 5.0, 7.0], dtype=torch.float64))
     expected = naive_loss(proj, target, neighbors=2, neighbor_mode="cumulative", weights=[0.3, 0.9])
     assert_close_and_finite(loss, expected, "clamped profile")
 
