@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from .backends import call_key, check_backend_name, resolve_backend_name, select_backend
-from .spec import (LossOptions, as_frames, check_eps_for_dtype, coefficient_table, compute_dtype, frames_shape,
-                   reduce_frames)
+from .spec import (LossOptions, as_frames, check_eps_for_dtype, coefficient_table, compute_dtype, reduce_frames,
+                   unchecked_frames)
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ _DoubleBackwardError = refuse_double_backward(
 
 def _run_forward(proj, target, coefficients, call: AlignCall) -> tuple:
     """(reduced loss, *saved) of a prepared call."""
-    proj_frames, target_frames = (x.view(frames_shape(x, call.num_frames)) for x in (proj, target))
+    proj_frames, target_frames = (unchecked_frames(x, call.num_frames) for x in (proj, target))
     backend = select_backend(call.backend, proj.device)
     per_frame, *saved = backend.forward(proj_frames, target_frames, coefficients, call.options)
     return (reduce_frames(per_frame, call.options.reduction), *saved)
@@ -110,10 +110,10 @@ def _backward(ctx, grad_loss):
     if not (needs_proj_grad or needs_target_grad):
         return None, None
     call = ctx.call
-    shape = frames_shape(proj, call.num_frames)
-    grad_per_frame = _reduction_backward(grad_loss, call.options.reduction, shape[0], shape[1])
+    proj_frames, target_frames = (unchecked_frames(x, call.num_frames) for x in (proj, target))
+    batch, frames = proj_frames.shape[:2]
+    grad_per_frame = _reduction_backward(grad_loss, call.options.reduction, batch, frames)
     backend = select_backend(call.backend, proj.device)
-    proj_frames, target_frames = proj.view(shape), target.view(shape)
     with torch.no_grad():
         if not saved and backend.BACKWARD_READS_STATISTICS:  # CrossFrameAlignFunction's: not kept, recomputed
             _, *saved = backend.forward(proj_frames, target_frames, coefficients, call.options)

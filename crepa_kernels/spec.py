@@ -284,7 +284,7 @@ def frames_view(name: str, x, num_frames: int | None) -> torch.Tensor:
                 f"{name}: num_frames={num_frames} does not divide the token count {x.shape[1]} "
                 f"of shape {tuple(x.shape)}"
             )
-        frames = x.unflatten(1, (num_frames, x.shape[1] // num_frames))
+        frames = unchecked_frames(x, num_frames)
     else:
         raise ValueError(
             f"{name}: expected a 4-D [B, F, N, D] or 3-D [B, F*N, D] tensor, got {x.dim()}-D shape {tuple(x.shape)}"
@@ -294,11 +294,12 @@ def frames_view(name: str, x, num_frames: int | None) -> torch.Tensor:
     return frames
 
 
-def frames_shape(x: torch.Tensor, num_frames: int | None) -> tuple[int, int, int, int]:
-    """[B, F, N, D] of an input that frames_view accepted (no checks: it was checked once, at the entry point)."""
+def unchecked_frames(x: torch.Tensor, num_frames: int | None) -> torch.Tensor:
+    """The [B, F, N, D] view of an input frames_view accepts, without its checks (a call is checked once, at its
+    entry point): a 3-D input is frame-major, [B, F*N, D]."""
     if x.dim() == 4:
-        return tuple(x.shape)
-    return (x.shape[0], num_frames, x.shape[1] // num_frames, x.shape[2])
+        return x
+    return x.unflatten(1, (num_frames, x.shape[1] // num_frames))
 
 
 def as_frames(proj, target, num_frames: int | None) -> tuple[torch.Tensor, torch.Tensor]:

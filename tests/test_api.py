@@ -1,4 +1,5 @@
 """The public API: input handling, bad input, dispatch and NaN propagation."""
+import dataclasses
 import math
 
 import pytest
@@ -8,6 +9,8 @@ import crepa_kernels
 from crepa_kernels import available_backends, cross_frame_align_loss
 from harness import random_pair
 from naive import naive_loss
+
+OPTION_NAMES = {field.name for field in dataclasses.fields(crepa_kernels.LossOptions)}
 
 
 def test_import_and_defaults_match_the_spec():
@@ -90,6 +93,18 @@ def test_bad_input_raises_a_clear_error(kwargs, exception, words):
     target = kwargs.pop("target", _t(2, 3, 4, 5))
     with pytest.raises(exception) as info:
         cross_frame_align_loss(proj, target, **kwargs)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+@pytest.mark.parametrize("kwargs,exception,words",
+                         [case for case in BAD_INPUTS if set(case[0]) <= OPTION_NAMES | {"backend"}],
+                         ids=lambda v: str(v)[:40])
+def test_bad_option_raises_when_the_module_is_built(kwargs, exception, words):
+    """The module checks its options at construction, before any input is seen (eps = 0 included: no dtype makes
+    it valid)."""
+    with pytest.raises(exception) as info:
+        crepa_kernels.CrossFrameAlignLoss(**kwargs)
     for word in words:
         assert word in str(info.value), f"{word!r} not in {info.value}"
 

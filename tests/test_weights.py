@@ -248,3 +248,16 @@ def test_compiled_gaussian_keeps_tau_symbolic():
                               normalize_weights=True)
         assert_close_and_finite(compiled(proj, target, tau), expected, f"tau={tau}")
     assert counter.frame_count == 1
+
+
+def test_compiled_module_with_hand_set_weights():
+    """The module holds a hand-set profile as numbers (read once, at construction); compiled, the graph's table
+    takes w[delta] for each distance, as eager does."""
+    torch._dynamo.reset()
+    module = CrossFrameAlignLoss(neighbors=3, neighbor_mode="cumulative", normalize_weights=True,
+                                 weights=torch.tensor(PROFILE, dtype=torch.float64), backend="reference")
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    proj, target = random_pair((2, 5, 3, 4), torch.float64, seed=9)
+    expected = naive_loss(proj, target, neighbors=3, neighbor_mode="cumulative", normalize_weights=True,
+                          weights=PROFILE)
+    assert_close_and_finite(compiled(proj, target), expected, "compiled profile")
