@@ -165,14 +165,19 @@ def coefficient_table(options: LossOptions, num_frames: int, dtype: torch.dtype 
     Eager calls with a float tau reuse one table per (options, F, dtype, device); under torch.compile it is built in
     the graph, with a symbolic tau."""
     if torch.compiler.is_compiling():
-        return _build_coefficient_table(options, num_frames, dtype, device)
-    return _cached_coefficient_table(options, num_frames, dtype, torch.device(device or "cpu"))
+        return _traced_coefficient_table(options, num_frames, dtype, device)
+    return _eager_coefficient_table(options, num_frames, dtype, torch.device(device or "cpu"))
 
 
-def _build_coefficient_table(options: LossOptions, num_frames: int, dtype: torch.dtype, device) -> torch.Tensor:
-    if not torch.compiler.is_compiling():  # eager: the rows in Python floats, exactly as frame_coefficients
-        return torch.tensor(_table_rows(options, num_frames), dtype=torch.float64).to(device=device, dtype=dtype)
-    # torch.compile: the same formula with torch ops, part of the graph, so that tau may stay symbolic
+@functools.lru_cache(maxsize=256)
+def _eager_coefficient_table(options: LossOptions, num_frames: int, dtype: torch.dtype,
+                             device: torch.device) -> torch.Tensor:
+    """The rows in Python floats, exactly as frame_coefficients gives them."""
+    return torch.tensor(_table_rows(options, num_frames), dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _traced_coefficient_table(options: LossOptions, num_frames: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The same formula with torch ops, part of the graph, so that tau may stay symbolic."""
     offsets = torch.tensor(band_offsets(options, num_frames), dtype=torch.float64)
     frames = torch.arange(num_frames, dtype=torch.float64)[:, None]
     lands = (frames + offsets >= 0) & (frames + offsets < num_frames)  # [F, W]
@@ -182,12 +187,6 @@ def _build_coefficient_table(options: LossOptions, num_frames: int, dtype: torch
     if options.normalize_weights:
         table = table / table.sum(dim=1, keepdim=True)
     return table.to(device=device, dtype=dtype).contiguous()
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_coefficient_table(options: LossOptions, num_frames: int, dtype: torch.dtype,
-                              device: torch.device) -> torch.Tensor:
-    return _build_coefficient_table(options, num_frames, dtype, device)
 
 
 def _is_real_number(value) -> bool:

@@ -71,12 +71,11 @@ def sequence_parallel_loss(proj, target, options: LossOptions, *, num_frames: in
                            group=None) -> torch.Tensor:
     """sequence_parallel_align_loss with its loss options built and checked already (the regulariser's)."""
     check_backend_name(backend)
-    if num_frames is not None:  # clamped to the whole clip once: the per-piece calls see fewer frames
-        _check_num_frames(num_frames)
-        options = dataclasses.replace(options.for_frames(num_frames), clamp_neighbors=False)
     if num_frames is None:
         raise ValueError("num_frames: expected a positive int (F, the frame count of the whole sequence), got None")
     _check_num_frames(num_frames)
+    # clamped once, to the whole clip: the per-piece calls see fewer frames
+    options = dataclasses.replace(options.for_frames(num_frames), clamp_neighbors=False)
     shard = _resolve_shard(proj, target, target_sharded, shard_sizes, group)
     layout, target_source = _layout_and_target(shard, num_frames, seq_len, options)
 
