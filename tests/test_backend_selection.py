@@ -141,7 +141,9 @@ def test_explain_backend_lists_every_backend_with_its_reason():
 
 def test_cuda_order_passes_to_the_cuda_kernel_when_triton_refuses(monkeypatch):
     """The CUDA device order, with both GPU backends made available: a call Triton refuses goes to 'cuda'."""
-    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None)
+    real_reason = backends.unavailable_reason
+    monkeypatch.setattr(backends, "unavailable_reason",
+                        lambda name, device: None if name in ("triton", "cuda") else real_reason(name, device))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     _refuse_when(monkeypatch, triton_loss, lambda p, y, o: o.neighbors > 4, "window too wide for the test")
     monkeypatch.setattr(native, "call_unsupported_reason", lambda p, y, o: None)
